@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what snapshot-driver needs on a fresh Debian machine, then builds it. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "setup: need root (or sudo) to install Debian packages" >&2; exit 1; }
+  SUDO=(sudo)
+fi
+
+missing=()
+command -v qemu-img >/dev/null || missing+=(qemu-utils)
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  "${SUDO[@]}" apt-get update -q
+  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+command -v node >/dev/null || { echo "setup: Node.js 20 is required (node not found)" >&2; exit 1; }
+major=$(node -p 'process.versions.node.split(".")[0]')
+[ "$major" -ge 20 ] || { echo "setup: Node.js >= 20 is required, found $(node --version)" >&2; exit 1; }
+
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund
+fi
+npm run --silent build

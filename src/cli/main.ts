@@ -1,0 +1,71 @@
+#!/usr/bin/env node
+import { Command, CommanderError } from 'commander';
+import { loadConfig } from '../config/load.js';
+import { buildRuntime, type Runtime } from '../compute/runtime.js';
+import { errorMessage, SnapshotDriverError } from '../errors.js';
+import { createLogger } from '../log.js';
+import { registerCleanupCommand } from './cleanup-command.js';
+import { registerDemoCommand } from './demo-command.js';
+import { registerImagesCommands } from './images-command.js';
+import { registerInstancesCommands } from './instances-command.js';
+import { registerSnapshotCommand } from './snapshot-command.js';
+
+/** Builds the runtime from the global options, once per command. */
+export type RuntimeFactory = () => Promise<Runtime>;
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+export function buildProgram(): Command {
+  const program = new Command('snapshot-driver')
+    .description('Snapshots QEMU guests with qcow2 disks into a local image store')
+    .option('--config-file <file>', 'config file (repeatable; later files override)', collect, [])
+    .showHelpAfterError()
+    .exitOverride();
+
+  const runtime: RuntimeFactory = async () => {
+    const files = program.opts<{ configFile: string[] }>().configFile;
+    const config = await loadConfig(files);
+    const log = createLogger({ level: config.DEFAULT.debug ? 'debug' : undefined });
+    return buildRuntime(config, log);
+  };
+
+  registerSnapshotCommand(program, runtime);
+  registerInstancesCommands(program, runtime);
+  registerImagesCommands(program, runtime);
+  registerCleanupCommand(program, runtime);
+  registerDemoCommand(program);
+  // Subcommands inherit exitOverride and error output settings.
+  for (const cmd of program.commands) cmd.exitOverride();
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return process.exitCode === undefined ? 0 : Number(process.exitCode);
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      // Help and version are not errors; everything else commander throws is bad usage.
+      return err.exitCode === 0 ? 0 : 2;
+    }
+    if (err instanceof SnapshotDriverError) {
+      process.stderr.write(`snapshot-driver: ${err.name}: ${err.message}\n`);
+      return err.exitCode;
+    }
+    process.stderr.write(`snapshot-driver: ${errorMessage(err)}\n`);
+    return 1;
+  }
+}
+
+main(process.argv).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err: unknown) => {
+    process.stderr.write(`snapshot-driver: ${errorMessage(err)}\n`);
+    process.exitCode = 1;
+  },
+);

@@ -1,0 +1,69 @@
+import type { Logger } from '../log.js';
+import { processHoldsDisk, type Hypervisor, type LaunchHooks, type PowerState, type SaveResult } from '../hypervisor/types.js';
+import type { PendingSnapshots } from '../snapshot/pending.js';
+import { InstanceInvalidState } from '../errors.js';
+
+/**
+ * Power operations on an instance, with deferred deletion hooked into every restart of the guest's
+ * QEMU process (power on, hard reboot, resume from a managed save): SPEC §3.
+ */
+export class Lifecycle {
+  private readonly hooks: LaunchHooks;
+
+  constructor(
+    readonly hv: Hypervisor,
+    readonly pending: PendingSnapshots,
+    private readonly log: Logger,
+  ) {
+    this.hooks = { beforeLaunch: (uuid) => this.pending.deleteAll(this.hv, uuid, this.log).then(() => undefined) };
+  }
+
+  start(uuid: string): Promise<void> {
+    return this.hv.start(uuid, this.hooks);
+  }
+
+  stop(uuid: string, graceful: boolean): Promise<void> {
+    return this.hv.stop(uuid, { graceful });
+  }
+
+  /** Resets the guest without restarting its process: deletes nothing. */
+  softReboot(uuid: string): Promise<void> {
+    return this.hv.softReboot(uuid);
+  }
+
+  /** Restarts the guest's QEMU process (a paused or saved guest comes back running). */
+  async hardReboot(uuid: string): Promise<void> {
+    const { state } = await this.hv.info(uuid);
+    if (processHoldsDisk(state)) await this.hv.stop(uuid, { graceful: false });
+    if (state === 'saved') {
+      // Nova's hard reboot discards a managed save; we resume it instead of losing the guest's RAM,
+      // then restart, so that the result is the same (running, fresh process).
+      await this.hv.resume(uuid, this.hooks);
+      await this.hv.stop(uuid, { graceful: false });
+    }
+    await this.hv.start(uuid, this.hooks);
+  }
+
+  suspend(uuid: string): Promise<SaveResult> {
+    return this.hv.managedSave(uuid);
+  }
+
+  resume(uuid: string): Promise<PowerState> {
+    return this.hv.resume(uuid, this.hooks);
+  }
+
+  /** Deletes pending snapshots now if no process holds the disk; returns what was deleted. */
+  async deletePendingIfOffline(uuid: string): Promise<string[]> {
+    const { state } = await this.hv.info(uuid);
+    if (processHoldsDisk(state)) return [];
+    return this.pending.deleteAll(this.hv, uuid, this.log);
+  }
+
+  async requireState(uuid: string, allowed: readonly PowerState[], action: string): Promise<PowerState> {
+    const { state } = await this.hv.info(uuid);
+    if (!allowed.includes(state)) {
+      throw new InstanceInvalidState(`cannot ${action} instance ${uuid}: it is ${state} (needs ${allowed.join(' or ')})`);
+    }
+    return state;
+  }
+}

@@ -1,0 +1,51 @@
+import path from 'node:path';
+import type { Config } from '../config/schema.js';
+import { ImageStore } from '../image-store/image-store.js';
+import { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
+import type { Hypervisor, InstanceFactory } from '../hypervisor/types.js';
+import type { Logger } from '../log.js';
+import { QemuImg } from '../qemu-img/qemu-img.js';
+import { SnapshotEngine } from '../snapshot/engine.js';
+import { PendingSnapshots } from '../snapshot/pending.js';
+import { Lifecycle } from './lifecycle.js';
+
+/** The agent's parts, wired from a config: what the CLI and the RPC server act through. */
+export interface Runtime {
+  config: Config;
+  log: Logger;
+  hv: Hypervisor & Partial<InstanceFactory>;
+  qemuImg: QemuImg;
+  store: ImageStore;
+  pending: PendingSnapshots;
+  lifecycle: Lifecycle;
+  engine: SnapshotEngine;
+}
+
+export function buildRuntime(config: Config, log: Logger): Runtime {
+  const qemuImg = new QemuImg(config.hypervisor.qemu_img);
+  const hv = new QemuHypervisor({
+    instancesPath: config.DEFAULT.instances_path,
+    qemuBinary: config.hypervisor.qemu_binary,
+    qemuImg,
+    accel: config.hypervisor.accel,
+    shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,
+    qmpTimeoutMs: config.hypervisor.qmp_timeout * 1000,
+    log,
+  });
+  const store = new ImageStore({
+    path: config.image_store.path,
+    reservedSpaceMb: config.image_store.reserved_space_mb,
+    osHashAlgo: config.image_store.os_hash_algo,
+  });
+  const pending = new PendingSnapshots(path.join(config.DEFAULT.state_path, 'pending'));
+  const lifecycle = new Lifecycle(hv, pending, log);
+  const engine = new SnapshotEngine({
+    hv,
+    store,
+    lifecycle,
+    log,
+    namePrefix: config.snapshot.name_prefix,
+    defaultStrategy: config.snapshot.strategy,
+  });
+  return { config, log, hv, qemuImg, store, pending, lifecycle, engine };
+}

@@ -1,0 +1,106 @@
+import os from 'node:os';
+import { z } from 'zod';
+
+/**
+ * The config schema (SPEC §7). Every option here is documented, with its default, in
+ * etc/snapshot-driver.conf. Unknown sections and options are errors.
+ *
+ * Values arrive as strings from the INI reader; the coercions below turn them into typed values.
+ * Options marked `path` are resolved against the folder of the config file that set them.
+ */
+
+export const STRATEGIES = [
+  'cold',
+  'suspend-create-resume-extract',
+  'double-suspend',
+  'deferred-delete',
+] as const;
+export type StrategyName = (typeof STRATEGIES)[number];
+
+const bool = z
+  .string()
+  .trim()
+  .toLowerCase()
+  .pipe(z.enum(['true', 'false', 'yes', 'no', 'on', 'off', '1', '0']))
+  .transform((s) => ['true', 'yes', 'on', '1'].includes(s));
+
+const int = (min: number, max = Number.MAX_SAFE_INTEGER) =>
+  z
+    .string()
+    .trim()
+    .regex(/^-?\d+$/, 'an integer')
+    .transform(Number)
+    .pipe(z.number().int().min(min).max(max));
+
+const num = (min: number) =>
+  z
+    .string()
+    .trim()
+    .regex(/^\d+(\.\d+)?$/, 'a number')
+    .transform(Number)
+    .pipe(z.number().min(min));
+
+const str = z.string();
+const nonEmpty = z.string().trim().min(1, 'a non-empty string');
+
+export const schema = z
+  .object({
+    DEFAULT: z
+      .object({
+        host: nonEmpty.default(os.hostname()),
+        instances_path: nonEmpty.default('/var/lib/snapshot-driver/instances'),
+        state_path: nonEmpty.default('/var/lib/snapshot-driver'),
+        max_concurrent_snapshots: int(1, 1000).default(5),
+        debug: bool.default(false),
+      })
+      .strict()
+      .prefault({}),
+    snapshot: z
+      .object({
+        strategy: z.enum(STRATEGIES).default('suspend-create-resume-extract'),
+        name_prefix: z
+          .string()
+          .regex(/^[A-Za-z0-9._-]{1,32}$/, '1 to 32 of A-Z a-z 0-9 . _ -')
+          .default('snapdrv-'),
+      })
+      .strict()
+      .prefault({}),
+    hypervisor: z
+      .object({
+        driver: z.enum(['qemu']).default('qemu'),
+        qemu_binary: nonEmpty.default('qemu-system-x86_64'),
+        qemu_img: nonEmpty.default('qemu-img'),
+        accel: z
+          .string()
+          .regex(/^(kvm|tcg)(:(kvm|tcg))*$/, 'kvm, tcg, or a fallback list such as kvm:tcg')
+          .default('kvm:tcg'),
+        shutdown_timeout: num(0).default(60),
+        qmp_timeout: num(0.1).default(30),
+      })
+      .strict()
+      .prefault({}),
+    image_store: z
+      .object({
+        path: nonEmpty.default('/var/lib/snapshot-driver/images'),
+        reserved_space_mb: int(0).default(512),
+        os_hash_algo: z.enum(['sha512', 'sha384', 'sha256']).default('sha512'),
+      })
+      .strict()
+      .prefault({}),
+  })
+  .strict();
+
+export type Config = z.infer<typeof schema>;
+export type RawConfig = Record<string, Record<string, string>>;
+
+/** Options holding filesystem paths, resolved against the config file's folder. */
+export const PATH_OPTIONS: ReadonlyArray<readonly [section: string, option: string]> = [
+  ['DEFAULT', 'instances_path'],
+  ['DEFAULT', 'state_path'],
+  ['image_store', 'path'],
+];
+
+/** The config with every default: what the agent uses with no config file. */
+export function defaultConfig(): Config {
+  return schema.parse({});
+}

@@ -1,0 +1,136 @@
+/**
+ * Typed errors with stable names. The `name` travels on the wire as an oslo failure `class`
+ * and decides the CLI exit code (2: bad usage or config, 1: the operation failed).
+ */
+export abstract class SnapshotDriverError extends Error {
+  /** CLI exit code for this kind of error. */
+  readonly exitCode: 1 | 2 = 1;
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}
+
+/** Bad command-line usage or argument. */
+export class UsageError extends SnapshotDriverError {
+  override readonly exitCode = 2;
+}
+
+/** A config file is missing, malformed, or holds an unknown option or a bad value. */
+export class ConfigError extends SnapshotDriverError {
+  override readonly exitCode = 2;
+}
+
+/** An image id that is not a UUID (refused before any file is touched). */
+export class InvalidImageId extends SnapshotDriverError {
+  override readonly exitCode = 2;
+  constructor(readonly imageId: string) {
+    super(`invalid image id ${JSON.stringify(imageId)}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427`);
+  }
+}
+
+/** An instance uuid that is not a UUID. */
+export class InvalidInstanceId extends SnapshotDriverError {
+  override readonly exitCode = 2;
+  constructor(readonly instanceUuid: string) {
+    super(`invalid instance uuid ${JSON.stringify(instanceUuid)}: expected a UUID`);
+  }
+}
+
+export class UnknownStrategy extends SnapshotDriverError {
+  override readonly exitCode = 2;
+  constructor(readonly strategy: string, known: readonly string[]) {
+    super(`unknown snapshot strategy ${JSON.stringify(strategy)}: expected one of ${known.join(', ')}`);
+  }
+}
+
+export class InstanceNotFound extends SnapshotDriverError {
+  constructor(readonly instanceUuid: string) {
+    super(`instance ${instanceUuid} not found`);
+  }
+}
+
+export class InstanceExists extends SnapshotDriverError {
+  constructor(readonly instanceUuid: string) {
+    super(`instance ${instanceUuid} already exists`);
+  }
+}
+
+/** The instance is not in a power state that allows the requested action. */
+export class InstanceInvalidState extends SnapshotDriverError {}
+
+export class ImageNotFound extends SnapshotDriverError {
+  constructor(readonly imageId: string) {
+    super(`image ${imageId} not found`);
+  }
+}
+
+export class ImageExists extends SnapshotDriverError {
+  constructor(readonly imageId: string) {
+    super(`image ${imageId} already exists`);
+  }
+}
+
+/** Not enough free space in the image store (free space minus reserved_space_mb). */
+export class InsufficientSpace extends SnapshotDriverError {}
+
+/** A recomputed checksum differs from the one recorded in the image metadata. */
+export class ChecksumMismatch extends SnapshotDriverError {}
+
+/**
+ * A violation of the safety rule (SPEC §2): changing a qcow2 file's metadata while a QEMU process
+ * holds it open, or reading the active layer of an open disk as if it were a point in time.
+ */
+export class SafetyViolation extends SnapshotDriverError {}
+
+/** qemu-img exited non-zero or printed something unparseable. */
+export class QemuImgError extends SnapshotDriverError {
+  constructor(
+    message: string,
+    readonly argv: readonly string[] = [],
+    readonly stderr = '',
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+/** QMP answered a command with an error. */
+export class QmpError extends SnapshotDriverError {
+  constructor(
+    readonly command: string,
+    readonly errorClass: string,
+    readonly desc: string,
+  ) {
+    super(`QMP ${command} failed: ${errorClass}: ${desc}`);
+  }
+}
+
+/** A QMP command got no answer within its timeout, or the monitor connection was lost. */
+export class QmpTimeout extends SnapshotDriverError {}
+export class QmpDisconnected extends SnapshotDriverError {}
+
+/** A QEMU process failed to start, or exited when it should not have. */
+export class QemuProcessError extends SnapshotDriverError {}
+
+/** A failure deliberately injected by a test or the fault-injection switch. */
+export class InjectedFault extends SnapshotDriverError {}
+
+/** The snapshot operation failed; `cause` holds the first error, `undoErrors` any failed undo. */
+export class SnapshotFailed extends SnapshotDriverError {
+  constructor(
+    message: string,
+    readonly undoErrors: readonly unknown[] = [],
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+export function errorName(err: unknown): string {
+  return err instanceof Error ? err.name : 'Error';
+}
+
+export function errorMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

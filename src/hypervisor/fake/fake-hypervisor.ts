@@ -1,0 +1,465 @@
+import { writeFile } from 'node:fs/promises';
+import { setImmediate as nextTurn } from 'node:timers/promises';
+import {
+  InstanceExists,
+  InstanceInvalidState,
+  InstanceNotFound,
+  InvalidInstanceId,
+  QemuImgError,
+  QmpError,
+  SafetyViolation,
+} from '../../errors.js';
+import { isUuid } from '../../util/uuid.js';
+import {
+  processHoldsDisk,
+  type DiskInfo,
+  type ExportOptions,
+  type Hypervisor,
+  type InstanceFactory,
+  type InstanceInfo,
+  type InstanceSpec,
+  type InternalSnapshot,
+  type LaunchHooks,
+  type PowerState,
+  type SaveResult,
+} from '../types.js';
+import { DEFAULT_DISK_BYTES, FakeDisk, fakeDiskSize } from './fake-disk.js';
+import { FaultInjector, type FakeOp, type FaultSpec } from './fault-injector.js';
+
+export type { FakeOp, FaultSpec } from './fault-injector.js';
+
+/** One public call, as the fake saw it (args as passed). */
+export interface FakeCall {
+  op: FakeOp;
+  uuid: string | undefined;
+  args: unknown[];
+}
+
+export interface FakeHypervisorOptions {
+  /** Disk size when the spec gives none (or more than 16 MiB). Default 64 KiB. */
+  defaultDiskBytes?: number;
+  /** Clock for snapshot dates, in ms. Default Date.now. */
+  now?: () => number;
+}
+
+interface FakeInstance {
+  uuid: string;
+  name: string;
+  memoryMb: number;
+  state: PowerState;
+  disk: FakeDisk;
+  /** The state before a managed save; set only while 'saved'. */
+  priorState?: 'running' | 'paused';
+  launches: number;
+  /** Offline disk operations in progress (qemu-img holds the file): no process may start now. */
+  offlineBusy: number;
+  /** Exports in progress per snapshot name: deleting that snapshot now would tear the export. */
+  readers: Map<string, number>;
+}
+
+const EXPORT_CHUNKS = 4;
+const ROOT_DEVICE = 'root';
+
+/**
+ * In-memory hypervisor for unit tests (SPEC §4 `fake`). It enforces the safety rule of SPEC §2 by
+ * throwing SafetyViolation and recording it in `violations` (so a test sees it even when the caller
+ * swallowed the error), simulates a running guest that writes to its disk at the start of every
+ * public call, and injects one-shot faults.
+ *
+ * Test helpers (guestWrite, crash, diskContent, …) are not public calls: they neither tick running
+ * guests nor appear in `calls`.
+ */
+export class FakeHypervisor implements Hypervisor, InstanceFactory {
+  readonly driver = 'fake' as const;
+  /** Every §2 violation, in order, even those the caller caught. */
+  readonly violations: string[] = [];
+  /** Every public call, in order. A test may truncate it (`calls.length = 0`). */
+  readonly calls: FakeCall[] = [];
+
+  private readonly instances = new Map<string, FakeInstance>();
+  private readonly faults = new FaultInjector();
+  private readonly defaultDiskBytes: number;
+  private readonly now: () => number;
+
+  constructor(opts: FakeHypervisorOptions = {}) {
+    this.defaultDiskBytes = opts.defaultDiskBytes ?? DEFAULT_DISK_BYTES;
+    this.now = opts.now ?? Date.now;
+  }
+
+  // ---- InstanceFactory ----
+
+  createInstance(spec: InstanceSpec): Promise<InstanceInfo> {
+    return this.call('createInstance', spec.uuid, [spec], () => {
+      if (!isUuid(spec.uuid)) throw new InvalidInstanceId(spec.uuid);
+      if (this.instances.has(spec.uuid)) throw new InstanceExists(spec.uuid);
+      const inst: FakeInstance = {
+        uuid: spec.uuid,
+        name: spec.name,
+        memoryMb: spec.memoryMb,
+        state: 'shutoff',
+        disk: new FakeDisk(fakeDiskSize(spec.diskSizeBytes, this.defaultDiskBytes)),
+        launches: 0,
+        offlineBusy: 0,
+        readers: new Map(),
+      };
+      this.instances.set(spec.uuid, inst);
+      return infoOf(inst);
+    });
+  }
+
+  deleteInstance(uuid: string): Promise<void> {
+    return this.call('deleteInstance', uuid, [uuid], () => {
+      this.get(uuid);
+      this.instances.delete(uuid);
+    });
+  }
+
+  // ---- Hypervisor: inventory ----
+
+  list(): Promise<InstanceInfo[]> {
+    return this.call('list', undefined, [], () => [...this.instances.values()].map(infoOf));
+  }
+
+  info(uuid: string): Promise<InstanceInfo> {
+    return this.call('info', uuid, [uuid], () => infoOf(this.get(uuid)));
+  }
+
+  diskInfo(uuid: string): Promise<DiskInfo> {
+    return this.call('diskInfo', uuid, [uuid], () => {
+      const inst = this.get(uuid);
+      return { path: fakeDiskPath(uuid), virtualSize: inst.disk.active.length, actualSize: inst.disk.storedBytes() };
+    });
+  }
+
+  // ---- Hypervisor: power ----
+
+  start(uuid: string, hooks?: LaunchHooks): Promise<void> {
+    return this.call('start', uuid, [uuid, hooks], async () => {
+      const inst = this.get(uuid);
+      requireState(inst, 'start', ['shutoff', 'crashed']);
+      await hooks?.beforeLaunch?.(uuid);
+      this.launch(inst, 'start', ['shutoff', 'crashed'], 'running');
+    });
+  }
+
+  stop(uuid: string, opts: { graceful: boolean }): Promise<void> {
+    return this.call('stop', uuid, [uuid, opts], () => {
+      const inst = this.get(uuid);
+      requireState(inst, 'stop', ['running', 'paused']);
+      inst.state = 'shutoff';
+    });
+  }
+
+  softReboot(uuid: string): Promise<void> {
+    return this.call('softReboot', uuid, [uuid], () => {
+      requireState(this.get(uuid), 'softReboot', ['running', 'paused']);
+    });
+  }
+
+  pause(uuid: string): Promise<void> {
+    return this.call('pause', uuid, [uuid], () => {
+      const inst = this.get(uuid);
+      requireState(inst, 'pause', ['running']);
+      inst.state = 'paused';
+    });
+  }
+
+  unpause(uuid: string): Promise<void> {
+    return this.call('unpause', uuid, [uuid], () => {
+      const inst = this.get(uuid);
+      requireState(inst, 'unpause', ['paused']);
+      inst.state = 'running';
+    });
+  }
+
+  managedSave(uuid: string): Promise<SaveResult> {
+    return this.call('managedSave', uuid, [uuid], () => {
+      const inst = this.get(uuid);
+      const prior = requireState(inst, 'managedSave', ['running', 'paused']);
+      inst.priorState = prior;
+      inst.state = 'saved';
+      return { priorState: prior, bytes: inst.memoryMb * 1024 * 1024 };
+    });
+  }
+
+  resume(uuid: string, hooks?: LaunchHooks): Promise<PowerState> {
+    return this.call('resume', uuid, [uuid, hooks], async () => {
+      const inst = this.get(uuid);
+      requireState(inst, 'resume', ['saved']);
+      await hooks?.beforeLaunch?.(uuid);
+      const prior = inst.priorState ?? 'running';
+      this.launch(inst, 'resume', ['saved'], prior);
+      delete inst.priorState;
+      return prior;
+    });
+  }
+
+  // ---- Hypervisor: internal snapshots ----
+
+  listInternalSnapshots(uuid: string): Promise<InternalSnapshot[]> {
+    return this.call('listInternalSnapshots', uuid, [uuid], () =>
+      [...this.get(uuid).disk.snapshots].map(([name, s]) => ({ id: s.id, name, vmStateSize: 0, dateSec: s.dateSec })),
+    );
+  }
+
+  offlineSnapshotCreate(uuid: string, name: string): Promise<void> {
+    return this.call('offlineSnapshotCreate', uuid, [uuid, name], async () => {
+      const inst = this.get(uuid);
+      this.requireNoProcess(inst, `offlineSnapshotCreate(${uuid}, ${JSON.stringify(name)})`);
+      await this.offline(inst, () => {
+        if (inst.disk.snapshots.has(name)) {
+          throw qemuImgFailure(['snapshot', '-c', name, fakeDiskPath(uuid)], `Could not create snapshot '${name}': a snapshot with this name already exists`);
+        }
+        inst.disk.addSnapshot(name, this.nowSec());
+      });
+    });
+  }
+
+  offlineSnapshotDelete(uuid: string, name: string): Promise<void> {
+    return this.call('offlineSnapshotDelete', uuid, [uuid, name], async () => {
+      const inst = this.get(uuid);
+      const what = `offlineSnapshotDelete(${uuid}, ${JSON.stringify(name)})`;
+      this.requireNoProcess(inst, what);
+      await this.offline(inst, () => {
+        if (!inst.disk.snapshots.has(name)) {
+          throw qemuImgFailure(['snapshot', '-d', name, fakeDiskPath(uuid)], `Could not delete snapshot '${name}': snapshot not found`);
+        }
+        this.requireNoReaders(inst, name, what);
+        inst.disk.snapshots.delete(name);
+      });
+    });
+  }
+
+  liveSnapshotCreate(uuid: string, name: string): Promise<void> {
+    return this.call('liveSnapshotCreate', uuid, [uuid, name], () => {
+      const inst = this.get(uuid);
+      requireProcess(inst, 'liveSnapshotCreate');
+      if (inst.disk.snapshots.has(name)) {
+        throw new QmpError('blockdev-snapshot-internal-sync', 'GenericError', `Snapshot with name '${name}' already exists on device '${ROOT_DEVICE}'`);
+      }
+      inst.disk.addSnapshot(name, this.nowSec());
+    });
+  }
+
+  liveSnapshotDelete(uuid: string, name: string): Promise<void> {
+    return this.call('liveSnapshotDelete', uuid, [uuid, name], () => {
+      const inst = this.get(uuid);
+      requireProcess(inst, 'liveSnapshotDelete');
+      if (!inst.disk.snapshots.has(name)) {
+        throw new QmpError(
+          'blockdev-snapshot-delete-internal-sync',
+          'GenericError',
+          `Snapshot with id 'null' and name '${name}' does not exist on device '${ROOT_DEVICE}'`,
+        );
+      }
+      this.requireNoReaders(inst, name, `liveSnapshotDelete(${uuid}, ${JSON.stringify(name)})`);
+      inst.disk.snapshots.delete(name);
+    });
+  }
+
+  // ---- Hypervisor: export ----
+
+  exportDisk(uuid: string, opts: ExportOptions): Promise<void> {
+    return this.call('exportDisk', uuid, [uuid, opts], async () => {
+      const inst = this.get(uuid);
+      const name = opts.snapshotName;
+      let data: Buffer;
+      if (name !== undefined) {
+        const snap = inst.disk.snapshots.get(name);
+        if (snap === undefined) {
+          throw qemuImgFailure(['convert', '-U', '-l', `snapshot.name=${name}`, fakeDiskPath(uuid), opts.dest], `Failed to load snapshot '${name}': snapshot not found`);
+        }
+        inst.readers.set(name, (inst.readers.get(name) ?? 0) + 1);
+        try {
+          data = await readInChunks(snap.data, opts.onProgress);
+        } finally {
+          const left = (inst.readers.get(name) ?? 1) - 1;
+          if (left === 0) inst.readers.delete(name);
+          else inst.readers.set(name, left);
+        }
+      } else {
+        this.requireNoProcess(inst, `exportDisk(${uuid}) of the active layer`);
+        data = await this.offline(inst, () => readInChunks(inst.disk.active, opts.onProgress));
+      }
+      await writeFile(opts.dest, data);
+      opts.onProgress?.(1);
+    });
+  }
+
+  // ---- Fault injection ----
+
+  /** Arms a one-shot fault; see FaultSpec. */
+  injectFault(spec: FaultSpec): void {
+    this.faults.inject(spec);
+  }
+
+  clearFaults(): void {
+    this.faults.clear();
+  }
+
+  /** Calls of `op` made so far (for `uuid` only, when given): the base for a fault's `nth`. */
+  callCount(op: FakeOp, uuid?: string): number {
+    return this.faults.count(op, uuid);
+  }
+
+  /** Faults armed and not yet fired. */
+  pendingFaults(): FaultSpec[] {
+    return this.faults.pending();
+  }
+
+  // ---- Test helpers (not public calls: no guest tick, not logged) ----
+
+  /** The guest writes `data` at `offset` of its active layer; only a running guest can write. */
+  guestWrite(uuid: string, offset: number, data: Buffer): void {
+    const inst = this.get(uuid);
+    requireState(inst, 'guestWrite', ['running']);
+    inst.disk.write(offset, data);
+  }
+
+  /** The guest's QEMU process dies: running | paused → crashed. */
+  crash(uuid: string): void {
+    const inst = this.get(uuid);
+    requireState(inst, 'crash', ['running', 'paused']);
+    inst.state = 'crashed';
+  }
+
+  /** The current power state, without counting as a call. */
+  powerState(uuid: string): PowerState {
+    return this.get(uuid).state;
+  }
+
+  /** A copy of the active layer now. */
+  diskContent(uuid: string): Buffer {
+    return Buffer.from(this.get(uuid).disk.active);
+  }
+
+  /** A copy of an internal snapshot's data; throws if there is none of that name. */
+  snapshotContent(uuid: string, name: string): Buffer {
+    const snap = this.get(uuid).disk.snapshots.get(name);
+    if (snap === undefined) throw new Error(`instance ${uuid} has no internal snapshot ${JSON.stringify(name)}`);
+    return Buffer.from(snap.data);
+  }
+
+  /** Names of the disk's internal snapshots, in creation order. */
+  snapshotNames(uuid: string): string[] {
+    return [...this.get(uuid).disk.snapshots.keys()];
+  }
+
+  /** How many times a QEMU process was launched for the instance (start, resume). */
+  launches(uuid: string): number {
+    return this.get(uuid).launches;
+  }
+
+  /** True if `data` equals the active layer as it was at one moment (any moment so far). */
+  wasDiskState(uuid: string, data: Buffer): boolean {
+    return this.get(uuid).disk.wasState(data);
+  }
+
+  // ---- internals ----
+
+  /**
+   * Every public call: running guests write first, the call is logged, faults fire. The part before
+   * `body` runs synchronously at call time, so the order of ticks follows the order of calls.
+   */
+  private call<T>(op: FakeOp, uuid: string | undefined, args: unknown[], body: () => T | Promise<T>): Promise<T> {
+    for (const inst of this.instances.values()) if (inst.state === 'running') inst.disk.guestTick();
+    this.calls.push({ op, uuid, args });
+    const fired = this.faults.onCall(op, uuid);
+    return (async () => {
+      if (fired.before !== undefined) throw fired.before;
+      const result = await body();
+      if (fired.after !== undefined) throw fired.after;
+      return result;
+    })();
+  }
+
+  private get(uuid: string): FakeInstance {
+    const inst = this.instances.get(uuid);
+    if (inst === undefined) throw new InstanceNotFound(uuid);
+    return inst;
+  }
+
+  /** A new QEMU process takes the disk; the state is re-checked since the hook awaited. */
+  private launch(inst: FakeInstance, op: string, from: readonly PowerState[], to: PowerState): void {
+    if (inst.offlineBusy > 0) {
+      this.violation(`${op}(${inst.uuid}) launched a QEMU process while an offline disk operation was in progress (SPEC §2)`);
+    }
+    requireState(inst, op, from);
+    inst.state = to;
+    inst.launches++;
+  }
+
+  /** Runs an offline disk operation, yielding once so a concurrent launch would be caught. */
+  private async offline<T>(inst: FakeInstance, work: () => T | Promise<T>): Promise<T> {
+    inst.offlineBusy++;
+    try {
+      await nextTurn();
+      return await work();
+    } finally {
+      inst.offlineBusy--;
+    }
+  }
+
+  private requireNoProcess(inst: FakeInstance, what: string): void {
+    if (processHoldsDisk(inst.state)) {
+      this.violation(`${what} while the instance is ${inst.state}: a QEMU process holds the disk (SPEC §2)`);
+    }
+  }
+
+  private requireNoReaders(inst: FakeInstance, name: string, what: string): void {
+    if ((inst.readers.get(name) ?? 0) > 0) {
+      this.violation(`${what} while an export is reading that snapshot: the export would not be one point in time (SPEC §2)`);
+    }
+  }
+
+  private violation(message: string): never {
+    this.violations.push(message);
+    throw new SafetyViolation(message);
+  }
+
+  private nowSec(): number {
+    return Math.floor(this.now() / 1000);
+  }
+}
+
+export function fakeDiskPath(uuid: string): string {
+  return `/fake/${uuid}/disk`;
+}
+
+function infoOf(inst: FakeInstance): InstanceInfo {
+  return { uuid: inst.uuid, name: inst.name, state: inst.state };
+}
+
+/** Throws InstanceInvalidState naming the current and the allowed states; returns the current one. */
+function requireState<S extends PowerState>(inst: FakeInstance, op: string, allowed: readonly S[]): S {
+  if (!(allowed as readonly PowerState[]).includes(inst.state)) {
+    throw new InstanceInvalidState(
+      `cannot ${op} instance ${inst.uuid}: it is ${inst.state}, expected ${allowed.join(' or ')}`,
+    );
+  }
+  return inst.state as S;
+}
+
+function requireProcess(inst: FakeInstance, op: string): void {
+  if (!processHoldsDisk(inst.state)) {
+    throw new InstanceInvalidState(
+      `cannot ${op} on instance ${inst.uuid}: it is ${inst.state}, expected running or paused (no QEMU monitor without a process)`,
+    );
+  }
+}
+
+function qemuImgFailure(argv: string[], message: string): QemuImgError {
+  return new QemuImgError(`qemu-img ${argv[0]} failed: ${message}`, ['qemu-img', ...argv], message);
+}
+
+/** Copies `src` in a few steps with a turn of the event loop between, reporting progress. */
+async function readInChunks(src: Buffer, onProgress?: (fraction: number) => void): Promise<Buffer> {
+  const out = Buffer.alloc(src.length);
+  const step = Math.ceil(src.length / EXPORT_CHUNKS);
+  for (let off = 0; off < src.length; off += step) {
+    src.copy(out, off, off, Math.min(off + step, src.length));
+    onProgress?.(Math.min(off + step, src.length) / src.length);
+    await nextTurn();
+  }
+  return out;
+}

@@ -1,0 +1,85 @@
+import { InjectedFault } from '../../errors.js';
+import type { Hypervisor, InstanceFactory } from '../types.js';
+
+/** A public operation of the fake hypervisor. */
+export type FakeOp = Exclude<keyof Hypervisor, 'driver'> | keyof InstanceFactory;
+
+export interface FaultSpec {
+  op: FakeOp;
+  /**
+   * Fire on the nth call of `op` (1-based) since the fake was created, counting calls for any
+   * instance, or only those for `uuid` when given. Default: the next matching call.
+   */
+  nth?: number;
+  /** Only calls for this instance match; default: calls for any instance. */
+  uuid?: string;
+  /** 'before' (default): throw instead of running. 'after': the operation takes effect, then throws. */
+  when?: 'before' | 'after';
+  /** Default: InjectedFault naming op and nth. */
+  error?: Error;
+}
+
+export interface FiredFaults {
+  before?: Error;
+  after?: Error;
+}
+
+interface ArmedFault {
+  spec: FaultSpec;
+  nth: number;
+}
+
+/** One-shot faults: each fires on its nth matching call and is then gone. Counts every call. */
+export class FaultInjector {
+  private armed: ArmedFault[] = [];
+  /** Calls so far per op, and per op and instance. */
+  private readonly counts = new Map<string, number>();
+
+  inject(spec: FaultSpec): void {
+    const done = this.count(spec.op, spec.uuid);
+    const nth = spec.nth ?? done + 1;
+    if (!Number.isInteger(nth) || nth < 1) throw new RangeError(`fault nth must be an integer ≥ 1, got ${nth}`);
+    if (nth <= done) {
+      throw new RangeError(`fault on ${spec.op} call #${nth} would never fire: ${done} such calls were already made`);
+    }
+    this.armed.push({ spec: { ...spec }, nth });
+  }
+
+  /** Calls of `op` made so far (for `uuid` only, when given). */
+  count(op: FakeOp, uuid?: string): number {
+    return this.counts.get(countKey(op, uuid)) ?? 0;
+  }
+
+  clear(): void {
+    this.armed = [];
+  }
+
+  pending(): FaultSpec[] {
+    return this.armed.map((a) => ({ ...a.spec, nth: a.nth }));
+  }
+
+  /** Counts this call against every matching fault; returns (and disarms) those that fire now. */
+  onCall(op: FakeOp, uuid: string | undefined): FiredFaults {
+    this.counts.set(countKey(op), this.count(op) + 1);
+    if (uuid !== undefined) this.counts.set(countKey(op, uuid), this.count(op, uuid) + 1);
+    const fired: FiredFaults = {};
+    this.armed = this.armed.filter((a) => {
+      if (a.spec.op !== op || (a.spec.uuid !== undefined && a.spec.uuid !== uuid)) return true;
+      if (this.count(op, a.spec.uuid) !== a.nth) return true;
+      const when = a.spec.when ?? 'before';
+      const error = a.spec.error ?? defaultFault(op, a.nth, a.spec.uuid, when);
+      if (fired[when] === undefined) fired[when] = error;
+      return false;
+    });
+    return fired;
+  }
+}
+
+function countKey(op: FakeOp, uuid?: string): string {
+  return uuid === undefined ? op : `${op}\u0000${uuid}`;
+}
+
+function defaultFault(op: FakeOp, nth: number, uuid: string | undefined, when: 'before' | 'after'): InjectedFault {
+  const on = uuid === undefined ? '' : ` on ${uuid}`;
+  return new InjectedFault(`injected fault: ${op} call #${nth}${on} (${when})`);
+}

@@ -1,0 +1,69 @@
+import { spawn } from 'node:child_process';
+import fs from 'node:fs/promises';
+import { QemuProcessError } from '../../errors.js';
+import { escapeOptValue } from '../../qemu-img/qemu-img.js';
+import type { InstanceLayout, InstanceRecord } from './layout.js';
+
+/**
+ * The QEMU command line of an instance, and launching it daemonized.
+ *
+ * The command line must be the same for a managed save and the resume that follows (the saved
+ * device state has to fit the new process), so it is built from instance.json only; a resume
+ * appends `-S -incoming defer` and nothing else.
+ */
+
+/** Node name of the guest disk's qcow2 layer: the `device` of internal-snapshot QMP commands. */
+export const DISK_NODE = 'disk0';
+/** QOM path of the virtio-blk backend (for HMP `qemu-io -d`). */
+export const DISK_QOM_PATH = '/machine/peripheral/virtio-disk0/virtio-backend';
+
+export function qemuArgv(record: InstanceRecord, layout: InstanceLayout, accel: string): string[] {
+  const e = escapeOptValue;
+  return [
+    '-nodefaults',
+    '-no-user-config',
+    '-machine', `${e(record.machine)},accel=${e(accel)}`,
+    '-m', String(record.memory_mb),
+    '-smp', String(record.vcpus),
+    '-display', 'none',
+    '-serial', 'none',
+    '-uuid', record.uuid,
+    // `guest=` keeps a name holding "=" from being read as an option key.
+    '-name', `guest=${e(record.name)}`,
+    '-blockdev', `driver=file,filename=${e(layout.disk)},node-name=${DISK_NODE}-file`,
+    '-blockdev', `driver=qcow2,node-name=${DISK_NODE},file=${DISK_NODE}-file`,
+    '-device', `virtio-blk-pci,drive=${DISK_NODE},id=virtio-disk0`,
+    '-qmp', `unix:${e(layout.qmpSocket)},server=on,wait=off`,
+    // -pidfile takes a plain path, not an option list: no escaping.
+    '-pidfile', layout.pidFile,
+    '-daemonize',
+  ];
+}
+
+/** Extra arguments of a process that is to receive a managed-save state. */
+export const INCOMING_ARGS: readonly string[] = ['-S', '-incoming', 'defer'];
+
+/**
+ * Runs QEMU with `-daemonize` and waits for the launching parent to exit: by then the guest
+ * process is up, its pidfile and QMP socket exist. The launch's stdout and stderr go to
+ * `logFile`; on failure its content is part of the QemuProcessError.
+ */
+export async function launchDaemonized(binary: string, argv: readonly string[], logFile: string): Promise<void> {
+  const log = await fs.open(logFile, 'w', 0o640);
+  let code: number | null;
+  let signal: NodeJS.Signals | null;
+  try {
+    [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {
+      const child = spawn(binary, [...argv], { stdio: ['ignore', log.fd, log.fd] });
+      child.on('error', (err) => reject(new QemuProcessError(`cannot run ${binary}: ${err.message}`, { cause: err })));
+      child.on('exit', (c, s) => resolve([c, s]));
+    });
+  } finally {
+    await log.close();
+  }
+  if (code !== 0) {
+    const stderr = (await fs.readFile(logFile, 'utf8').catch(() => '')).trim();
+    const how = code !== null ? `exit code ${code}` : `signal ${signal}`;
+    throw new QemuProcessError(`QEMU failed to start (${how}): ${stderr || '(no output)'}`);
+  }
+}

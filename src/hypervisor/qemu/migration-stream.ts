@@ -1,0 +1,90 @@
+import { createReadStream } from 'node:fs';
+import fs from 'node:fs/promises';
+import net from 'node:net';
+import { pipeline } from 'node:stream/promises';
+import { QemuProcessError } from '../../errors.js';
+
+/**
+ * QEMU 7.2 cannot migrate to a file, so a managed save goes through a unix socket: the agent
+ * listens, QEMU connects and sends its migration stream, the agent writes it to the state file.
+ * A resume is the reverse: the new QEMU listens (`migrate-incoming`), the agent sends the file.
+ */
+
+/** Receives one migration stream on a unix socket into a file. */
+export class MigrationReceiver {
+  /** Resolves with the byte count once the stream has ended and the file is fsynced. */
+  readonly done: Promise<number>;
+  private constructor(
+    private readonly server: net.Server,
+    readonly socketPath: string,
+    done: Promise<number>,
+  ) {
+    this.done = done;
+    // The caller may give up before awaiting `done` (e.g. the migrate command failed).
+    this.done.catch(() => undefined);
+  }
+
+  /** Listens on `socketPath` (must not exist) and accepts a single connection. */
+  static async listen(socketPath: string, destFile: string): Promise<MigrationReceiver> {
+    const server = net.createServer();
+    let resolveDone!: (n: number) => void;
+    let rejectDone!: (err: Error) => void;
+    const done = new Promise<number>((res, rej) => {
+      resolveDone = res;
+      rejectDone = rej;
+    });
+    let connected = false;
+    server.once('connection', (socket) => {
+      connected = true;
+      server.close();
+      receiveInto(socket, destFile).then(resolveDone, rejectDone);
+    });
+    server.on('close', () => {
+      if (!connected) rejectDone(new QemuProcessError(`no migration stream arrived on ${socketPath}`));
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(socketPath, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    return new MigrationReceiver(server, socketPath, done);
+  }
+
+  /** Stops listening and removes the socket file (a stream in progress is not affected). */
+  async close(): Promise<void> {
+    if (this.server.listening) await new Promise<void>((r) => this.server.close(() => r()));
+    await fs.rm(this.socketPath, { force: true });
+  }
+}
+
+async function receiveInto(socket: net.Socket, destFile: string): Promise<number> {
+  const fh = await fs.open(destFile, 'w', 0o600);
+  try {
+    await pipeline(socket, fh.createWriteStream({ autoClose: false }));
+    await fh.sync();
+    return (await fh.stat()).size;
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Connects to a listening QEMU and sends `srcFile` as its incoming migration stream. */
+export async function sendMigrationStream(socketPath: string, srcFile: string): Promise<number> {
+  const socket = await new Promise<net.Socket>((resolve, reject) => {
+    const s = net.createConnection({ path: socketPath });
+    s.once('connect', () => {
+      s.off('error', reject);
+      resolve(s);
+    });
+    s.once('error', reject);
+  });
+  try {
+    // pipeline ends the socket's write side once the whole file is sent.
+    await pipeline(createReadStream(srcFile), socket);
+  } finally {
+    socket.destroy();
+  }
+  return (await fs.stat(srcFile)).size;
+}

@@ -1,0 +1,118 @@
+/**
+ * The one hypervisor interface (SPEC §4). Implementations: `qemu/` (embedded default), `fake/` (unit
+ * tests; enforces §2 and injects faults), `libvirt/` (later).
+ *
+ * The interface keeps offline and live disk-metadata changes apart on purpose: a strategy must say
+ * which one it means, and the fake proves it chose right (SPEC §2).
+ */
+
+export type PowerState = 'running' | 'paused' | 'shutoff' | 'saved' | 'crashed';
+
+/** States in which a QEMU process holds the disk open. */
+export function processHoldsDisk(state: PowerState): boolean {
+  return state === 'running' || state === 'paused';
+}
+
+export interface InstanceInfo {
+  uuid: string;
+  name: string;
+  state: PowerState;
+}
+
+export interface InstanceSpec {
+  uuid: string;
+  name: string;
+  memoryMb: number;
+  vcpus: number;
+  /** QEMU machine type, e.g. "pc". */
+  machine: string;
+  /** Disk: a new qcow2 of this many bytes, or a qcow2 on top of `baseImage` (its size if unset). */
+  diskSizeBytes?: number;
+  baseImage?: string;
+  /** Format of the base image ("qcow2" or "raw"); never probed. */
+  baseImageFormat?: 'qcow2' | 'raw';
+}
+
+export interface InternalSnapshot {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+}
+
+export interface DiskInfo {
+  path: string;
+  virtualSize: number;
+  /** Bytes the qcow2 file takes on the host. */
+  actualSize: number;
+}
+
+export interface SaveResult {
+  /** The power state the guest had before the save; resume restores it. */
+  priorState: 'running' | 'paused';
+  /** Size of the saved state in bytes. */
+  bytes: number;
+}
+
+export interface LaunchHooks {
+  /**
+   * Runs when no QEMU process holds the disk, right before a new process for the instance is
+   * started (power on, hard reboot, resume from managed save). Used for deferred deletion.
+   */
+  beforeLaunch?: (uuid: string) => Promise<void>;
+}
+
+export interface ExportOptions {
+  /** Read this internal snapshot; without it, the active layer of the offline disk is read. */
+  snapshotName?: string;
+  /** Raw output file to create (sparse where the disk is). */
+  dest: string;
+  /** Progress as a fraction 0..1. */
+  onProgress?: (fraction: number) => void;
+}
+
+export interface Hypervisor {
+  readonly driver: 'qemu' | 'libvirt' | 'fake';
+
+  list(): Promise<InstanceInfo[]>;
+  /** Throws InstanceNotFound. */
+  info(uuid: string): Promise<InstanceInfo>;
+  diskInfo(uuid: string): Promise<DiskInfo>;
+
+  /** shutoff | crashed → running. beforeLaunch runs first. */
+  start(uuid: string, hooks?: LaunchHooks): Promise<void>;
+  /** running | paused → shutoff. graceful: ACPI power-down first, forced after the shutdown timeout. */
+  stop(uuid: string, opts: { graceful: boolean }): Promise<void>;
+  /** Reset the guest without restarting its process. */
+  softReboot(uuid: string): Promise<void>;
+  /** running → paused (vCPUs stopped, process kept). */
+  pause(uuid: string): Promise<void>;
+  /** paused → running. */
+  unpause(uuid: string): Promise<void>;
+  /** running | paused → saved: RAM and device state to a state file, then the process exits. */
+  managedSave(uuid: string): Promise<SaveResult>;
+  /** saved → the prior state (running or paused), in a new process. beforeLaunch runs first. */
+  resume(uuid: string, hooks?: LaunchHooks): Promise<PowerState>;
+
+  /** Read-only listing of the disk's internal snapshots; allowed in any state. */
+  listInternalSnapshots(uuid: string): Promise<InternalSnapshot[]>;
+  /** qemu-img snapshot -c. Throws SafetyViolation if a QEMU process holds the disk. */
+  offlineSnapshotCreate(uuid: string, name: string): Promise<void>;
+  /** qemu-img snapshot -d. Throws SafetyViolation if a QEMU process holds the disk. */
+  offlineSnapshotDelete(uuid: string, name: string): Promise<void>;
+  /** Through the guest's own monitor. Throws InstanceInvalidState if no process holds the disk. */
+  liveSnapshotCreate(uuid: string, name: string): Promise<void>;
+  liveSnapshotDelete(uuid: string, name: string): Promise<void>;
+
+  /**
+   * Exports a raw image: of an internal snapshot (allowed while the disk is open, read with -U), or
+   * of the active layer (only when no process holds the disk; else SafetyViolation).
+   */
+  exportDisk(uuid: string, opts: ExportOptions): Promise<void>;
+}
+
+/** Backends that own their instances' lifecycle (the qemu backend; the fake for tests). */
+export interface InstanceFactory {
+  createInstance(spec: InstanceSpec): Promise<InstanceInfo>;
+  deleteInstance(uuid: string): Promise<void>;
+}

@@ -1,0 +1,353 @@
+import { constants, lstat, mkdir, open, readdir, rename, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import { ImageExists, ImageNotFound, InvalidInstanceId } from '../errors.js';
+import { isUuid } from '../util/uuid.js';
+import { fsyncDir, isErrno, unlinkIfExists } from '../util/durable-fs.js';
+import { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
+import { digestFile } from './hash.js';
+import { FILE_MODE, isoSeconds, newImageMeta, readImageMeta, writeImageMeta } from './metadata.js';
+import { StorePaths, validateImageId } from './paths.js';
+import { KeyedMutex } from './keyed-mutex.js';
+import { checkFreeSpace, defaultStatfs, type StatfsFn } from './space.js';
+import {
+  OS_HASH_ALGOS,
+  type ImageMeta,
+  type ImageStatus,
+  type NewImage,
+  type OsHashAlgo,
+  type ProgressCallback,
+  type VerifyResult,
+} from './types.js';
+
+export * from './types.js';
+export { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
+
+const DIR_MODE = 0o750;
+
+export interface ImageStoreOptions {
+  path: string;
+  reservedSpaceMb: number;
+  osHashAlgo: OsHashAlgo;
+  /** Injectable for tests; defaults to fs.statfs. */
+  statfs?: StatfsFn;
+  /** Injectable clock for created_at/updated_at; defaults to the system clock. */
+  now?: () => Date;
+}
+
+/**
+ * The local image store (SPEC §6): `<path>/<id>` raw data, `<path>/<id>.json` Glance-style
+ * metadata, `<path>/.partial/<id>` data being written. Data is renamed into place only once it is
+ * complete, fsynced and hashed; only then is the image `active`.
+ *
+ * Ids are lower-cased UUIDs: an upper-case UUID is accepted and stored under its lower-case form.
+ * Operations that change one image are serialised per id within this process.
+ */
+export class ImageStore {
+  readonly paths: StorePaths;
+  readonly osHashAlgo: OsHashAlgo;
+  readonly reservedSpaceMb: number;
+  private readonly statfs: StatfsFn;
+  private readonly now: () => Date;
+  private readonly mutex = new KeyedMutex();
+
+  constructor(opts: ImageStoreOptions) {
+    if (!OS_HASH_ALGOS.includes(opts.osHashAlgo)) {
+      throw new TypeError(`os_hash_algo ${JSON.stringify(opts.osHashAlgo)}: expected one of ${OS_HASH_ALGOS.join(', ')}`);
+    }
+    if (!Number.isSafeInteger(opts.reservedSpaceMb) || opts.reservedSpaceMb < 0) {
+      throw new TypeError(`reserved_space_mb ${opts.reservedSpaceMb}: expected an integer >= 0`);
+    }
+    this.paths = new StorePaths(opts.path);
+    this.osHashAlgo = opts.osHashAlgo;
+    this.reservedSpaceMb = opts.reservedSpaceMb;
+    this.statfs = opts.statfs ?? defaultStatfs;
+    this.now = opts.now ?? (() => new Date());
+  }
+
+  /** Throws InvalidImageId unless `id` is a UUID. */
+  static validateId(id: unknown): asserts id is string {
+    validateImageId(id);
+  }
+
+  /** The store's directory (absolute). */
+  get path(): string {
+    return this.paths.root;
+  }
+
+  /** Where the exporter writes the raw data of image `id` before commit. */
+  partialPath(id: string): string {
+    return this.paths.partial(canonicalId(id));
+  }
+
+  /** Path of the committed raw data of image `id`. */
+  dataPath(id: string): string {
+    return this.paths.data(canonicalId(id));
+  }
+
+  /** Path of the metadata file of image `id`. */
+  metadataPath(id: string): string {
+    return this.paths.meta(canonicalId(id));
+  }
+
+  /** Records a new `queued` image. ImageExists if its metadata or data already exist. */
+  async create(img: NewImage): Promise<ImageMeta> {
+    const id = canonicalId(img.id);
+    if (!isUuid(img.instanceUuid)) throw new InvalidInstanceId(String(img.instanceUuid));
+    if (img.imageType !== 'snapshot' && img.imageType !== 'backup') {
+      throw new TypeError(`image type ${JSON.stringify(img.imageType)}: expected snapshot or backup`);
+    }
+    if (typeof img.name !== 'string') throw new TypeError('image name must be a string');
+    return this.mutex.run(id, async () => {
+      if ((await exists(this.paths.meta(id))) || (await exists(this.paths.data(id)))) throw new ImageExists(id);
+      await this.makeDirs();
+      // A partial without metadata is debris of an attempt that crashed before recording the image.
+      await unlinkIfExists(this.paths.partial(id));
+      const meta = newImageMeta({ ...img, id }, this.osHashAlgo, this.now());
+      try {
+        await writeImageMeta(this.paths.meta(id), meta, { exclusive: true });
+      } catch (err) {
+        if (isErrno(err, 'EEXIST')) throw new ImageExists(id);
+        throw err;
+      }
+      return meta;
+    });
+  }
+
+  /** Throws InsufficientSpace unless `bytesNeeded` fit on the store's filesystem above the reserve. */
+  async ensureSpace(id: string, bytesNeeded: number): Promise<void> {
+    const cid = canonicalId(id);
+    if (!Number.isFinite(bytesNeeded) || bytesNeeded < 0) {
+      throw new TypeError(`bytesNeeded ${bytesNeeded}: expected a byte count >= 0`);
+    }
+    await checkFreeSpace({
+      statfs: this.statfs,
+      dir: this.paths.root,
+      reservedSpaceMb: this.reservedSpaceMb,
+      bytesNeeded,
+      what: `image ${cid}`,
+    });
+  }
+
+  /** queued → saving (idempotent for saving). */
+  async markSaving(id: string): Promise<ImageMeta> {
+    const cid = canonicalId(id);
+    return this.mutex.run(cid, async () => {
+      const meta = await this.mustRead(cid);
+      if (meta.status === 'saving') return meta;
+      requireStatus(meta, ['queued'], 'mark as saving');
+      return this.update(meta, { status: 'saving' });
+    });
+  }
+
+  /**
+   * Makes the partial data the image: fsync it, hash it (md5 and os_hash in one pass), chmod 0640,
+   * rename it into place (no copy, so a sparse file stays sparse), fsync both directories, and only
+   * then record size, checksums and status `active`. On failure the status is left unchanged.
+   */
+  async commit(id: string, opts: { virtualSize?: number; onProgress?: ProgressCallback } = {}): Promise<ImageMeta> {
+    const cid = canonicalId(id);
+    return this.mutex.run(cid, async () => {
+      const meta = await this.mustRead(cid);
+      requireStatus(meta, ['queued', 'saving'], 'commit');
+      const algo = storedHashAlgo(meta, this.paths.meta(cid));
+      const partial = this.paths.partial(cid);
+      const fh = await openRegularFile(partial, () => new ImageInvalidState(`image ${cid} has no data to commit: ${partial} does not exist`));
+      let digests;
+      try {
+        await fh.sync();
+        await fh.chmod(FILE_MODE);
+        const { size } = await fh.stat();
+        digests = await digestFile(fh, algo, { expectedBytes: size, onProgress: opts.onProgress });
+      } finally {
+        await fh.close();
+      }
+      await rename(partial, this.paths.data(cid));
+      await fsyncDir(this.paths.root);
+      await fsyncDir(this.paths.partialDir);
+      return this.update(meta, {
+        status: 'active',
+        size: digests.bytes,
+        virtual_size: opts.virtualSize ?? meta.virtual_size ?? digests.bytes,
+        checksum: digests.md5,
+        os_hash_value: digests.osHash,
+      });
+    });
+  }
+
+  /**
+   * Marks an unfinished image `killed`: removes its partial data (and data renamed into place by a
+   * commit that did not finish), keeps the metadata. Idempotent for killed images; refuses active
+   * or deleted ones (ImageInvalidState). `reason` is kept as properties.kill_reason.
+   */
+  async kill(id: string, reason?: string): Promise<void> {
+    const cid = canonicalId(id);
+    await this.mutex.run(cid, async () => {
+      const meta = await this.mustRead(cid);
+      requireStatus(meta, ['queued', 'saving', 'killed'], 'kill');
+      const removedPartial = await unlinkIfExists(this.paths.partial(cid));
+      const removedData = await unlinkIfExists(this.paths.data(cid));
+      if (removedPartial) await fsyncDir(this.paths.partialDir);
+      if (removedData) await fsyncDir(this.paths.root);
+      if (meta.status === 'killed') return;
+      const properties = reason === undefined ? meta.properties : { ...meta.properties, kill_reason: reason };
+      await this.update(meta, { status: 'killed', properties });
+    });
+  }
+
+  /** Every image with metadata in the store, oldest first (created_at, then id). */
+  async list(): Promise<ImageMeta[]> {
+    let names: string[];
+    try {
+      names = await readdir(this.paths.root);
+    } catch (err) {
+      if (isErrno(err, 'ENOENT')) return [];
+      throw err;
+    }
+    const images: ImageMeta[] = [];
+    for (const name of names) {
+      if (!name.endsWith('.json')) continue;
+      const id = name.slice(0, -'.json'.length);
+      if (!isUuid(id) || id !== id.toLowerCase()) continue;
+      const meta = await readImageMeta(this.paths.meta(id), id);
+      if (meta) images.push(meta); // null: deleted since readdir
+    }
+    return images.sort((a, b) => cmp(a.created_at, b.created_at) || cmp(a.id, b.id));
+  }
+
+  /** The metadata of image `id`; ImageNotFound if it has none. */
+  async show(id: string): Promise<ImageMeta> {
+    return this.mustRead(canonicalId(id));
+  }
+
+  /** Recomputes md5 and os_hash of an active image's data and compares them (and the size) with its metadata. */
+  async verify(id: string, opts: { onProgress?: ProgressCallback } = {}): Promise<VerifyResult> {
+    const cid = canonicalId(id);
+    const meta = await this.mustRead(cid);
+    requireStatus(meta, ['active'], 'verify');
+    const algo = storedHashAlgo(meta, this.paths.meta(cid));
+    const dataFile = this.paths.data(cid);
+    const fh = await openRegularFile(
+      dataFile,
+      () => new ImageStoreCorrupt(`image ${cid} is active but its data file ${dataFile} is missing`),
+    );
+    let digests;
+    try {
+      digests = await digestFile(fh, algo, { expectedBytes: meta.size ?? undefined, onProgress: opts.onProgress });
+    } finally {
+      await fh.close();
+    }
+    const expectedChecksum = meta.checksum ?? '';
+    const expectedOsHash = meta.os_hash_value ?? '';
+    const sizeOk = digests.bytes === meta.size;
+    return {
+      ok: sizeOk && digests.md5 === expectedChecksum && digests.osHash === expectedOsHash,
+      checksum: digests.md5,
+      os_hash_value: digests.osHash,
+      expected_checksum: expectedChecksum,
+      expected_os_hash_value: expectedOsHash,
+      size_ok: sizeOk,
+    };
+  }
+
+  /**
+   * Removes an image: status `deleted` first (so a crash midway leaves no `active` image without
+   * data), then data, partial and metadata. Works on any status, and on unparseable metadata.
+   * ImageNotFound when there is nothing of the image.
+   */
+  async delete(id: string): Promise<void> {
+    const cid = canonicalId(id);
+    await this.mutex.run(cid, async () => {
+      const metaFile = this.paths.meta(cid);
+      let meta: ImageMeta | null = null;
+      let corrupt = false;
+      try {
+        meta = await readImageMeta(metaFile, cid);
+      } catch (err) {
+        if (!(err instanceof ImageStoreCorrupt)) throw err;
+        corrupt = true;
+      }
+      if (!meta && !corrupt && !(await exists(this.paths.data(cid))) && !(await exists(this.paths.partial(cid)))) {
+        throw new ImageNotFound(cid);
+      }
+      if (meta && meta.status !== 'deleted') await this.update(meta, { status: 'deleted' });
+      const removedPartial = await unlinkIfExists(this.paths.partial(cid));
+      await unlinkIfExists(this.paths.data(cid));
+      await unlinkIfExists(metaFile);
+      if (removedPartial) await fsyncDir(this.paths.partialDir);
+      await fsyncDir(this.paths.root);
+    });
+  }
+
+  private async mustRead(id: string): Promise<ImageMeta> {
+    const meta = await readImageMeta(this.paths.meta(id), id);
+    if (!meta) throw new ImageNotFound(id);
+    return meta;
+  }
+
+  private async update(meta: ImageMeta, changes: Partial<ImageMeta>): Promise<ImageMeta> {
+    const next: ImageMeta = { ...meta, ...changes, updated_at: isoSeconds(this.now()) };
+    await writeImageMeta(this.paths.meta(meta.id), next);
+    return next;
+  }
+
+  private async makeDirs(): Promise<void> {
+    const firstCreated = await mkdir(this.paths.root, { recursive: true, mode: DIR_MODE });
+    const partialCreated = await mkdir(this.paths.partialDir, { recursive: true, mode: DIR_MODE });
+    if (partialCreated) await fsyncDir(this.paths.root);
+    if (firstCreated) await fsyncDir(path.dirname(firstCreated));
+  }
+}
+
+/** Validates `id` (InvalidImageId) and returns its canonical lower-case form. */
+function canonicalId(id: unknown): string {
+  validateImageId(id);
+  return id.toLowerCase();
+}
+
+function requireStatus(meta: ImageMeta, allowed: readonly ImageStatus[], action: string): void {
+  if (!allowed.includes(meta.status)) {
+    throw new ImageInvalidState(
+      `cannot ${action} image ${meta.id}: its status is ${meta.status} (expected ${allowed.join(' or ')})`,
+    );
+  }
+}
+
+function storedHashAlgo(meta: ImageMeta, file: string): OsHashAlgo {
+  const algo = meta.os_hash_algo as OsHashAlgo;
+  if (!OS_HASH_ALGOS.includes(algo)) {
+    throw new ImageStoreCorrupt(`image metadata file ${file}: unsupported os_hash_algo ${JSON.stringify(meta.os_hash_algo)}`);
+  }
+  return algo;
+}
+
+/** Opens a regular file for reading without following a symlink; `missing()` is thrown on ENOENT. */
+async function openRegularFile(file: string, missing: () => Error): Promise<FileHandle> {
+  let fh: FileHandle;
+  try {
+    fh = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW);
+  } catch (err) {
+    if (isErrno(err, 'ENOENT')) throw missing();
+    if (isErrno(err, 'ELOOP')) throw new ImageStoreCorrupt(`${file} is a symbolic link; refusing to follow it`);
+    throw err;
+  }
+  const st = await fh.stat();
+  if (!st.isFile()) {
+    await fh.close();
+    throw new ImageStoreCorrupt(`${file} is not a regular file`);
+  }
+  return fh;
+}
+
+async function exists(p: string): Promise<boolean> {
+  try {
+    await lstat(p);
+    return true;
+  } catch (err) {
+    if (isErrno(err, 'ENOENT')) return false;
+    throw err;
+  }
+}
+
+function cmp(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}

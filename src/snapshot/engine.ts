@@ -1,0 +1,133 @@
+import { STRATEGIES, type StrategyName } from '../config/schema.js';
+import type { Lifecycle } from '../compute/lifecycle.js';
+import { ImageStore } from '../image-store/image-store.js';
+import type { Hypervisor } from '../hypervisor/types.js';
+import { errorMessage, InvalidInstanceId, SnapshotFailed, UnknownStrategy } from '../errors.js';
+import { operationLogger, type Logger } from '../log.js';
+import { isUuid } from '../util/uuid.js';
+import { runSteps, type BeforeStep } from './run-steps.js';
+import type { SnapshotContext } from './steps.js';
+import { STRATEGY_STEPS } from './strategies.js';
+
+export interface SnapshotRequest {
+  requestId: string;
+  instanceUuid: string;
+  imageId: string;
+  /** Image name; defaults to "snapshot of <instance name>". */
+  name?: string;
+  /** Overrides [snapshot] strategy. */
+  strategy?: string;
+  imageType?: 'snapshot' | 'backup';
+  backupType?: string;
+  userId?: string;
+  owner?: string;
+  baseImageRef?: string;
+  onProgress?: (phase: 'export' | 'checksum', fraction: number) => void;
+}
+
+/** What `snapshot --json` prints (SPEC §8). */
+export interface SnapshotResult {
+  image_id: string;
+  status: string;
+  strategy: StrategyName;
+  downtime_ms: number;
+  duration_ms: number;
+  size: number;
+  checksum: string;
+  os_hash_algo: string;
+  os_hash_value: string;
+  /** Our internal snapshots left on the disk afterwards. */
+  internal_snapshots: number;
+}
+
+export interface SnapshotEngineDeps {
+  hv: Hypervisor;
+  store: ImageStore;
+  lifecycle: Lifecycle;
+  log: Logger;
+  namePrefix: string;
+  defaultStrategy: StrategyName;
+  /** Fault injection before each step (tests). */
+  beforeStep?: BeforeStep;
+}
+
+export function parseStrategy(s: string): StrategyName {
+  if (!(STRATEGIES as readonly string[]).includes(s)) throw new UnknownStrategy(s, STRATEGIES);
+  return s as StrategyName;
+}
+
+export class SnapshotEngine {
+  constructor(private readonly deps: SnapshotEngineDeps) {}
+
+  /** Takes one snapshot. Bad input is refused before anything is touched. */
+  async take(req: SnapshotRequest): Promise<SnapshotResult> {
+    const { hv, store, lifecycle } = this.deps;
+    ImageStore.validateId(req.imageId);
+    if (!isUuid(req.instanceUuid)) throw new InvalidInstanceId(req.instanceUuid);
+    const strategy = parseStrategy(req.strategy ?? this.deps.defaultStrategy);
+    const log = operationLogger(this.deps.log, req.requestId, req.instanceUuid).child({ image_id: req.imageId, strategy });
+
+    const started = performance.now();
+    const instance = await hv.info(req.instanceUuid);
+    const disk = await hv.diskInfo(req.instanceUuid);
+    await store.ensureSpace(req.imageId, disk.actualSize);
+    await store.create({
+      id: req.imageId,
+      name: req.name ?? `snapshot of ${instance.name}`,
+      instanceUuid: req.instanceUuid,
+      imageType: req.imageType ?? 'snapshot',
+      backupType: req.backupType,
+      userId: req.userId,
+      owner: req.owner,
+      baseImageRef: req.baseImageRef,
+      virtualSize: disk.virtualSize,
+    });
+    log.info({ prior_state: instance.state }, 'snapshot start');
+
+    const ctx: SnapshotContext = {
+      hv,
+      store,
+      lifecycle,
+      pending: lifecycle.pending,
+      log,
+      uuid: req.instanceUuid,
+      imageId: req.imageId,
+      snapshotName: `${this.deps.namePrefix}${req.imageId}`,
+      priorState: instance.state,
+      onProgress: req.onProgress && ((f) => req.onProgress?.('export', f)),
+      suspended: false,
+      downtimeMs: 0,
+    };
+    try {
+      await runSteps(STRATEGY_STEPS[strategy], ctx, this.deps.beforeStep);
+      const left = (await hv.listInternalSnapshots(req.instanceUuid)).filter((s) => s.name.startsWith(this.deps.namePrefix));
+      // The last act: after it the image is active, and nothing may fail any more.
+      const image = await store.commit(req.imageId, {
+        virtualSize: disk.virtualSize,
+        onProgress: req.onProgress && ((f) => req.onProgress?.('checksum', f)),
+      });
+      const result: SnapshotResult = {
+        image_id: image.id,
+        status: image.status,
+        strategy,
+        downtime_ms: Math.round(ctx.downtimeMs),
+        duration_ms: Math.round(performance.now() - started),
+        size: image.size ?? 0,
+        checksum: image.checksum ?? '',
+        os_hash_algo: image.os_hash_algo,
+        os_hash_value: image.os_hash_value ?? '',
+        internal_snapshots: left.length,
+      };
+      log.info(result, 'snapshot end');
+      return result;
+    } catch (err) {
+      await store.kill(req.imageId, errorMessage(err)).catch((killErr: unknown) => {
+        log.error({ err: killErr }, `could not mark image killed: ${errorMessage(killErr)}`);
+      });
+      const state = await hv.info(req.instanceUuid).then((i) => i.state, () => 'unknown');
+      log.error({ err, prior_state: instance.state, state }, 'snapshot failed');
+      if (err instanceof SnapshotFailed) throw err;
+      throw new SnapshotFailed(`snapshot of ${req.instanceUuid} failed: ${errorMessage(err)}`, [], { cause: err });
+    }
+  }
+}

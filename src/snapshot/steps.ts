@@ -1,0 +1,137 @@
+import fs from 'node:fs/promises';
+import type { Logger } from '../log.js';
+import { processHoldsDisk, type Hypervisor, type PowerState } from '../hypervisor/types.js';
+import type { ImageStore } from '../image-store/image-store.js';
+import type { Lifecycle } from '../compute/lifecycle.js';
+import type { PendingSnapshots } from './pending.js';
+
+/** What every step of one snapshot operation sees and updates. */
+export interface SnapshotContext {
+  readonly hv: Hypervisor;
+  readonly store: ImageStore;
+  readonly lifecycle: Lifecycle;
+  readonly pending: PendingSnapshots;
+  readonly log: Logger;
+  readonly uuid: string;
+  readonly imageId: string;
+  /** The internal snapshot this operation makes: name_prefix + image id. */
+  readonly snapshotName: string;
+  /** Power state before the operation; the guest is back in it afterwards. */
+  readonly priorState: PowerState;
+  onProgress?: (fraction: number) => void;
+  /** True from the start of this operation's managed save until the guest is resumed. */
+  suspended: boolean;
+  /** Guest downtime windows: suspend start → resume end, in ms (performance.now()). */
+  downtimeMs: number;
+  suspendStartedAt?: number;
+}
+
+/** One step of a strategy, and how to undo it when a later step fails. */
+export interface Step {
+  readonly name: string;
+  run(ctx: SnapshotContext): Promise<void>;
+  undo?(ctx: SnapshotContext): Promise<void>;
+}
+
+async function holdsDisk(ctx: SnapshotContext): Promise<boolean> {
+  return processHoldsDisk((await ctx.hv.info(ctx.uuid)).state);
+}
+
+/** Resumes the guest if this operation managed-saved it (also after a save that failed half-way). */
+async function resumeIfSuspended(ctx: SnapshotContext): Promise<void> {
+  if (!ctx.suspended) return;
+  if ((await ctx.hv.info(ctx.uuid)).state === 'saved') await ctx.lifecycle.resume(ctx.uuid);
+  ctx.suspended = false;
+  if (ctx.suspendStartedAt !== undefined) {
+    ctx.downtimeMs += performance.now() - ctx.suspendStartedAt;
+    ctx.suspendStartedAt = undefined;
+  }
+}
+
+/** Delete our snapshot however §2 allows now: through the monitor if a process holds the disk. */
+async function deleteOwnSnapshotNow(ctx: SnapshotContext): Promise<void> {
+  if (await holdsDisk(ctx)) await ctx.hv.liveSnapshotDelete(ctx.uuid, ctx.snapshotName);
+  else await ctx.hv.offlineSnapshotDelete(ctx.uuid, ctx.snapshotName);
+}
+
+async function ownSnapshotExists(ctx: SnapshotContext): Promise<boolean> {
+  return (await ctx.hv.listInternalSnapshots(ctx.uuid)).some((s) => s.name === ctx.snapshotName);
+}
+
+/** Managed save of a running or paused guest; a shut-off (or saved) guest needs none. */
+export const suspend: Step = {
+  name: 'suspend',
+  async run(ctx) {
+    if (!(await holdsDisk(ctx))) return;
+    ctx.suspendStartedAt = performance.now();
+    ctx.suspended = true; // before the save: a save that fails half-way is undone by a resume
+    await ctx.lifecycle.suspend(ctx.uuid);
+  },
+  async undo(ctx) {
+    await resumeIfSuspended(ctx);
+  },
+};
+
+/** Resume from our managed save, back to the prior state (pending snapshots are deleted first). */
+export const resume: Step = {
+  name: 'resume',
+  run: resumeIfSuspended,
+};
+
+/** `qemu-img snapshot -c` on the offline disk. */
+export const createSnapshot: Step = {
+  name: 'create-snapshot',
+  async run(ctx) {
+    await ctx.hv.offlineSnapshotCreate(ctx.uuid, ctx.snapshotName);
+  },
+  async undo(ctx) {
+    if (await ownSnapshotExists(ctx)) await deleteOwnSnapshotNow(ctx);
+  },
+};
+
+async function exportInto(ctx: SnapshotContext, snapshotName: string | undefined): Promise<void> {
+  await ctx.store.markSaving(ctx.imageId);
+  await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: ctx.store.partialPath(ctx.imageId), onProgress: ctx.onProgress });
+}
+
+async function removePartial(ctx: SnapshotContext): Promise<void> {
+  await fs.rm(ctx.store.partialPath(ctx.imageId), { force: true });
+}
+
+/** Raw export of the active layer of the offline disk (cold). */
+export const exportDisk: Step = {
+  name: 'export-disk',
+  run: (ctx) => exportInto(ctx, undefined),
+  undo: removePartial,
+};
+
+/** Raw export of our internal snapshot (read with -U while the guest runs). */
+export const exportSnapshot: Step = {
+  name: 'export-snapshot',
+  run: (ctx) => exportInto(ctx, ctx.snapshotName),
+  undo: removePartial,
+};
+
+/** Delete our snapshot: through the running QEMU's monitor, or with qemu-img when it is offline. */
+export const deleteSnapshot: Step = {
+  name: 'delete-snapshot',
+  run: deleteOwnSnapshotNow,
+};
+
+/** Delete the earlier pending snapshots of this disk (the guest's process is gone). */
+export const deletePending: Step = {
+  name: 'delete-pending',
+  async run(ctx) {
+    if (await holdsDisk(ctx)) return; // cannot happen after suspend; the next restart will do it
+    await ctx.pending.deleteAll(ctx.hv, ctx.uuid, ctx.log);
+  },
+};
+
+/** Keep our snapshot until the next process restart; a guest with no process gets it deleted at once. */
+export const keepAsPending: Step = {
+  name: 'keep-as-pending',
+  async run(ctx) {
+    if (await holdsDisk(ctx)) await ctx.pending.add(ctx.uuid, ctx.snapshotName);
+    else await ctx.hv.offlineSnapshotDelete(ctx.uuid, ctx.snapshotName);
+  },
+};
