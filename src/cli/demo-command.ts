@@ -6,7 +6,8 @@ import type { Command } from 'commander';
 import { loadConfig } from '../config/load.js';
 import { STRATEGIES } from '../config/schema.js';
 import { buildRuntime } from '../compute/runtime.js';
-import { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
+import { DISK_QOM_PATH } from '../hypervisor/qemu/launch.js';
+import type { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
 import { createLogger } from '../log.js';
 import { printTable } from './output.js';
 
@@ -38,7 +39,7 @@ export function registerDemoCommand(program: Command): void {
         await hv.createInstance({ uuid, name: 'demo', memoryMb: 128, vcpus: 1, machine: 'pc', diskSizeBytes: 1024 * MiB });
         await rt.lifecycle.start(uuid);
         for (const [i, offsetMiB] of [0, 100, 500].entries()) {
-          await hv.hmp(uuid, `qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x${(0x41 + i).toString(16)} ${offsetMiB}M 8M"`);
+          await hv.hmp(uuid, `qemu-io -d ${DISK_QOM_PATH} "write -P 0x${(0x41 + i).toString(16)} ${offsetMiB}M 8M"`);
         }
         const rows: unknown[][] = [];
         for (const strategy of STRATEGIES) {

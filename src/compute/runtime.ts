@@ -6,6 +6,7 @@ import type { Hypervisor, InstanceFactory } from '../hypervisor/types.js';
 import type { Logger } from '../log.js';
 import { QemuImg } from '../qemu-img/qemu-img.js';
 import { SnapshotEngine } from '../snapshot/engine.js';
+import type { BeforeStep } from '../snapshot/run-steps.js';
 import { PendingSnapshots } from '../snapshot/pending.js';
 import { Lifecycle } from './lifecycle.js';
 
@@ -21,7 +22,7 @@ export interface Runtime {
   engine: SnapshotEngine;
 }
 
-export function buildRuntime(config: Config, log: Logger): Runtime {
+export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: BeforeStep } = {}): Runtime {
   const qemuImg = new QemuImg(config.hypervisor.qemu_img);
   const hv = new QemuHypervisor({
     instancesPath: config.DEFAULT.instances_path,
@@ -46,6 +47,7 @@ export function buildRuntime(config: Config, log: Logger): Runtime {
     log,
     namePrefix: config.snapshot.name_prefix,
     defaultStrategy: config.snapshot.strategy,
+    beforeStep: opts.beforeStep,
   });
   return { config, log, hv, qemuImg, store, pending, lifecycle, engine };
 }

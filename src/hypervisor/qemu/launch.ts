@@ -48,7 +48,12 @@ export const INCOMING_ARGS: readonly string[] = ['-S', '-incoming', 'defer'];
  * process is up, its pidfile and QMP socket exist. The launch's stdout and stderr go to
  * `logFile`; on failure its content is part of the QemuProcessError.
  */
-export async function launchDaemonized(binary: string, argv: readonly string[], logFile: string): Promise<void> {
+export async function launchDaemonized(
+  binary: string,
+  argv: readonly string[],
+  logFile: string,
+  label = 'QEMU',
+): Promise<void> {
   const log = await fs.open(logFile, 'w', 0o640);
   let code: number | null;
   let signal: NodeJS.Signals | null;
@@ -64,6 +69,6 @@ export async function launchDaemonized(binary: string, argv: readonly string[], 
   if (code !== 0) {
     const stderr = (await fs.readFile(logFile, 'utf8').catch(() => '')).trim();
     const how = code !== null ? `exit code ${code}` : `signal ${signal}`;
-    throw new QemuProcessError(`QEMU failed to start (${how}): ${stderr || '(no output)'}`);
+    throw new QemuProcessError(`${label} failed to start (${how}): ${stderr || '(no output)'}`);
   }
 }

@@ -1,4 +1,4 @@
-import { createReadStream } from 'node:fs';
+import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import { pipeline } from 'node:stream/promises';
@@ -60,9 +60,10 @@ export class MigrationReceiver {
 }
 
 async function receiveInto(socket: net.Socket, destFile: string): Promise<number> {
-  const fh = await fs.open(destFile, 'w', 0o600);
+  await pipeline(socket, createWriteStream(destFile, { mode: 0o600 }));
+  // fsync works on the inode: a second descriptor flushes what the stream wrote.
+  const fh = await fs.open(destFile, 'r');
   try {
-    await pipeline(socket, fh.createWriteStream({ autoClose: false }));
     await fh.sync();
     return (await fh.stat()).size;
   } finally {

@@ -243,23 +243,22 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     layout.assertSocketPathsFit();
 
     const bytes = await this.withQmp(layout, async (qmp) => {
-      if (priorState === 'running') await qmp.execute('stop');
+      // Everything that can be prepared is, before the guest stops: downtime starts at `stop`.
+      await removeFiles([layout.saveSocket, layout.saveStatePartial]);
+      await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNLIMITED_BANDWIDTH });
+      const receiver = await MigrationReceiver.listen(layout.saveSocket, layout.saveStatePartial);
       let bytes: number;
       try {
-        await removeFiles([layout.saveSocket, layout.saveStatePartial]);
-        await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNLIMITED_BANDWIDTH });
-        const receiver = await MigrationReceiver.listen(layout.saveSocket, layout.saveStatePartial);
-        try {
-          await qmp.execute('migrate', { uri: `unix:${layout.saveSocket}` });
-          [, bytes] = await Promise.all([this.waitForMigration(qmp, 'save'), receiver.done]);
-        } finally {
-          await receiver.close();
-        }
+        if (priorState === 'running') await qmp.execute('stop');
+        await qmp.execute('migrate', { uri: `unix:${layout.saveSocket}` });
+        [, bytes] = await Promise.all([this.waitForMigration(qmp, 'save'), receiver.done]);
+        await receiver.close();
         // managed-save.json first: a state file never exists without it.
         await writeJsonAtomic(layout.saveMeta, { prior_state: priorState, bytes });
         await fs.rename(layout.saveStatePartial, layout.saveState);
         await fsyncDir(layout.dir);
       } catch (err) {
+        await receiver.close().catch(() => undefined);
         await this.undoSave(qmp, layout, priorState, log);
         throw err;
       }
@@ -295,28 +294,39 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     });
     await hooks.beforeLaunch?.(layout.uuid);
     const pid = await this.launch(layout, p.record, INCOMING_ARGS);
+    let loaded = false;
+    let state: PowerState;
     try {
-      await this.withQmp(layout, async (qmp) => {
+      state = await this.withQmp(layout, async (qmp) => {
         await qmp.execute('migrate-incoming', { uri: `unix:${layout.restoreSocket}` });
         await sendMigrationStream(layout.restoreSocket, layout.saveState);
         await this.waitForMigration(qmp, 'restore');
+        loaded = true;
+        // The new process holds the state now. Remove the file before the guest runs again: a
+        // state file older than the disk must never be resumed later.
+        await removeFiles([layout.saveState, layout.saveMeta, layout.restoreSocket]);
+        await fsyncDir(layout.dir);
+        if (saved.prior_state === 'running') await qmp.execute('cont');
+        return this.queryPowerState(qmp);
       });
     } catch (err) {
-      log.error({ err: errorMessage(err) }, 'resume failed: ending the new process, keeping the saved state');
+      // Once loaded, the new process is the guest: it must not be killed.
+      if (loaded) throw err;
+      const died = (await findGuestProcess(layout.pidFile, layout.uuid)) === undefined;
+      log.error({ err: errorMessage(err), qemu_exited: died }, 'resume failed: ending the new process, keeping the saved state');
       await this.endProcess(layout, pid, 'kill').catch((e: unknown) =>
         log.error({ err: errorMessage(e) }, 'cannot end the failed QEMU process'),
       );
       await removeFiles([layout.restoreSocket]);
+      if (died) {
+        throw new QemuProcessError(
+          `cannot resume instance ${layout.uuid}: its QEMU exited while loading the saved state ` +
+            `(${errorMessage(err)}); the saved state is kept`,
+          { cause: err },
+        );
+      }
       throw err;
     }
-    // The new process holds the state now. Remove the file before the guest runs again: a state
-    // file older than the disk must never be resumed later.
-    await removeFiles([layout.saveState, layout.saveMeta]);
-    await fsyncDir(layout.dir);
-    const state = await this.withQmp(layout, async (qmp) => {
-      if (saved.prior_state === 'running') await qmp.execute('cont');
-      return this.queryPowerState(qmp);
-    });
     log.info({ state }, 'instance resumed from managed save');
     return state;
   }
@@ -460,7 +470,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     await removeFiles(layout.staleRuntimeFiles);
     const argv = [...qemuArgv(record, layout, this.opts.accel), ...extraArgs];
     this.log.debug({ instance_uuid: layout.uuid, argv }, 'launching QEMU');
-    await launchDaemonized(this.opts.qemuBinary, argv, layout.qemuLog);
+    await launchDaemonized(this.opts.qemuBinary, argv, layout.qemuLog, `QEMU of instance ${layout.uuid}`);
     const pid = await findGuestProcess(layout.pidFile, layout.uuid);
     if (pid === undefined) {
       const out = (await fs.readFile(layout.qemuLog, 'utf8').catch(() => '')).trim();
