@@ -1,7 +1,7 @@
 import path from 'node:path';
 import type { Config } from '../config/schema.js';
 import { ImageStore } from '../image-store/image-store.js';
-import { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
+import { fromConfig } from '../hypervisor/qemu/qemu-hypervisor.js';
 import type { Hypervisor, InstanceFactory } from '../hypervisor/types.js';
 import type { Logger } from '../log.js';
 import { QemuImg } from '../qemu-img/qemu-img.js';
@@ -24,15 +24,7 @@ export interface Runtime {
 
 export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: BeforeStep } = {}): Runtime {
   const qemuImg = new QemuImg(config.hypervisor.qemu_img);
-  const hv = new QemuHypervisor({
-    instancesPath: config.DEFAULT.instances_path,
-    qemuBinary: config.hypervisor.qemu_binary,
-    qemuImg,
-    accel: config.hypervisor.accel,
-    shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,
-    qmpTimeoutMs: config.hypervisor.qmp_timeout * 1000,
-    log,
-  });
+  const hv = fromConfig(config, log);
   const store = new ImageStore({
     path: config.image_store.path,
     reservedSpaceMb: config.image_store.reserved_space_mb,

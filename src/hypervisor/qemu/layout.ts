@@ -1,6 +1,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { ConfigError } from '../../errors.js';
+import { writeFileAtomic } from '../../util/durable-fs.js';
 
 /**
  * Where one instance's files live under `[DEFAULT] instances_path` (SPEC §4):
@@ -109,27 +110,9 @@ export async function readManagedSaveRecord(file: string): Promise<ManagedSaveRe
   return { prior_state: j.prior_state, bytes: j.bytes };
 }
 
-/** Writes JSON so that readers see the old file or the complete new one: tmp, fsync, rename, fsync dir. */
+/** Writes JSON so that readers see the old file or the complete new one. */
 export async function writeJsonAtomic(file: string, value: unknown): Promise<void> {
-  const tmp = `${file}.tmp`;
-  const fh = await fs.open(tmp, 'w', 0o640);
-  try {
-    await fh.writeFile(JSON.stringify(value, null, 2) + '\n');
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await fs.rename(tmp, file);
-  await fsyncDir(path.dirname(file));
-}
-
-export async function fsyncDir(dir: string): Promise<void> {
-  const fh = await fs.open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
+  await writeFileAtomic(file, JSON.stringify(value, null, 2) + '\n', { mode: 0o640 });
 }
 
 export async function pathExists(p: string): Promise<boolean> {

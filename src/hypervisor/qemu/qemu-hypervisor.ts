@@ -29,12 +29,12 @@ import type {
 import {
   InstanceLayout,
   type InstanceRecord,
-  fsyncDir,
   pathExists,
   readInstanceRecord,
   readManagedSaveRecord,
   writeJsonAtomic,
 } from './layout.js';
+import { fsyncDir } from '../../util/durable-fs.js';
 import { DISK_NODE, INCOMING_ARGS, launchDaemonized, qemuArgv } from './launch.js';
 import { MigrationReceiver, sendMigrationStream } from './migration-stream.js';
 import { findGuestProcess, killGuest, waitForGuestExit } from './qemu-process.js';
@@ -135,7 +135,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
       await fs.rm(layout.dir, { recursive: true, force: true });
       throw err;
     }
-    this.log.info({ instance_uuid: layout.uuid, name: spec.name }, 'instance created');
+    this.log.info({ instance_uuid: layout.uuid, instance_name: spec.name }, 'instance created');
     return { uuid: layout.uuid, name: spec.name, state: 'shutoff' };
   }
 
