@@ -134,3 +134,17 @@ export function errorName(err: unknown): string {
 export function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
+
+/** An RPC or CLI argument of the wrong type or form; the message names the argument. */
+export class InvalidArgument extends SnapshotDriverError {
+  override readonly exitCode = 2;
+}
+
+/** oslo.messaging: the requested method is not served. */
+export class NoSuchMethod extends SnapshotDriverError {}
+
+/** oslo.messaging: the requested RPC version is not compatible with the served one. */
+export class UnsupportedVersion extends SnapshotDriverError {}
+
+/** A message that is not a valid oslo.messaging request (not JSON, bad envelope, no method…). */
+export class MalformedMessage extends SnapshotDriverError {}
