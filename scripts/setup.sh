@@ -9,13 +9,29 @@ if [ "$(id -u)" -ne 0 ]; then
   SUDO=(sudo)
 fi
 
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
 missing=()
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+# RabbitMQ for the messaging tests (started by scripts/rabbitmq.sh, not by systemd), and the Python
+# oslo.messaging that the wire-compatibility tests talk to.
+command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+installed python3-oslo.messaging || missing+=(python3-oslo.messaging)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
+  # Keep the packages' maintainer scripts from starting services (no init system here):
+  # scripts/rabbitmq.sh starts RabbitMQ when the tests need it.
+  policy=/usr/sbin/policy-rc.d
+  added_policy=false
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+    "${SUDO[@]}" chmod 755 "$policy"
+    added_policy=true
+  fi
   "${SUDO[@]}" apt-get update -q
   DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+  if [ "$added_policy" = true ]; then "${SUDO[@]}" rm -f "$policy"; fi
 fi
 
 command -v node >/dev/null || { echo "setup: Node.js 20 is required (node not found)" >&2; exit 1; }

@@ -148,3 +148,19 @@ export class UnsupportedVersion extends SnapshotDriverError {}
 
 /** A message that is not a valid oslo.messaging request (not JSON, bad envelope, no method…). */
 export class MalformedMessage extends SnapshotDriverError {}
+
+/**
+ * The message broker refused an operation (an AMQP channel error such as 404 NOT_FOUND for a
+ * missing exchange or queue, 406 PRECONDITION_FAILED for a redeclaration with other flags), or the
+ * message bus is closed. `code` is the AMQP reply code when the broker gave one; the message is the
+ * broker's reply text (e.g. "NOT_FOUND - no exchange 'x' in vhost '/'").
+ */
+export class BrokerError extends SnapshotDriverError {
+  constructor(
+    message: string,
+    readonly code?: number,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}

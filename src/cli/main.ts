@@ -8,6 +8,7 @@ import { registerCleanupCommand } from './cleanup-command.js';
 import { registerDemoCommand } from './demo-command.js';
 import { registerImagesCommands } from './images-command.js';
 import { registerInstancesCommands } from './instances-command.js';
+import { registerServeCommand } from './serve-command.js';
 import { registerSnapshotCommand } from './snapshot-command.js';
 
 /** Builds the runtime from the global options, once per command. */
@@ -31,6 +32,7 @@ export function buildProgram(): Command {
     return buildRuntime(config, log);
   };
 
+  registerServeCommand(program, runtime);
   registerSnapshotCommand(program, runtime);
   registerInstancesCommands(program, runtime);
   registerImagesCommands(program, runtime);

@@ -1,5 +1,8 @@
 import os from 'node:os';
 import { z } from 'zod';
+// Cycle-safe: transport-url.ts reads the schema only inside functions, and the schema calls it only
+// while validating, so neither module touches the other while it loads.
+import { transportUrlProblem } from '../messaging/transport-url.js';
 
 /**
  * The config schema (SPEC §7). Every option here is documented, with its default, in
@@ -43,6 +46,36 @@ const num = (min: number) =>
 const str = z.string();
 const nonEmpty = z.string().trim().min(1, 'a non-empty string');
 
+/** A transport URL (SPEC §5); the message names the problem, never the password. */
+const transportUrl = z.string().superRefine((value, ctx) => {
+  const problem = transportUrlProblem(value);
+  if (problem !== undefined) {
+    ctx.addIssue({
+      code: 'custom',
+      message: `a transport URL such as rabbit://user:pass@host:5672/vhost or memory:// (${problem})`,
+    });
+  }
+});
+
+/** [oslo_messaging_rabbit]: the names and meanings of oslo.messaging's rabbit driver options. */
+export const rabbitOptionsSchema = z
+  .object({
+    amqp_durable_queues: bool.default(false),
+    amqp_auto_delete: bool.default(false),
+    rabbit_quorum_queue: bool.default(false),
+    rabbit_qos_prefetch_count: int(0, 65535).default(0),
+    ssl: bool.default(false),
+    ssl_ca_file: str.default(''),
+    ssl_cert_file: str.default(''),
+    ssl_key_file: str.default(''),
+    heartbeat_timeout_threshold: int(0, 65535).default(60),
+    rabbit_retry_interval: num(0).default(1),
+    rabbit_retry_backoff: num(0).default(2),
+    rabbit_interval_max: num(0).default(30),
+  })
+  .strict();
+export type RabbitOptions = z.infer<typeof rabbitOptionsSchema>;
+
 export const schema = z
   .object({
     DEFAULT: z
@@ -52,6 +85,11 @@ export const schema = z
         state_path: nonEmpty.default('/var/lib/snapshot-driver'),
         max_concurrent_snapshots: int(1, 1000).default(5),
         debug: bool.default(false),
+        transport_url: transportUrl.default('memory://'),
+        control_exchange: z
+          .string()
+          .regex(/^[A-Za-z0-9._:-]{1,255}$/, '1 to 255 of A-Z a-z 0-9 . _ - :')
+          .default('nova'),
       })
       .strict()
       .prefault({}),
@@ -87,6 +125,19 @@ export const schema = z
       })
       .strict()
       .prefault({}),
+    oslo_messaging_rabbit: rabbitOptionsSchema.prefault({}),
+    oslo_messaging_notifications: z
+      .object({
+        driver: z.enum(['messagingv2', 'messaging', 'noop']).default('messagingv2'),
+      })
+      .strict()
+      .prefault({}),
+    notifications: z
+      .object({
+        notification_format: z.enum(['versioned', 'unversioned', 'both']).default('both'),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict();
 
@@ -98,6 +149,9 @@ export const PATH_OPTIONS: ReadonlyArray<readonly [section: string, option: stri
   ['DEFAULT', 'instances_path'],
   ['DEFAULT', 'state_path'],
   ['image_store', 'path'],
+  ['oslo_messaging_rabbit', 'ssl_ca_file'],
+  ['oslo_messaging_rabbit', 'ssl_cert_file'],
+  ['oslo_messaging_rabbit', 'ssl_key_file'],
 ];
 
 /** The config with every default: what the agent uses with no config file. */

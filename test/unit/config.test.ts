@@ -264,7 +264,7 @@ describe('loadConfig', () => {
 
   it('never echoes the value of a password or transport_url option', async () => {
     const err = await configError(() =>
-      loadConfigFromText('[DEFAULT]\ntransport_url = rabbit://u:s3cr;et@h/\n[x]\nrabbit_password = s3cr;et\n', 'x.conf'),
+      loadConfigFromText('[DEFAULT]\ntransport_url = rabbit://u:s3cr;et@h:x/\n[x]\nrabbit_password = s3cr;et\n', 'x.conf'),
     );
     expect(err.message).toContain('[DEFAULT] transport_url in x.conf:2');
     expect(err.message).not.toContain('s3cr');

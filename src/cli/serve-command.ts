@@ -1,0 +1,21 @@
+import type { Command } from 'commander';
+import { startAgent } from '../compute/agent.js';
+import type { RuntimeFactory } from './main.js';
+
+/** `serve`: the RPC server, until SIGTERM or SIGINT (then it finishes running operations and exits). */
+export function registerServeCommand(program: Command, runtime: RuntimeFactory): void {
+  program
+    .command('serve')
+    .description('run the agent: serve snapshot and lifecycle RPCs from the message queue')
+    .action(async () => {
+      const rt = await runtime();
+      const agent = await startAgent(rt);
+      const signal = await new Promise<NodeJS.Signals>((resolve) => {
+        process.once('SIGTERM', () => resolve('SIGTERM'));
+        process.once('SIGINT', () => resolve('SIGINT'));
+      });
+      rt.log.info({ signal }, 'stopping: waiting for running operations');
+      await agent.stop();
+      rt.log.info('stopped');
+    });
+}

@@ -1,0 +1,191 @@
+import { errorMessage } from '../errors.js';
+import type { Hypervisor } from '../hypervisor/types.js';
+import type { ImageStore } from '../image-store/image-store.js';
+import { operationLogger, type Logger } from '../log.js';
+import type { RpcContext, RpcTarget } from '../messaging/rpc-types.js';
+import type { SnapshotEngine, SnapshotRequest, SnapshotResult } from '../snapshot/engine.js';
+import { rotateBackups } from './backup-rotation.js';
+import { FifoSemaphore } from './fifo-semaphore.js';
+import { KeyedQueue } from './keyed-queue.js';
+import type { Lifecycle } from './lifecycle.js';
+import { parseCall, SERVED_METHODS, type InstanceRef, type ParsedCall } from './rpc-args.js';
+
+/** What the notifier is told about one snapshot or backup. */
+export interface SnapshotInfo {
+  instanceUuid: string;
+  imageId: string;
+  imageType: 'snapshot' | 'backup';
+  backupType?: string;
+  /** The configured default strategy when the manager was given it; at the end, the one the result names. */
+  strategy?: string;
+  requestId: string;
+  userId?: string;
+  projectId?: string;
+  /** The `instance` argument as received: a nova Instance primitive, or a plain `{"uuid": …}`. */
+  instance: Record<string, unknown>;
+}
+
+/**
+ * Told around every snapshot and backup (the RPC layer turns these into instance.snapshot.start|end|error
+ * notifications). A notifier that throws or rejects is logged and otherwise ignored.
+ */
+export interface SnapshotNotifier {
+  snapshotStart(info: SnapshotInfo): void | Promise<void>;
+  snapshotEnd(info: SnapshotInfo, result: SnapshotResult): void | Promise<void>;
+  snapshotError(info: SnapshotInfo, err: unknown): void | Promise<void>;
+}
+
+export interface ComputeManagerDeps {
+  engine: Pick<SnapshotEngine, 'take'>;
+  lifecycle: Lifecycle;
+  store: ImageStore;
+  hv: Hypervisor;
+  log: Logger;
+  /** `[DEFAULT] max_concurrent_snapshots`: snapshots and backups running at once, across instances. */
+  maxConcurrentSnapshots: number;
+  notifier?: SnapshotNotifier;
+  /** `[snapshot] strategy`, only to fill SnapshotInfo.strategy. */
+  defaultStrategy?: string;
+}
+
+/**
+ * The RPC target of the agent (SPEC §5): nova's compute RPC API 6.x, for the methods this agent serves.
+ *
+ * Concurrency: operations on one instance run one at a time, in arrival order (the order of call());
+ * at most maxConcurrentSnapshots snapshots/backups run at once. A snapshot waiting for a slot holds
+ * its instance's place in line but never delays other instances' power operations.
+ */
+export class ComputeManager implements RpcTarget {
+  readonly version = '6.2';
+  readonly namespace: string | undefined = undefined;
+  readonly methods: ReadonlySet<string> = new Set(SERVED_METHODS);
+
+  private readonly perInstance = new KeyedQueue();
+  private readonly snapshotSlots: FifoSemaphore;
+
+  constructor(private readonly deps: ComputeManagerDeps) {
+    this.snapshotSlots = new FifoSemaphore(deps.maxConcurrentSnapshots);
+  }
+
+  /** Throws NoSuchMethod or InvalidArgument (naming the argument); touches nothing. */
+  validate(method: string, args: Record<string, unknown>): void {
+    parseCall(method, args);
+  }
+
+  /** snapshot_instance/backup_instance resolve with the SnapshotResult; the power operations with null. */
+  call(method: string, args: Record<string, unknown>, ctx: RpcContext): Promise<unknown> {
+    // Parsed synchronously, so that the place in the instance's line is taken in call order.
+    let parsed: ParsedCall;
+    try {
+      parsed = parseCall(method, args);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.perInstance.run(parsed.instance.uuid, () => this.run(parsed, ctx));
+  }
+
+  /** Snapshots/backups running now, and waiting for a slot. */
+  snapshotStats(): { running: number; waiting: number; limit: number } {
+    return { running: this.snapshotSlots.active, waiting: this.snapshotSlots.waiting, limit: this.snapshotSlots.limit };
+  }
+
+  private async run(call: ParsedCall, ctx: RpcContext): Promise<unknown> {
+    const log = operationLogger(this.deps.log, ctx.requestId, call.instance.uuid).child({ method: call.method });
+    log.info('operation start');
+    try {
+      const result = await this.dispatch(call, ctx, log);
+      log.info('operation end');
+      return result;
+    } catch (err) {
+      log.error({ err }, `operation failed: ${errorMessage(err)}`);
+      throw err;
+    }
+  }
+
+  private async dispatch(call: ParsedCall, ctx: RpcContext, log: Logger): Promise<unknown> {
+    const { lifecycle } = this.deps;
+    const uuid = call.instance.uuid;
+    switch (call.method) {
+      case 'snapshot_instance':
+        return this.snapshot(call.instance, call.imageId, ctx, log);
+      case 'backup_instance': {
+        const result = await this.snapshot(call.instance, call.imageId, ctx, log, call.backupType);
+        // Best effort, as in nova: the backup is made and active whatever happens to older ones.
+        await rotateBackups(
+          this.deps.store,
+          { instanceUuid: uuid, backupType: call.backupType, rotation: call.rotation, newImageId: call.imageId },
+          log,
+        ).catch((err: unknown) => log.error({ err }, `backup rotation failed: ${errorMessage(err)}`));
+        return result;
+      }
+      case 'reboot_instance':
+        await (call.rebootType === 'HARD' ? lifecycle.hardReboot(uuid) : lifecycle.softReboot(uuid));
+        return null;
+      case 'start_instance':
+        await lifecycle.start(uuid);
+        return null;
+      case 'stop_instance':
+        await lifecycle.stop(uuid, call.cleanShutdown);
+        return null;
+    }
+  }
+
+  private async snapshot(instance: InstanceRef, imageId: string, ctx: RpcContext, log: Logger, backupType?: string): Promise<SnapshotResult> {
+    const imageType = backupType === undefined ? 'snapshot' : 'backup';
+    const info: SnapshotInfo = {
+      instanceUuid: instance.uuid,
+      imageId,
+      imageType,
+      backupType,
+      strategy: this.deps.defaultStrategy,
+      requestId: ctx.requestId,
+      userId: ctx.userId ?? instance.userId,
+      projectId: ctx.projectId ?? instance.projectId,
+      instance: instance.raw,
+    };
+    const release = await this.snapshotSlots.acquire();
+    try {
+      await this.notify(log, 'snapshotStart', (n) => n.snapshotStart(info));
+      let result: SnapshotResult;
+      try {
+        const name = await this.imageName(instance, backupType);
+        const req: SnapshotRequest = {
+          requestId: ctx.requestId,
+          instanceUuid: instance.uuid,
+          imageId,
+          name,
+          imageType,
+          backupType,
+          // As nova: the image belongs to the requester (falling back to the instance's owner).
+          userId: info.userId,
+          owner: info.projectId,
+          baseImageRef: instance.imageRef || undefined,
+        };
+        result = await this.deps.engine.take(req);
+      } catch (err) {
+        await this.notify(log, 'snapshotError', (n) => n.snapshotError(info, err));
+        throw err;
+      }
+      await this.notify(log, 'snapshotEnd', (n) => n.snapshotEnd({ ...info, strategy: result.strategy }, result));
+      return result;
+    } finally {
+      release();
+    }
+  }
+
+  /** "snapshot of <name>" / "<backup_type> backup of <name>", <name> = display_name or the hypervisor's name. */
+  private async imageName(instance: InstanceRef, backupType: string | undefined): Promise<string> {
+    const name = instance.displayName || (await this.deps.hv.info(instance.uuid)).name;
+    return backupType === undefined ? `snapshot of ${name}` : `${backupType} backup of ${name}`;
+  }
+
+  private async notify(log: Logger, what: keyof SnapshotNotifier, send: (n: SnapshotNotifier) => void | Promise<void>): Promise<void> {
+    const { notifier } = this.deps;
+    if (!notifier) return;
+    try {
+      await send(notifier);
+    } catch (err) {
+      log.warn({ err }, `notifier ${what} failed: ${errorMessage(err)}`);
+    }
+  }
+}
