@@ -8,6 +8,7 @@ import { QemuImg } from '../qemu-img/qemu-img.js';
 import { SnapshotEngine } from '../snapshot/engine.js';
 import type { BeforeStep } from '../snapshot/run-steps.js';
 import { PendingSnapshots } from '../snapshot/pending.js';
+import { faultPoint } from '../util/fault.js';
 import { Lifecycle } from './lifecycle.js';
 
 /** The agent's parts, wired from a config: what the CLI and the RPC server act through. */
@@ -39,7 +40,10 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
     log,
     namePrefix: config.snapshot.name_prefix,
     defaultStrategy: config.snapshot.strategy,
-    beforeStep: opts.beforeStep,
+    beforeStep: async (step, index) => {
+      faultPoint(`step:${step.name}`);
+      await opts.beforeStep?.(step, index);
+    },
   });
   return { config, log, hv, qemuImg, store, pending, lifecycle, engine };
 }
