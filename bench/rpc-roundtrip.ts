@@ -202,12 +202,17 @@ async function main(): Promise<void> {
       for (const v of vhosts) await deleteRabbitVhost(v).catch((err: Error) => console.error(`deleting vhost ${v}: ${err.message}`));
       await journalDir?.cleanup();
     })());
+  // Not `once`: tsx relays the terminal's SIGINT a second time, and with no listener left the
+  // process would exit before cleaning up.
+  let signalled = false;
   const onSignal = (sig: NodeJS.Signals) => {
+    if (signalled) return;
+    signalled = true;
     console.error(`${sig}: cleaning up`);
     void cleanup().finally(() => process.exit(130));
   };
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
 
   try {
     const urls = new Map<ServerKind, string>();

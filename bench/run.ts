@@ -11,7 +11,6 @@ import { parseArgs } from 'node:util';
 import { buildRuntime } from '../src/compute/runtime.js';
 import { defaultConfig, STRATEGIES, type StrategyName } from '../src/config/schema.js';
 import { DISK_QOM_PATH } from '../src/hypervisor/qemu/launch.js';
-import type { QemuHypervisor } from '../src/hypervisor/qemu/qemu-hypervisor.js';
 import { silentLogger } from '../src/log.js';
 
 const { values } = parseArgs({
@@ -37,7 +36,7 @@ async function main(): Promise<void> {
   config.image_store.path = path.join(base, 'images');
   config.image_store.reserved_space_mb = 0;
   const rt = buildRuntime(config, silentLogger());
-  const hv = rt.hv as QemuHypervisor;
+  const hv = rt.hv;
   const uuid = randomUUID();
   try {
     await hv.createInstance({ uuid, name: 'bench', memoryMb: ramMb, vcpus: 1, machine: 'pc', diskSizeBytes: diskMb * 2 ** 20 });

@@ -12,7 +12,6 @@ import { unwrap } from '../messaging/envelope.js';
 import { RpcClient } from '../messaging/rpc-client.js';
 import { openBus } from '../messaging/transport/open-bus.js';
 import { DISK_QOM_PATH } from '../hypervisor/qemu/launch.js';
-import type { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
 import { SnapshotFailed } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import { printTable } from './output.js';
@@ -82,7 +81,7 @@ export function registerDemoCommand(program: Command): void {
       const config = demoConfig(await loadConfig(program.opts<{ configFile: string[] }>().configFile), base);
       const log: Logger = createLogger({ level: config.DEFAULT.debug ? 'debug' : 'warn' });
       const rt = buildRuntime(config, log);
-      const hv = rt.hv as QemuHypervisor;
+      const hv = rt.hv;
       const uuid = randomUUID();
       const bus = await openBus(config.DEFAULT.transport_url, config.oslo_messaging_rabbit, log);
       try {

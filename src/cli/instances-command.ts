@@ -1,7 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { InvalidArgumentError, type Command } from 'commander';
 import { InvalidInstanceId, UsageError } from '../errors.js';
-import type { InstanceFactory } from '../hypervisor/types.js';
 import { isUuid } from '../util/uuid.js';
 import type { Runtime } from '../compute/runtime.js';
 import type { RuntimeFactory } from './main.js';
@@ -27,11 +26,6 @@ function checkUuid(uuid: string): string {
   return uuid;
 }
 
-function factory(rt: Runtime): InstanceFactory {
-  const { hv } = rt;
-  if (!hv.createInstance || !hv.deleteInstance) throw new UsageError(`the ${hv.driver} backend does not manage instances`);
-  return hv as InstanceFactory;
-}
 
 export function registerInstancesCommands(program: Command, runtime: RuntimeFactory): void {
   const instances = program.command('instances').description('guests of the qemu backend');
@@ -77,7 +71,7 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
         }
         const uuid = checkUuid(opts.uuid ?? randomUUID());
         const rt = await runtime();
-        let info = await factory(rt).createInstance({
+        let info = await rt.hv.createInstance({
           uuid,
           name: opts.name,
           memoryMb: opts.memoryMb,
@@ -125,6 +119,6 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
     .action(async (uuid: string) => {
       checkUuid(uuid);
       const rt = await runtime();
-      await factory(rt).deleteInstance(uuid);
+      await rt.hv.deleteInstance(uuid);
     });
 }

@@ -1,5 +1,5 @@
 import type { Logger } from '../log.js';
-import { processHoldsDisk, type Hypervisor, type LaunchHooks, type PowerState, type SaveResult } from '../hypervisor/types.js';
+import { processHoldsDisk, type Hypervisor, type LaunchHooks, type PowerState, type ResumeResult, type SaveResult } from '../hypervisor/types.js';
 import type { PendingSnapshots } from '../snapshot/pending.js';
 import { InstanceInvalidState } from '../errors.js';
 
@@ -48,7 +48,7 @@ export class Lifecycle {
     return this.hv.managedSave(uuid);
   }
 
-  resume(uuid: string): Promise<PowerState> {
+  resume(uuid: string): Promise<ResumeResult> {
     return this.hv.resume(uuid, this.hooks);
   }
 

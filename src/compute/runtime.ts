@@ -1,8 +1,7 @@
 import path from 'node:path';
 import type { Config } from '../config/schema.js';
 import { ImageStore } from '../image-store/image-store.js';
-import { fromConfig } from '../hypervisor/qemu/qemu-hypervisor.js';
-import type { Hypervisor, InstanceFactory } from '../hypervisor/types.js';
+import { fromConfig, type QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
 import type { Logger } from '../log.js';
 import { QemuImg } from '../qemu-img/qemu-img.js';
 import { SnapshotEngine } from '../snapshot/engine.js';
@@ -15,7 +14,7 @@ import { Lifecycle } from './lifecycle.js';
 export interface Runtime {
   config: Config;
   log: Logger;
-  hv: Hypervisor & Partial<InstanceFactory>;
+  hv: QemuHypervisor;
   qemuImg: QemuImg;
   store: ImageStore;
   pending: PendingSnapshots;

@@ -52,6 +52,18 @@ export interface SaveResult {
   priorState: 'running' | 'paused';
   /** Size of the saved state in bytes. */
   bytes: number;
+  /**
+   * When the vCPUs stopped (epoch ms, from the QMP STOP event's timestamp), if this save stopped
+   * them (a paused guest's were stopped already). Guest downtime is measured from here.
+   */
+  vcpusStoppedAt?: number;
+}
+
+export interface ResumeResult {
+  /** The power state restored (the prior one). */
+  state: PowerState;
+  /** When the vCPUs ran again (epoch ms, from the QMP RESUME event), if they did. */
+  vcpusResumedAt?: number;
 }
 
 export interface LaunchHooks {
@@ -92,7 +104,7 @@ export interface Hypervisor {
   /** running | paused → saved: RAM and device state to a state file, then the process exits. */
   managedSave(uuid: string): Promise<SaveResult>;
   /** saved → the prior state (running or paused), in a new process. beforeLaunch runs first. */
-  resume(uuid: string, hooks?: LaunchHooks): Promise<PowerState>;
+  resume(uuid: string, hooks?: LaunchHooks): Promise<ResumeResult>;
 
   /** Read-only listing of the disk's internal snapshots; allowed in any state. */
   listInternalSnapshots(uuid: string): Promise<InternalSnapshot[]>;

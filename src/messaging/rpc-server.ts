@@ -12,7 +12,7 @@
  * and answered with a failure when it was a call whose reply address could be read.
  */
 import type { Logger } from '../log.js';
-import { faultPoint } from '../util/fault.js';
+import { faultPointAfterOutput } from '../util/fault.js';
 import { errorMessage, errorName, SnapshotDriverError } from '../errors.js';
 import type { Bus, Delivery } from './bus.js';
 import { checkRequest } from './dispatcher.js';
@@ -193,7 +193,7 @@ export class RpcServer {
     }
     bus.ack(delivery);
     log.info({ journal_id: entry.id, call: request.msgId !== undefined }, 'RPC request accepted');
-    faultPoint('rpc-accepted');
+    await faultPointAfterOutput('rpc-accepted');
     this.launch(entry, false);
   }
 

@@ -13,3 +13,15 @@ export function faultPoint(point: string): void {
   if (spec === `kill:${point}`) process.kill(process.pid, 'SIGKILL');
   if (spec === `fail:${point}`) throw new InjectedFault(`injected failure at ${point} (${FAULT_ENV})`);
 }
+
+/**
+ * faultPoint for a point reached right after output that is still buffered in this process (the
+ * AMQP ack at `rpc-accepted`: amqplib queues frames and writes them to the socket on a later turn
+ * of the event loop). A kill there first gives the event loop a moment to write that output out,
+ * so that the crash comes after it, as the point's name says; without it the ack dies with the
+ * process and the broker redelivers the message.
+ */
+export async function faultPointAfterOutput(point: string): Promise<void> {
+  if (process.env[FAULT_ENV] === `kill:${point}`) await new Promise((resolve) => setTimeout(resolve, 100));
+  faultPoint(point);
+}

@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs/promises';
 import path from 'node:path';
 
 /**
@@ -65,12 +66,17 @@ export class AgentProcess {
    * exits first or after `timeoutMs`, quoting the last lines of its log.
    */
   waitForLog(msg: string | RegExp, fields: Record<string, unknown> = {}, opts: { count?: number; timeoutMs?: number } = {}): Promise<LogLine> {
+    return this.waitForLine((l) => matches(l, msg, fields), `log line ${String(msg)} ${JSON.stringify(fields)}`, opts);
+  }
+
+  /** As waitForLog, for any test of a line. */
+  waitForLine(test: (line: LogLine) => boolean, what: string, opts: { count?: number; timeoutMs?: number } = {}): Promise<LogLine> {
     const count = opts.count ?? 1;
     const timeoutMs = opts.timeoutMs ?? 60_000;
-    const what = `log line ${String(msg)} ${JSON.stringify(fields)} (#${count})`;
+    const label = `${what} (#${count})`;
     return new Promise<LogLine>((resolve, reject) => {
       const check = (): boolean => {
-        const found = this.find(msg, fields);
+        const found = this.lines.filter(test);
         if (found.length >= count) {
           done();
           resolve(found[count - 1]!);
@@ -78,14 +84,14 @@ export class AgentProcess {
         }
         if (this.exit) {
           done();
-          reject(new Error(`agent exited (${JSON.stringify(this.exit)}) before ${what}\n${this.tail()}`));
+          reject(new Error(`agent exited (${JSON.stringify(this.exit)}) before ${label}\n${this.tail()}`));
           return true;
         }
         return false;
       };
       const timer = setTimeout(() => {
         done();
-        reject(new Error(`no ${what} within ${timeoutMs} ms\n${this.tail()}`));
+        reject(new Error(`no ${label} within ${timeoutMs} ms\n${this.tail()}`));
       }, timeoutMs);
       const done = () => {
         clearTimeout(timer);
@@ -171,4 +177,73 @@ export async function startAgentProcess(configFile: string, opts: StartAgentOpti
     throw err;
   }
   return agent;
+}
+
+export interface AgentConfigOptions {
+  /** `[DEFAULT] host`: unique per test file, so that its `compute.<host>` queue is its own. */
+  host: string;
+  transportUrl: string;
+  /** Default suspend-create-resume-extract. */
+  strategy?: string;
+}
+
+/**
+ * Writes `<dir>/agent.conf` for a test agent: instances in `<dir>/instances`, state in `<dir>/state`,
+ * images in `<dir>/images` (relative paths, resolved against the file's folder), TCG, a 1 s
+ * shutdown timeout, no reserved space, and quick broker reconnects. Resolves with its path.
+ */
+export async function writeAgentConfig(dir: string, o: AgentConfigOptions): Promise<string> {
+  const file = path.join(dir, 'agent.conf');
+  await fs.writeFile(
+    file,
+    [
+      '[DEFAULT]',
+      `host = ${o.host}`,
+      `transport_url = ${o.transportUrl}`,
+      'instances_path = instances',
+      'state_path = state',
+      '[snapshot]',
+      `strategy = ${o.strategy ?? 'suspend-create-resume-extract'}`,
+      '[hypervisor]',
+      'accel = tcg',
+      'shutdown_timeout = 1',
+      '[image_store]',
+      'path = images',
+      'reserved_space_mb = 0',
+      '[oslo_messaging_rabbit]',
+      'rabbit_retry_interval = 0.2',
+      'rabbit_retry_backoff = 0.2',
+      'rabbit_interval_max = 1',
+      '',
+    ].join('\n'),
+  );
+  return file;
+}
+
+/**
+ * Polls `<imagesDir>/<id>.json` until the image's status is one of `statuses` (an image that ends
+ * `killed` instead fails at once); resolves with the metadata.
+ */
+export async function waitForImageStatus(
+  imagesDir: string,
+  id: string,
+  statuses: readonly string[] = ['active'],
+  timeoutMs = 60_000,
+): Promise<Record<string, unknown>> {
+  const deadline = Date.now() + timeoutMs;
+  let last: Record<string, unknown> | undefined;
+  for (;;) {
+    const text = await fs.readFile(path.join(imagesDir, `${id}.json`), 'utf8').catch(() => undefined);
+    if (text !== undefined) {
+      try {
+        last = JSON.parse(text) as Record<string, unknown>;
+      } catch {
+        // Caught mid-write by a non-atomic writer: read it again.
+      }
+      if (last && statuses.includes(String(last.status))) return last;
+      if (last?.status === 'killed') throw new Error(`image ${id} was killed: ${JSON.stringify(last)}`);
+    }
+    if (Date.now() > deadline) throw new Error(`image ${id} did not become ${statuses.join('|')} within ${timeoutMs} ms (last: ${JSON.stringify(last)})`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
 }

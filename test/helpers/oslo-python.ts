@@ -103,7 +103,8 @@ export interface OsloListener {
 
 /**
  * Starts test/interop/oslo_listener.py and resolves once it listens (its queues are declared), so
- * that nothing sent afterwards is missed.
+ * that nothing sent afterwards is missed. `eventTypes`: "event.type" or "event.type=COUNT"; `done`
+ * resolves once each has arrived (COUNT times).
  */
 export function startOsloListener(url: string, timeoutS: number, eventTypes: string[]): Promise<OsloListener> {
   const child: ChildProcess = spawn(OSLO_PYTHON, [path.join(INTEROP, 'oslo_listener.py'), url, String(timeoutS), ...eventTypes], {

@@ -109,7 +109,7 @@ describe('qemu backend against real QEMU', () => {
     await expect(hv.start(uuid)).rejects.toBeInstanceOf(InstanceInvalidState);
 
     const seen: string[] = [];
-    const state = await hv.resume(uuid, {
+    const { state } = await hv.resume(uuid, {
       beforeLaunch: async (u) => {
         seen.push(`${u}:${(await hv.info(u)).state}`);
       },
@@ -140,7 +140,7 @@ describe('qemu backend against real QEMU', () => {
     expect(res.priorState).toBe('paused');
     expect((await hv.info(uuid)).state).toBe('saved');
 
-    expect(await hv.resume(uuid)).toBe('paused');
+    expect((await hv.resume(uuid)).state).toBe('paused');
     expect((await hv.info(uuid)).state).toBe('paused');
     await hv.qmp(uuid, 'pmemsave', { val: 0, size: 128 * MiB, filename: after });
     // Compared apart from the legacy hole 0xA0000-0xFFFFF: how QEMU maps the BIOS shadow there
@@ -172,7 +172,7 @@ describe('qemu backend against real QEMU', () => {
     expect(await guestPid(env.instancesPath, uuid)).toBeUndefined();
 
     await fs.copyFile(good, state);
-    expect(await hv.resume(uuid)).toBe('running');
+    expect((await hv.resume(uuid)).state).toBe('running');
     expect(await guestDiskHasPattern(hv, uuid, 0x55, 2 * MiB, 1 * MiB)).toBe(true);
   });
 

@@ -45,7 +45,7 @@ beforeAll(async () => {
     await fs.rm(out);
   };
   rt = buildRuntime(config, silentLogger(), { beforeStep });
-  hv = rt.hv as QemuHypervisor;
+  hv = rt.hv;
 });
 
 afterAll(async () => {

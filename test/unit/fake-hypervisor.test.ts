@@ -117,7 +117,7 @@ describe('state machine', () => {
     await fake.start(A);
     expect(await fake.managedSave(A)).toEqual({ priorState: 'running', bytes: 256 * 1024 * 1024 });
     expect(fake.powerState(A)).toBe('saved');
-    expect(await fake.resume(A)).toBe('running');
+    expect((await fake.resume(A)).state).toBe('running');
     expect(fake.powerState(A)).toBe('running');
     expect(fake.launches(A)).toBe(2);
   });
@@ -126,7 +126,7 @@ describe('state machine', () => {
     await fake.start(A);
     await fake.pause(A);
     expect((await fake.managedSave(A)).priorState).toBe('paused');
-    expect(await fake.resume(A)).toBe('paused');
+    expect((await fake.resume(A)).state).toBe('paused');
     expect(fake.powerState(A)).toBe('paused');
     expect(fake.launches(A)).toBe(2);
   });
@@ -403,7 +403,7 @@ describe('launch hooks', () => {
           await fake.offlineSnapshotDelete(uuid, 'pending');
         },
       }),
-    ).toBe('paused');
+    ).toEqual({ state: 'paused' });
     expect(stateInHook).toBe('saved');
     expect(fake.snapshotNames(A)).toEqual([]);
     expect(fake.violations).toEqual([]);

@@ -21,6 +21,7 @@ import {
   type InternalSnapshot,
   type LaunchHooks,
   type PowerState,
+  type ResumeResult,
   type SaveResult,
 } from '../types.js';
 import { DEFAULT_DISK_BYTES, FakeDisk, fakeDiskSize } from './fake-disk.js';
@@ -182,7 +183,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     });
   }
 
-  resume(uuid: string, hooks?: LaunchHooks): Promise<PowerState> {
+  resume(uuid: string, hooks?: LaunchHooks): Promise<ResumeResult> {
     return this.call('resume', uuid, [uuid, hooks], async () => {
       const inst = this.get(uuid);
       requireState(inst, 'resume', ['saved']);
@@ -190,7 +191,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
       const prior = inst.priorState ?? 'running';
       this.launch(inst, 'resume', ['saved'], prior);
       delete inst.priorState;
-      return prior;
+      return { state: prior };
     });
   }
 

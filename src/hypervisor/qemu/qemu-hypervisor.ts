@@ -24,6 +24,7 @@ import type {
   InternalSnapshot,
   LaunchHooks,
   PowerState,
+  ResumeResult,
   SaveResult,
 } from '../types.js';
 import {
@@ -284,7 +285,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     }
   }
 
-  async resume(uuid: string, hooks: LaunchHooks = {}): Promise<PowerState> {
+  async resume(uuid: string, hooks: LaunchHooks = {}): Promise<ResumeResult> {
     const p = await this.probe(uuid);
     if (p.state !== 'saved') throw invalidState(p, 'resume');
     const { layout } = p;
@@ -328,7 +329,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
       throw err;
     }
     log.info({ state }, 'instance resumed from managed save');
-    return state;
+    return { state };
   }
 
   // ---- internal snapshots and export ----------------------------------------------------------
