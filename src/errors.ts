@@ -164,3 +164,6 @@ export class BrokerError extends SnapshotDriverError {
     super(message, options);
   }
 }
+
+/** No guest agent answered (quiesce = required), or it failed to freeze or thaw. */
+export class GuestAgentError extends SnapshotDriverError {}

@@ -83,6 +83,18 @@ export interface ExportOptions {
   onProgress?: (fraction: number) => void;
 }
 
+/** A point-in-time backup job of a running disk (QMP blockdev-backup sync=full). */
+export interface BackupJob {
+  /** When the job started (epoch ms): the image is the disk as of this moment. */
+  readonly startedAt: number;
+  /** How long the command that started it held the guest's disk I/O (ms): the guest-visible pause. */
+  readonly startPauseMs: number;
+  /** Resolves when everything is copied and the target is released; rejects if the job failed. */
+  wait(onProgress?: (fraction: number) => void): Promise<void>;
+  /** Cancels the job (if still running) and releases the target file. Safe to call twice. */
+  cancel(): Promise<void>;
+}
+
 export interface Hypervisor {
   readonly driver: 'qemu' | 'libvirt' | 'fake';
 
@@ -121,6 +133,20 @@ export interface Hypervisor {
    * of the active layer (only when no process holds the disk; else SafetyViolation).
    */
   exportDisk(uuid: string, opts: ExportOptions): Promise<void>;
+
+  /**
+   * Starts a point-in-time full backup of a running or paused guest's disk into `dest` (a raw file it
+   * creates, sparse where the disk is): no metadata change to the qcow2, no pause of the vCPUs.
+   * Throws InstanceInvalidState if no process holds the disk.
+   */
+  startLiveBackup(uuid: string, dest: string): Promise<BackupJob>;
+
+  /** Whether a guest agent answers (guest-sync) within the timeout. */
+  guestAgentAvailable(uuid: string, timeoutMs: number): Promise<boolean>;
+  /** Guest agent: freeze the guest's filesystems; resolves with how many were frozen. */
+  freezeFilesystems(uuid: string, timeoutMs: number): Promise<number>;
+  /** Guest agent: thaw them; resolves with how many were thawed. Safe when none are frozen. */
+  thawFilesystems(uuid: string, timeoutMs: number): Promise<number>;
 }
 
 /** Backends that own their instances' lifecycle (the qemu backend; the fake for tests). */

@@ -187,7 +187,7 @@ describe('oslo.messaging interop on real RabbitMQ and a real QEMU guest', () => 
     const args = { instance: novaInstance(), image_id: image };
     await client!.cast('snapshot_instance', args, { uniqueId });
     await client!.cast('snapshot_instance', args, { uniqueId });
-    await agent!.waitForLog('duplicate RPC request dropped', { unique_id: uniqueId });
+    await agent!.waitForLog(/^duplicate RPC request dropped/, { unique_id: uniqueId });
     await agent!.waitForLog('RPC request finished', { unique_id: uniqueId });
     // A call on the same instance runs after everything before it: once it returns, nothing is left.
     expect(await client!.call('reboot_instance', { instance: { uuid }, reboot_type: 'SOFT' }, { timeoutS: 60 })).toBeNull();

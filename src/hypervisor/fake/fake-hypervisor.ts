@@ -12,6 +12,7 @@ import {
 import { isUuid } from '../../util/uuid.js';
 import {
   processHoldsDisk,
+  type BackupJob,
   type DiskInfo,
   type ExportOptions,
   type Hypervisor,
@@ -193,6 +194,24 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
       delete inst.priorState;
       return { state: prior };
     });
+  }
+
+  // ---- live backup and guest agent (issue 4: being implemented) ----
+
+  startLiveBackup(_uuid: string, _dest: string): Promise<BackupJob> {
+    return Promise.reject(new Error('live backup is not implemented yet'));
+  }
+
+  guestAgentAvailable(_uuid: string, _timeoutMs: number): Promise<boolean> {
+    return Promise.resolve(false);
+  }
+
+  freezeFilesystems(_uuid: string, _timeoutMs: number): Promise<number> {
+    return Promise.reject(new Error('guest agent is not implemented yet'));
+  }
+
+  thawFilesystems(_uuid: string, _timeoutMs: number): Promise<number> {
+    return Promise.resolve(0);
   }
 
   // ---- Hypervisor: internal snapshots ----

@@ -15,6 +15,7 @@ import type { Logger } from '../../log.js';
 import { QemuImg } from '../../qemu-img/qemu-img.js';
 import { isUuid } from '../../util/uuid.js';
 import type {
+  BackupJob,
   DiskInfo,
   ExportOptions,
   Hypervisor,
@@ -374,6 +375,24 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
       forceShare: p.pid !== undefined,
       onProgress: opts.onProgress,
     });
+  }
+
+  // ---- live backup and guest agent (issue 4: being implemented) ----
+
+  startLiveBackup(_uuid: string, _dest: string): Promise<BackupJob> {
+    return Promise.reject(new Error('live backup is not implemented yet'));
+  }
+
+  guestAgentAvailable(_uuid: string, _timeoutMs: number): Promise<boolean> {
+    return Promise.resolve(false);
+  }
+
+  freezeFilesystems(_uuid: string, _timeoutMs: number): Promise<number> {
+    return Promise.reject(new Error('guest agent is not implemented yet'));
+  }
+
+  thawFilesystems(_uuid: string, _timeoutMs: number): Promise<number> {
+    return Promise.resolve(0);
   }
 
   // ---- monitor access for tests and the CLI ---------------------------------------------------
