@@ -281,6 +281,8 @@ export class RabbitBus extends EventEmitter implements Bus {
       {
         credentials: credentials.plain(host.username, host.password),
         timeout: CONNECT_TIMEOUT_MS,
+        // Without it every small reply waits ~40 ms for a delayed ACK (Nagle): 20 vs 500 calls/s.
+        noDelay: true,
         clientProperties: { connection_name: `snapshot-driver:${process.pid}` },
         ...this.tls,
       },
