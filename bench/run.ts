@@ -1,7 +1,7 @@
 /**
  * Benchmark: guest downtime and total duration of every strategy on one real QEMU guest, each run
  * several times; figures are reported as ratios against `cold` measured in the same run (these
- * machines are noisy). Usage: npm run bench [-- --runs N --ram-mb M --data-mb D]
+ * machines are noisy). Usage: npm run bench:strategies [-- --runs N --ram-mb M --data-mb D --disk-mb S]
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
