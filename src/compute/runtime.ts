@@ -5,6 +5,7 @@ import { fromConfig, type QemuHypervisor } from '../hypervisor/qemu/qemu-hypervi
 import type { Logger } from '../log.js';
 import { QemuImg } from '../qemu-img/qemu-img.js';
 import { SnapshotEngine } from '../snapshot/engine.js';
+import { quiesceOptions } from '../snapshot/guest-freeze.js';
 import type { BeforeStep } from '../snapshot/run-steps.js';
 import { PendingSnapshots } from '../snapshot/pending.js';
 import { faultPoint } from '../util/fault.js';
@@ -39,6 +40,7 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
     log,
     namePrefix: config.snapshot.name_prefix,
     defaultStrategy: config.snapshot.strategy,
+    quiesce: quiesceOptions(config.snapshot),
     beforeStep: async (step, index) => {
       faultPoint(`step:${step.name}`);
       await opts.beforeStep?.(step, index);

@@ -17,8 +17,13 @@ export const STRATEGIES = [
   'suspend-create-resume-extract',
   'double-suspend',
   'deferred-delete',
+  'live',
 ] as const;
 export type StrategyName = (typeof STRATEGIES)[number];
+
+/** Guest-agent filesystem freeze around a live backup's start (SPEC §3). */
+export const QUIESCE_MODES = ['off', 'auto', 'required'] as const;
+export type QuiesceMode = (typeof QUIESCE_MODES)[number];
 
 const bool = z
   .string()
@@ -42,6 +47,14 @@ const num = (min: number) =>
     .regex(/^\d+(\.\d+)?$/, 'a number')
     .transform(Number)
     .pipe(z.number().min(min));
+
+/** A number of seconds greater than 0. */
+const positiveNum = z
+  .string()
+  .trim()
+  .regex(/^\d+(\.\d+)?$/, 'a number')
+  .transform(Number)
+  .pipe(z.number().positive());
 
 const str = z.string();
 const nonEmpty = z.string().trim().min(1, 'a non-empty string');
@@ -100,6 +113,9 @@ export const schema = z
           .string()
           .regex(/^[A-Za-z0-9._-]{1,32}$/, '1 to 32 of A-Z a-z 0-9 . _ -')
           .default('snapdrv-'),
+        quiesce: z.enum(QUIESCE_MODES).default('auto'),
+        max_freeze_seconds: positiveNum.default(10),
+        guest_agent_timeout: positiveNum.default(5),
       })
       .strict()
       .prefault({}),

@@ -5,6 +5,7 @@ import type { Hypervisor } from '../hypervisor/types.js';
 import { errorMessage, InvalidInstanceId, SnapshotFailed, UnknownStrategy } from '../errors.js';
 import { operationLogger, type Logger } from '../log.js';
 import { isUuid } from '../util/uuid.js';
+import { DEFAULT_QUIESCE, type QuiesceOptions } from './guest-freeze.js';
 import { runSteps, type BeforeStep } from './run-steps.js';
 import type { SnapshotContext } from './steps.js';
 import { STRATEGY_STEPS } from './strategies.js';
@@ -30,7 +31,15 @@ export interface SnapshotResult {
   image_id: string;
   status: string;
   strategy: StrategyName;
+  /**
+   * Guest downtime: how long its vCPUs did not run (suspend strategies; 0 for a guest that was
+   * paused anyway), or how long the backup job's start held its disk I/O (`live`).
+   */
   downtime_ms: number;
+  /** How long the guest's filesystems may have been frozen (guest agent), 0 when no freeze. */
+  freeze_ms: number;
+  /** The image was taken while the guest's filesystems were frozen. */
+  quiesced: boolean;
   duration_ms: number;
   size: number;
   checksum: string;
@@ -47,6 +56,8 @@ export interface SnapshotEngineDeps {
   log: Logger;
   namePrefix: string;
   defaultStrategy: StrategyName;
+  /** Filesystem freeze of the `live` strategy (`quiesceOptions(config.snapshot)`); default DEFAULT_QUIESCE. */
+  quiesce?: QuiesceOptions;
   /** Fault injection before each step (tests). */
   beforeStep?: BeforeStep;
 }
@@ -94,9 +105,11 @@ export class SnapshotEngine {
       imageId: req.imageId,
       snapshotName: `${this.deps.namePrefix}${req.imageId}`,
       priorState: instance.state,
+      quiesce: this.deps.quiesce ?? DEFAULT_QUIESCE,
       onProgress: req.onProgress && ((f) => req.onProgress?.('export', f)),
       suspended: false,
       downtimeMs: 0,
+      quiesced: false,
     };
     try {
       await runSteps(STRATEGY_STEPS[strategy], ctx, this.deps.beforeStep);
@@ -111,6 +124,8 @@ export class SnapshotEngine {
         status: image.status,
         strategy,
         downtime_ms: Math.round(ctx.downtimeMs),
+        freeze_ms: Math.round(ctx.freeze?.frozenMs ?? 0),
+        quiesced: ctx.quiesced,
         duration_ms: Math.round(performance.now() - started),
         size: image.size ?? 0,
         checksum: image.checksum ?? '',
@@ -125,7 +140,9 @@ export class SnapshotEngine {
         log.error({ err: killErr }, `could not mark image killed: ${errorMessage(killErr)}`);
       });
       const state = await hv.info(req.instanceUuid).then((i) => i.state, () => 'unknown');
-      log.error({ err, prior_state: instance.state, state }, 'snapshot failed');
+      // Every failure path thaws, and the freeze's own deadline thaws again; if all of that failed, say so.
+      const frozen = ctx.freeze?.mayBeFrozen === true;
+      log.error({ err, prior_state: instance.state, state, ...(frozen && { filesystems_may_be_frozen: true }) }, 'snapshot failed');
       if (err instanceof SnapshotFailed) throw err;
       throw new SnapshotFailed(`snapshot of ${req.instanceUuid} failed: ${errorMessage(err)}`, [], { cause: err });
     }

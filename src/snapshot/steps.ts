@@ -1,8 +1,10 @@
 import fs from 'node:fs/promises';
 import type { Logger } from '../log.js';
-import { processHoldsDisk, type Hypervisor, type PowerState } from '../hypervisor/types.js';
+import { processHoldsDisk, type BackupJob, type Hypervisor, type PowerState, type ResumeResult } from '../hypervisor/types.js';
 import type { ImageStore } from '../image-store/image-store.js';
 import type { Lifecycle } from '../compute/lifecycle.js';
+import { windowDowntimeMs, type SuspendWindow } from './downtime.js';
+import type { GuestFreeze, QuiesceOptions } from './guest-freeze.js';
 import type { PendingSnapshots } from './pending.js';
 
 /** What every step of one snapshot operation sees and updates. */
@@ -18,12 +20,20 @@ export interface SnapshotContext {
   readonly snapshotName: string;
   /** Power state before the operation; the guest is back in it afterwards. */
   readonly priorState: PowerState;
+  readonly quiesce: QuiesceOptions;
   onProgress?: (fraction: number) => void;
   /** True from the start of this operation's managed save until the guest is resumed. */
   suspended: boolean;
-  /** Guest downtime windows: suspend start → resume end, in ms (performance.now()). */
+  /** Guest downtime so far, in ms: the time its vCPUs did not run (or its I/O was held). */
   downtimeMs: number;
-  suspendStartedAt?: number;
+  /** This operation's managed save, until the guest is resumed. */
+  suspendWindow?: SuspendWindow;
+  /** live: the guest-agent freeze, once one was asked for. */
+  freeze?: GuestFreeze;
+  /** live: the backup job, once started. */
+  backup?: BackupJob;
+  /** live: the backup job started while the guest's filesystems were frozen. */
+  quiesced: boolean;
 }
 
 /** One step of a strategy, and how to undo it when a later step fails. */
@@ -33,18 +43,19 @@ export interface Step {
   undo?(ctx: SnapshotContext): Promise<void>;
 }
 
-async function holdsDisk(ctx: SnapshotContext): Promise<boolean> {
+export async function holdsDisk(ctx: SnapshotContext): Promise<boolean> {
   return processHoldsDisk((await ctx.hv.info(ctx.uuid)).state);
 }
 
 /** Resumes the guest if this operation managed-saved it (also after a save that failed half-way). */
 async function resumeIfSuspended(ctx: SnapshotContext): Promise<void> {
   if (!ctx.suspended) return;
-  if ((await ctx.hv.info(ctx.uuid)).state === 'saved') await ctx.lifecycle.resume(ctx.uuid);
+  let resumed: ResumeResult | undefined;
+  if ((await ctx.hv.info(ctx.uuid)).state === 'saved') resumed = await ctx.lifecycle.resume(ctx.uuid);
   ctx.suspended = false;
-  if (ctx.suspendStartedAt !== undefined) {
-    ctx.downtimeMs += performance.now() - ctx.suspendStartedAt;
-    ctx.suspendStartedAt = undefined;
+  if (ctx.suspendWindow !== undefined) {
+    ctx.downtimeMs += windowDowntimeMs(ctx.suspendWindow, ctx.priorState, resumed, performance.now());
+    ctx.suspendWindow = undefined;
   }
 }
 
@@ -63,9 +74,10 @@ export const suspend: Step = {
   name: 'suspend',
   async run(ctx) {
     if (!(await holdsDisk(ctx))) return;
-    ctx.suspendStartedAt = performance.now();
+    const window: SuspendWindow = { wallStartedAt: performance.now() };
+    ctx.suspendWindow = window;
     ctx.suspended = true; // before the save: a save that fails half-way is undone by a resume
-    await ctx.lifecycle.suspend(ctx.uuid);
+    window.save = await ctx.lifecycle.suspend(ctx.uuid);
   },
   async undo(ctx) {
     await resumeIfSuspended(ctx);
@@ -94,7 +106,7 @@ async function exportInto(ctx: SnapshotContext, snapshotName: string | undefined
   await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: ctx.store.partialPath(ctx.imageId), onProgress: ctx.onProgress });
 }
 
-async function removePartial(ctx: SnapshotContext): Promise<void> {
+export async function removePartial(ctx: SnapshotContext): Promise<void> {
   await fs.rm(ctx.store.partialPath(ctx.imageId), { force: true });
 }
 

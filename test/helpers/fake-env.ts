@@ -1,23 +1,38 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { dir } from 'tmp-promise';
+import { expect } from 'vitest';
 import { Lifecycle } from '../../src/compute/lifecycle.js';
 import type { StrategyName } from '../../src/config/schema.js';
-import { FakeHypervisor } from '../../src/hypervisor/fake/fake-hypervisor.js';
+import { SnapshotFailed } from '../../src/errors.js';
+import { FakeHypervisor, type FakeGuestAgent, type FakeHypervisorOptions } from '../../src/hypervisor/fake/fake-hypervisor.js';
 import type { PowerState } from '../../src/hypervisor/types.js';
 import { ImageStore } from '../../src/image-store/image-store.js';
-import { silentLogger } from '../../src/log.js';
+import { silentLogger, type Logger } from '../../src/log.js';
 import { SnapshotEngine } from '../../src/snapshot/engine.js';
+import { DEFAULT_QUIESCE, type QuiesceOptions } from '../../src/snapshot/guest-freeze.js';
 import { PendingSnapshots } from '../../src/snapshot/pending.js';
 import type { BeforeStep } from '../../src/snapshot/run-steps.js';
+import { SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
 
 export const PREFIX = 'snapdrv-';
 
+export interface FakeEnvOptions {
+  beforeStep?: BeforeStep;
+  strategy?: StrategyName;
+  /** Overrides of DEFAULT_QUIESCE. */
+  quiesce?: Partial<QuiesceOptions>;
+  /** Options of the fake hypervisor (its clock, a backup job's startPauseMs). */
+  hv?: FakeHypervisorOptions;
+  /** Default: silent. */
+  log?: Logger;
+}
+
 /** A fake hypervisor, a real image store in a temp dir, and the engine wired over them. */
-export async function makeFakeEnv(opts: { beforeStep?: BeforeStep; strategy?: StrategyName } = {}) {
+export async function makeFakeEnv(opts: FakeEnvOptions = {}) {
   const tmp = await dir({ unsafeCleanup: true });
-  const log = silentLogger();
-  const hv = new FakeHypervisor();
+  const log = opts.log ?? silentLogger();
+  const hv = new FakeHypervisor(opts.hv);
   const store = new ImageStore({ path: path.join(tmp.path, 'images'), reservedSpaceMb: 0, osHashAlgo: 'sha512' });
   const pending = new PendingSnapshots(path.join(tmp.path, 'state', 'pending'));
   const lifecycle = new Lifecycle(hv, pending, log);
@@ -29,6 +44,7 @@ export async function makeFakeEnv(opts: { beforeStep?: BeforeStep; strategy?: St
     log,
     namePrefix: PREFIX,
     defaultStrategy: opts.strategy ?? 'suspend-create-resume-extract',
+    quiesce: { ...DEFAULT_QUIESCE, ...opts.quiesce },
     beforeStep: (step, i) => beforeStep?.(step, i),
   });
   return {
@@ -55,11 +71,61 @@ export async function makeFakeEnv(opts: { beforeStep?: BeforeStep; strategy?: St
 
 export type FakeEnv = Awaited<ReturnType<typeof makeFakeEnv>>;
 
-/** Creates a guest and brings it to the given power state. */
-export async function guestIn(env: FakeEnv, state: Extract<PowerState, 'running' | 'paused' | 'shutoff' | 'saved'>, uuid: string) {
+/** Creates a guest (with a guest agent unless told otherwise) and brings it to the given power state. */
+export async function guestIn(
+  env: FakeEnv,
+  state: Extract<PowerState, 'running' | 'paused' | 'shutoff' | 'saved'>,
+  uuid: string,
+  agent: FakeGuestAgent = { present: true },
+) {
   await env.hv.createInstance({ uuid, name: `guest-${state}`, memoryMb: 128, vcpus: 1, machine: 'pc', diskSizeBytes: 64 * 1024 });
+  env.hv.setGuestAgent(uuid, agent);
   if (state === 'shutoff') return;
   await env.hv.start(uuid);
   if (state === 'paused') await env.hv.pause(uuid);
   if (state === 'saved') await env.hv.managedSave(uuid);
+}
+
+/** Snapshots left allowed after the operation, given the guest's state. */
+export function allowedLeft(strategy: StrategyName, state: string): number {
+  return state === 'running' || state === 'paused' ? SNAPSHOTS_LEFT_MAX[strategy] : 0;
+}
+
+/**
+ * Runs one snapshot that should fail (an injected failure) and checks every invariant afterwards:
+ * prior state kept, no violation, filesystems thawed, no image data, no partial file, no more
+ * internal snapshots than allowed. With `mayComplete` the snapshot may also succeed, unquiesced.
+ * Returns the error (undefined if it completed).
+ */
+export async function expectSafeFailure(
+  e: FakeEnv,
+  uuid: string,
+  state: string,
+  strategy: StrategyName,
+  imageId: string,
+  opts: { mayComplete?: boolean } = {},
+): Promise<unknown> {
+  const outcome = await e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId }).then(
+    (result) => ({ result, err: undefined }),
+    (err: unknown) => ({ result: undefined, err }),
+  );
+  expect((await e.hv.info(uuid)).state).toBe(state);
+  expect(e.hv.violations).toEqual([]);
+  expect(e.hv.frozen(uuid)).toBe(false);
+  expect(await e.partialFiles()).toEqual([]);
+  expect((await e.ownSnapshots(uuid)).length).toBeLessThanOrEqual(allowedLeft(strategy, state));
+  if (outcome.result !== undefined && opts.mayComplete) {
+    expect(outcome.result.quiesced).toBe(false);
+    expect((await e.store.verify(imageId)).ok).toBe(true);
+    return undefined;
+  }
+  expect(outcome.err).toBeInstanceOf(Error);
+  // A failure before the image record was made leaves no record; after, the record is killed.
+  const image = await e.store.show(imageId).catch(() => undefined);
+  if (image) {
+    expect(outcome.err).toBeInstanceOf(SnapshotFailed);
+    expect(image.status).toBe('killed');
+  }
+  await expect(fs.stat(path.join(e.tmp, 'images', imageId))).rejects.toThrow();
+  return outcome.err;
 }

@@ -72,7 +72,17 @@ export interface OsloStep {
 
 export type OsloStepResult =
   | { name: string; ok: true; result: unknown }
-  | { name: string; ok: false; exc_module: string; exc_class: string; exc_type: string | null; message: string };
+  | {
+      name: string;
+      ok: false;
+      exc_module: string;
+      exc_class: string;
+      /** RemoteError's exc_type: the server's exception class. */
+      exc_type: string | null;
+      /** The oslo.messaging exception classes it is an instance of (NoSuchMethod, UnsupportedVersion, RemoteError, MessagingTimeout). */
+      is_a: string[];
+      message: string;
+    };
 
 /** Runs test/interop/oslo_rpc.py: the steps in order; resolves with each step's outcome by name. */
 export async function osloRpc(url: string, server: string, steps: OsloStep[]): Promise<Map<string, OsloStepResult>> {

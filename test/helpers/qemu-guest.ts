@@ -5,6 +5,7 @@ import { dir } from 'tmp-promise';
 import { silentLogger, type Logger } from '../../src/log.js';
 import { DISK_QOM_PATH } from '../../src/hypervisor/qemu/launch.js';
 import { QemuHypervisor, type QemuHypervisorOptions } from '../../src/hypervisor/qemu/qemu-hypervisor.js';
+import type { QmpEvent } from '../../src/hypervisor/qemu/qmp.js';
 import { QemuImg } from '../../src/qemu-img/qemu-img.js';
 import { runProgram } from '../../src/util/exec.js';
 
@@ -122,6 +123,11 @@ export async function guestWrite(
   await guestQemuIo(hv, uuid, `write -P 0x${pattern.toString(16)} ${offsetBytes} ${lenBytes}`);
 }
 
+/** Zeroes `lenBytes` at `offsetBytes` as the guest would (a write-zeroes request: qcow2 zero clusters). */
+export async function guestWriteZeroes(hv: QemuHypervisor, uuid: string, offsetBytes: number, lenBytes: number): Promise<void> {
+  await guestQemuIo(hv, uuid, `write -z ${offsetBytes} ${lenBytes}`);
+}
+
 /** Makes the guest's QEMU write its qcow2 caches to the file (so that another reader sees its writes). */
 export async function guestFlush(hv: QemuHypervisor, uuid: string): Promise<void> {
   await guestQemuIo(hv, uuid, 'flush');
@@ -209,4 +215,42 @@ async function waitUntilGone(pids: number[]): Promise<void> {
       await new Promise((r) => setTimeout(r, 20));
     }
   }
+}
+
+export interface QmpEventWatch {
+  /** Events seen so far. */
+  readonly events: QmpEvent[];
+  /** Stops watching (releases the monitor); resolves with every event seen. */
+  stop(): Promise<QmpEvent[]>;
+}
+
+/**
+ * Collects the guest's QMP events by holding `hv`'s monitor connection open; the operations of that
+ * same object share it meanwhile (another object's would wait for it).
+ */
+export async function watchQmpEvents(hv: QemuHypervisor, uuid: string): Promise<QmpEventWatch> {
+  const events: QmpEvent[] = [];
+  let release: (() => void) | undefined;
+  let attached!: () => void;
+  const ready = new Promise<void>((r) => (attached = r));
+  const held = hv.withMonitor(uuid, (qmp) => {
+    const onEvent = (ev: QmpEvent) => events.push(ev);
+    qmp.on('event', onEvent);
+    return new Promise<void>((resolve) => {
+      release = () => {
+        qmp.off('event', onEvent);
+        resolve();
+      };
+      attached();
+    });
+  });
+  await Promise.race([ready, held]);
+  return {
+    events,
+    async stop() {
+      release?.();
+      await held;
+      return events;
+    },
+  };
 }

@@ -67,7 +67,7 @@ describe('CLI end to end on a real guest', () => {
     expect(snap.code).toBe(0);
     const result = JSON.parse(snap.stdout) as Record<string, unknown>;
     expect(Object.keys(result).sort()).toEqual(
-      ['checksum', 'downtime_ms', 'duration_ms', 'image_id', 'internal_snapshots', 'os_hash_algo', 'os_hash_value', 'size', 'status', 'strategy'].sort(),
+      ['checksum', 'downtime_ms', 'duration_ms', 'freeze_ms', 'image_id', 'internal_snapshots', 'os_hash_algo', 'os_hash_value', 'quiesced', 'size', 'status', 'strategy'].sort(),
     );
     expect(result).toMatchObject({ image_id: imageId, status: 'active', strategy: 'double-suspend', size: 64 * 2 ** 20, os_hash_algo: 'sha512', internal_snapshots: 0 });
     // Every log line of the operation carries request_id and instance_uuid.

@@ -77,6 +77,10 @@ describe('qemu backend against real QEMU', () => {
     expect(argv).toContain('guest=guest,, one');
     expect(await exists(path.join(dir, 'qmp.sock'))).toBe(true);
     expect(await hv.qmp(uuid, 'query-name')).toEqual({ name: 'guest, one' });
+    // The guest agent channel: a virtio-serial port on a unix socket QEMU listens on.
+    expect(argv).toContain(`socket,id=qga0,path=${path.join(dir, 'qga.sock')},server=on,wait=off`);
+    expect(argv.some((a) => a.startsWith('virtserialport,') && a.endsWith(',name=org.qemu.guest_agent.0'))).toBe(true);
+    expect((await fs.stat(path.join(dir, 'qga.sock'))).isSocket()).toBe(true);
   });
 
   it('pauses and unpauses', async () => {
@@ -92,9 +96,13 @@ describe('qemu backend against real QEMU', () => {
     await guestWrite(hv, uuid, 0x77, 1 * MiB, 1 * MiB);
     const pid = (await guestPid(env.instancesPath, uuid))!;
 
+    const beforeSave = Date.now();
     const res = await hv.managedSave(uuid);
     expect(res.priorState).toBe('running');
     expect(res.bytes).toBeGreaterThan(0);
+    // From the STOP event, stamped by QEMU's wall clock.
+    expect(res.vcpusStoppedAt).toBeGreaterThanOrEqual(beforeSave);
+    expect(res.vcpusStoppedAt).toBeLessThanOrEqual(Date.now());
     expect(res.bytes).toBe((await fs.stat(path.join(dir, 'managed-save.state'))).size);
     expect(JSON.parse(await fs.readFile(path.join(dir, 'managed-save.json'), 'utf8'))).toEqual({
       prior_state: 'running',
@@ -102,6 +110,7 @@ describe('qemu backend against real QEMU', () => {
     });
     expect(await processAlive(pid)).toBe(false);
     expect(await exists(path.join(dir, 'qemu.pid'))).toBe(false);
+    expect(await exists(path.join(dir, 'qga.sock'))).toBe(false);
     expect(await exists(path.join(dir, 'managed-save.state.partial'))).toBe(false);
     expect((await hv.info(uuid)).state).toBe('saved');
     // The save flushed the guest's write to the file.
@@ -109,13 +118,15 @@ describe('qemu backend against real QEMU', () => {
     await expect(hv.start(uuid)).rejects.toBeInstanceOf(InstanceInvalidState);
 
     const seen: string[] = [];
-    const { state } = await hv.resume(uuid, {
+    const { state, vcpusResumedAt } = await hv.resume(uuid, {
       beforeLaunch: async (u) => {
         seen.push(`${u}:${(await hv.info(u)).state}`);
       },
     });
     expect(seen).toEqual([`${uuid}:saved`]);
     expect(state).toBe('running');
+    expect(vcpusResumedAt).toBeGreaterThan(res.vcpusStoppedAt!);
+    expect(vcpusResumedAt).toBeLessThanOrEqual(Date.now());
     expect((await hv.info(uuid)).state).toBe('running');
     expect(await exists(path.join(dir, 'managed-save.state'))).toBe(false);
     expect(await exists(path.join(dir, 'managed-save.json'))).toBe(false);
@@ -138,9 +149,11 @@ describe('qemu backend against real QEMU', () => {
 
     const res = await hv.managedSave(uuid);
     expect(res.priorState).toBe('paused');
+    // Its vCPUs were stopped already, and stay so.
+    expect(res.vcpusStoppedAt).toBeUndefined();
     expect((await hv.info(uuid)).state).toBe('saved');
 
-    expect((await hv.resume(uuid)).state).toBe('paused');
+    expect(await hv.resume(uuid)).toEqual({ state: 'paused' });
     expect((await hv.info(uuid)).state).toBe('paused');
     await hv.qmp(uuid, 'pmemsave', { val: 0, size: 128 * MiB, filename: after });
     // Compared apart from the legacy hole 0xA0000-0xFFFFF: how QEMU maps the BIOS shadow there

@@ -10,7 +10,9 @@ STEPS_JSON is a JSON list of steps, run in order:
 UnsupportedVersion) from the failure; otherwise they arrive as oslo_messaging.RemoteError.
 Each step prints one JSON line:
   {"name", "ok": true, "result": ...}                                   (a cast's result is null)
-  {"name", "ok": false, "exc_module", "exc_class", "exc_type", "message"}
+  {"name", "ok": false, "exc_module", "exc_class", "exc_type", "is_a", "message"}
+"is_a" lists the oslo.messaging exception classes the exception is an instance of (a rebuilt
+remote exception is a subclass named e.g. NoSuchMethod_Remote, in module ..._Remote).
 Exit code 0 when every step ran (failed calls included), 2 on bad usage.
 """
 import json
@@ -21,6 +23,7 @@ import oslo_messaging as om
 from oslo_messaging._metrics import client as metrics_client
 
 DISPATCHER_MODULE = 'oslo_messaging.rpc.dispatcher'
+OSLO_EXCEPTIONS = [om.NoSuchMethod, om.UnsupportedVersion, om.RemoteError, om.MessagingTimeout]
 
 
 def main(argv):
@@ -57,6 +60,7 @@ def main(argv):
                     exc_module=type(exc).__module__,
                     exc_class=type(exc).__name__,
                     exc_type=getattr(exc, 'exc_type', None),
+                    is_a=[c.__name__ for c in OSLO_EXCEPTIONS if isinstance(exc, c)],
                     message=str(exc).splitlines()[0] if str(exc) else '',
                 )
             print(json.dumps(out), flush=True)

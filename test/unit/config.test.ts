@@ -200,14 +200,14 @@ describe('loadConfig', () => {
     const f = await file('a.conf', ['[snapshot]', 'stratgy = cold']);
     const err = await configError(() => loadConfig([f]));
     expect(err.message).toBe(
-      `[snapshot] stratgy in ${f}:2: unknown option (did you mean "strategy"?); known options: strategy, name_prefix`,
+      `[snapshot] stratgy in ${f}:2: unknown option (did you mean "strategy"?); known options: strategy, name_prefix, quiesce, max_freeze_seconds, guest_agent_timeout`,
     );
   });
 
   it('suggests nothing when no known option is close', async () => {
     const err = await configError(() => loadConfigFromText('[snapshot]\ncompletely_different = 1\n', 'x.conf'));
     expect(err.message).toBe(
-      '[snapshot] completely_different in x.conf:2: unknown option; known options: strategy, name_prefix',
+      '[snapshot] completely_different in x.conf:2: unknown option; known options: strategy, name_prefix, quiesce, max_freeze_seconds, guest_agent_timeout',
     );
   });
 

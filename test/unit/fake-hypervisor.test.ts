@@ -1,8 +1,9 @@
-import { readFile, stat } from 'node:fs/promises';
+import { readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { dir, type DirectoryResult } from 'tmp-promise';
 import {
+  GuestAgentError,
   InjectedFault,
   InstanceExists,
   InstanceInvalidState,
@@ -115,9 +116,9 @@ describe('state machine', () => {
 
   it('managedSave and resume keep a running guest running', async () => {
     await fake.start(A);
-    expect(await fake.managedSave(A)).toEqual({ priorState: 'running', bytes: 256 * 1024 * 1024 });
+    expect(await fake.managedSave(A)).toEqual({ priorState: 'running', bytes: 256 * 1024 * 1024, vcpusStoppedAt: 1_700_000_000_000 });
     expect(fake.powerState(A)).toBe('saved');
-    expect((await fake.resume(A)).state).toBe('running');
+    expect(await fake.resume(A)).toEqual({ state: 'running', vcpusResumedAt: 1_700_000_000_000 });
     expect(fake.powerState(A)).toBe('running');
     expect(fake.launches(A)).toBe(2);
   });
@@ -125,8 +126,9 @@ describe('state machine', () => {
   it('managedSave and resume keep a paused guest paused', async () => {
     await fake.start(A);
     await fake.pause(A);
-    expect((await fake.managedSave(A)).priorState).toBe('paused');
-    expect((await fake.resume(A)).state).toBe('paused');
+    // The vCPUs were stopped already and stay stopped: no stop or resume time.
+    expect(await fake.managedSave(A)).toEqual({ priorState: 'paused', bytes: 256 * 1024 * 1024 });
+    expect(await fake.resume(A)).toEqual({ state: 'paused' });
     expect(fake.powerState(A)).toBe('paused');
     expect(fake.launches(A)).toBe(2);
   });
@@ -565,5 +567,230 @@ describe('fault injection', () => {
       // The guest survives a failed export; a failed save or resume leaves it where the fake put it.
       if (op === 'exportDisk') expect(faulty.h.powerState(A)).toBe('running');
     }
+  });
+});
+
+describe('live backup jobs', () => {
+  beforeEach(async () => {
+    await fake.createInstance(spec(A));
+    await fake.start(A);
+  });
+
+  it('copies the disk as of the job start while the running guest keeps writing', async () => {
+    const dest = join(tmp.path, 'live.raw');
+    const job = await fake.startLiveBackup(A, dest); // the guest writes at the start of this call, then the job starts
+    const atStart = fake.diskContent(A);
+    expect(job.startedAt).toBe(1_700_000_000_000);
+    expect(job.startPauseMs).toBe(0);
+    // The target exists at once, the disk's size, still empty (sparse).
+    expect((await stat(dest)).size).toBe(64 * 1024);
+    expect((await readFile(dest)).equals(Buffer.alloc(64 * 1024))).toBe(true);
+
+    const progress: number[] = [];
+    await job.wait((f) => progress.push(f));
+    const image = await readFile(dest);
+    expect(image.equals(atStart)).toBe(true);
+    expect(fake.liveBackups(A)).toEqual([
+      { uuid: A, dest, startedAt: 1_700_000_000_000, pointInTime: atStart, status: 'completed' },
+    ]);
+    // The guest wrote during the copy, yet the image is the disk as of the start.
+    expect(counterOf(fake.diskContent(A))).toBeGreaterThan(counterOf(atStart) + 1n);
+    expect(progress.at(-1)).toBe(1);
+    expect([...progress].sort((a, b) => a - b)).toEqual(progress);
+    expect(fake.calls.map((c) => c.op).slice(-2)).toEqual(['startLiveBackup', 'backupWait']);
+    // A second wait and a late cancel are harmless.
+    await job.wait();
+    await job.cancel();
+    expect((await readFile(dest)).equals(atStart)).toBe(true);
+    expect(fake.snapshotNames(A)).toEqual([]);
+    expect(fake.violations).toEqual([]);
+  });
+
+  it('works on a paused guest, and reports the configured startPauseMs', async () => {
+    const slow = new FakeHypervisor({ now: () => 5, backupStartPauseMs: 3 });
+    await slow.createInstance(spec(A));
+    await slow.start(A);
+    await slow.pause(A);
+    const before = slow.diskContent(A);
+    const job = await slow.startLiveBackup(A, join(tmp.path, 'p.raw'));
+    expect([job.startedAt, job.startPauseMs]).toEqual([5, 3]);
+    await job.wait();
+    expect((await readFile(join(tmp.path, 'p.raw'))).equals(before)).toBe(true);
+    expect(slow.powerState(A)).toBe('paused');
+  });
+
+  it('needs a QEMU process: InstanceInvalidState when shut off or saved, not a violation', async () => {
+    await fake.managedSave(A);
+    expect(await rejection(fake.startLiveBackup(A, join(tmp.path, 's.raw')))).toBeInstanceOf(InstanceInvalidState);
+    await fake.resume(A);
+    await fake.stop(A, { graceful: false });
+    expect(await rejection(fake.startLiveBackup(A, join(tmp.path, 'o.raw')))).toBeInstanceOf(InstanceInvalidState);
+    await expect(stat(join(tmp.path, 'o.raw'))).rejects.toThrow(/ENOENT/);
+    expect(fake.liveBackups(A)).toEqual([]);
+    expect(fake.violations).toEqual([]);
+  });
+
+  it('cancel before wait: wait then rejects and nothing is copied', async () => {
+    const dest = join(tmp.path, 'c.raw');
+    const job = await fake.startLiveBackup(A, dest);
+    await job.cancel();
+    await job.cancel();
+    expect(await rejection(job.wait())).toBeInstanceOf(QmpError);
+    expect(fake.liveBackups(A)[0]?.status).toBe('cancelled');
+    expect((await readFile(dest)).equals(Buffer.alloc(64 * 1024))).toBe(true);
+  });
+
+  it('cancel during wait stops the copy; wait rejects', async () => {
+    const job = await fake.startLiveBackup(A, join(tmp.path, 'd.raw'));
+    const waiting = rejection(job.wait());
+    await job.cancel();
+    const err = await waiting;
+    expect(err).toBeInstanceOf(QmpError);
+    expect((err as Error).message).toMatch(/cancelled/);
+  });
+
+  it('a removed target is not brought back (QEMU holds it open)', async () => {
+    const dest = join(tmp.path, 'gone.raw');
+    const job = await fake.startLiveBackup(A, dest);
+    await rm(dest);
+    expect(await rejection(job.wait())).toMatchObject({ code: 'ENOENT' });
+    await expect(stat(dest)).rejects.toThrow(/ENOENT/);
+    expect(fake.liveBackups(A)[0]?.status).toBe('failed');
+  });
+
+  it('the job dies with its QEMU process', async () => {
+    const job = await fake.startLiveBackup(A, join(tmp.path, 'x.raw'));
+    await fake.managedSave(A);
+    await fake.resume(A); // a new process: the job was in the old one
+    const err = await rejection(job.wait());
+    expect((err as Error).message).toMatch(/QEMU process running the backup job .* is gone/);
+  });
+
+  it('start, wait and cancel take injected faults', async () => {
+    const dest = join(tmp.path, 'f.raw');
+    fake.injectFault({ op: 'startLiveBackup' });
+    expect(await rejection(fake.startLiveBackup(A, dest))).toBeInstanceOf(InjectedFault);
+    await expect(stat(dest)).rejects.toThrow(/ENOENT/);
+    fake.injectFault({ op: 'startLiveBackup', when: 'after' });
+    expect(await rejection(fake.startLiveBackup(A, dest))).toBeInstanceOf(InjectedFault);
+    expect(fake.liveBackups(A).map((b) => b.status)).toEqual(['running']); // started, its handle lost
+
+    const job = await fake.startLiveBackup(A, join(tmp.path, 'g.raw'));
+    fake.injectFault({ op: 'backupWait' });
+    expect(await rejection(job.wait())).toBeInstanceOf(InjectedFault);
+    expect(fake.liveBackups(A)[1]?.status).toBe('running');
+    fake.injectFault({ op: 'backupWait', when: 'after' });
+    expect(await rejection(job.wait())).toBeInstanceOf(InjectedFault);
+    expect(fake.liveBackups(A)[1]?.status).toBe('completed');
+
+    const other = await fake.startLiveBackup(A, join(tmp.path, 'h.raw'));
+    fake.injectFault({ op: 'backupCancel', when: 'after' });
+    expect(await rejection(other.cancel())).toBeInstanceOf(InjectedFault);
+    expect(fake.liveBackups(A)[2]?.status).toBe('cancelled');
+  });
+
+  it('holdCall holds a call back until released, counted like faults', async () => {
+    let release!: () => void;
+    fake.holdCall({ op: 'info', nth: fake.callCount('info') + 2, until: new Promise<void>((r) => (release = r)) });
+    await fake.info(A);
+    const order: string[] = [];
+    const held = fake.info(A).then(() => order.push('held'));
+    await fake.list().then(() => order.push('list'));
+    expect(order).toEqual(['list']);
+    release();
+    await held;
+    expect(order).toEqual(['list', 'held']);
+    expect(fake.pendingFaults()).toEqual([]);
+  });
+});
+
+describe('guest agent', () => {
+  beforeEach(async () => {
+    await fake.createInstance(spec(A));
+    await fake.start(A);
+  });
+
+  it('none by default: not available, and freeze fails', async () => {
+    expect(await fake.guestAgentAvailable(A, 1000)).toBe(false);
+    expect(await rejection(fake.freezeFilesystems(A, 1000))).toBeInstanceOf(GuestAgentError);
+    expect(fake.frozen(A)).toBe(false);
+  });
+
+  it('freeze stops the guest writing; thaw resumes it; thaw when thawed answers 0', async () => {
+    fake.setGuestAgent(A, { present: true });
+    expect(await fake.guestAgentAvailable(A, 1000)).toBe(true);
+    expect(await fake.freezeFilesystems(A, 1000)).toBe(2);
+    expect(fake.frozen(A)).toBe(true);
+    const frozenDisk = fake.diskContent(A);
+    await fake.info(A);
+    await fake.list();
+    expect(fake.diskContent(A)).toEqual(frozenDisk);
+    expect(await rejection(fake.freezeFilesystems(A, 1000))).toBeInstanceOf(GuestAgentError); // frozen already
+    expect(await fake.thawFilesystems(A, 1000)).toBe(2);
+    expect(fake.frozen(A)).toBe(false);
+    expect(await fake.thawFilesystems(A, 1000)).toBe(0);
+    await fake.info(A);
+    expect(fake.diskContent(A)).not.toEqual(frozenDisk);
+  });
+
+  it('stopping, saving or restarting a frozen guest is a violation, and does not happen', async () => {
+    fake.setGuestAgent(A, { present: true });
+    await fake.freezeFilesystems(A, 1000);
+    expect(await rejection(fake.managedSave(A))).toBeInstanceOf(SafetyViolation);
+    expect(await rejection(fake.stop(A, { graceful: true }))).toBeInstanceOf(SafetyViolation);
+    expect(fake.powerState(A)).toBe('running');
+    expect(fake.violations).toHaveLength(2);
+    expect(fake.violations[0]).toMatch(/managedSave\(.*\) while the guest's filesystems are frozen/);
+    await fake.thawFilesystems(A, 1000);
+    await fake.managedSave(A);
+    expect(fake.violations).toHaveLength(2);
+  });
+
+  it('only a running guest with a process answers; a crash ends the freeze', async () => {
+    fake.setGuestAgent(A, { present: true });
+    await fake.pause(A);
+    expect(await fake.guestAgentAvailable(A, 5)).toBe(false); // a paused guest cannot answer
+    expect(await rejection(fake.freezeFilesystems(A, 5))).toBeInstanceOf(GuestAgentError);
+    await fake.unpause(A);
+    await fake.freezeFilesystems(A, 1000);
+    fake.crash(A);
+    expect(fake.frozen(A)).toBe(false);
+    expect(await fake.guestAgentAvailable(A, 1000)).toBe(false);
+    expect(await rejection(fake.thawFilesystems(A, 1000))).toBeInstanceOf(InstanceInvalidState);
+  });
+
+  it('freezeFails and thawFails (always, or n times)', async () => {
+    fake.setGuestAgent(A, { present: true, freezeFails: true });
+    expect(await rejection(fake.freezeFilesystems(A, 1000))).toBeInstanceOf(GuestAgentError);
+    expect(fake.frozen(A)).toBe(false);
+
+    fake.setGuestAgent(A, { present: true, thawFails: 1 });
+    await fake.freezeFilesystems(A, 1000);
+    expect(await rejection(fake.thawFilesystems(A, 1000))).toBeInstanceOf(GuestAgentError);
+    expect(fake.frozen(A)).toBe(true);
+    expect(await fake.thawFilesystems(A, 1000)).toBe(2);
+
+    fake.setGuestAgent(A, { present: true, thawFails: true });
+    await fake.freezeFilesystems(A, 1000);
+    for (let i = 0; i < 3; i++) expect(await rejection(fake.thawFilesystems(A, 1000))).toBeInstanceOf(GuestAgentError);
+    expect(fake.frozen(A)).toBe(true);
+  });
+
+  it('hangs: no answer within the timeout', async () => {
+    fake.setGuestAgent(A, { present: true, hangs: true });
+    expect(await fake.guestAgentAvailable(A, 5)).toBe(false);
+    expect((await rejection(fake.freezeFilesystems(A, 5)) as Error).message).toMatch(/no answer within 5 ms/);
+    expect(fake.frozen(A)).toBe(false);
+
+    fake.setGuestAgent(A, { present: true, hangs: 'freeze' });
+    expect(await fake.guestAgentAvailable(A, 5)).toBe(true);
+    expect(await rejection(fake.freezeFilesystems(A, 5))).toBeInstanceOf(GuestAgentError);
+    expect(fake.frozen(A)).toBe(true); // the freeze happened; only its answer was lost
+    await fake.thawFilesystems(A, 5);
+
+    fake.setGuestAgent(A, { present: true, hangs: 'thaw' });
+    await fake.freezeFilesystems(A, 5);
+    expect(await rejection(fake.thawFilesystems(A, 5))).toBeInstanceOf(GuestAgentError);
+    expect(fake.frozen(A)).toBe(true);
   });
 });

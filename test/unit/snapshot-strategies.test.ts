@@ -1,11 +1,12 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { STRATEGIES, type StrategyName } from '../../src/config/schema.js';
-import { SnapshotFailed } from '../../src/errors.js';
+import type { ResumeResult, SaveResult } from '../../src/hypervisor/types.js';
+import { windowDowntimeMs } from '../../src/snapshot/downtime.js';
 import { SNAPSHOTS_LEFT_MAX, STRATEGY_STEPS } from '../../src/snapshot/strategies.js';
-import { guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
+import { allowedLeft, expectSafeFailure, guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
 
 const STATES = ['running', 'paused', 'shutoff', 'saved'] as const;
 let envs: FakeEnv[] = [];
@@ -13,15 +14,10 @@ afterEach(async () => {
   await Promise.all(envs.map((e) => e.cleanup()));
   envs = [];
 });
-async function env(strategy: StrategyName) {
-  const e = await makeFakeEnv({ strategy });
+async function env(strategy: StrategyName, opts: Parameters<typeof makeFakeEnv>[0] = {}) {
+  const e = await makeFakeEnv({ strategy, ...opts });
   envs.push(e);
   return e;
-}
-
-/** Snapshots left allowed after the operation, given the guest's state. */
-function allowedLeft(strategy: StrategyName, state: string): number {
-  return state === 'running' || state === 'paused' ? SNAPSHOTS_LEFT_MAX[strategy] : 0;
 }
 
 describe.each(STRATEGIES)('strategy %s on the fake hypervisor', (strategy) => {
@@ -29,26 +25,47 @@ describe.each(STRATEGIES)('strategy %s on the fake hypervisor', (strategy) => {
     const e = await env(strategy);
     const uuid = randomUUID();
     await guestIn(e, state, uuid);
-    // The disk as of the point in time: captured when the step that fixes it is about to run.
+    // The disk as of the point in time: captured when the step that fixes it is about to run (an
+    // offline disk does not change); for a live backup job, the fake records it at the job's start.
     let pointInTime: Buffer | undefined;
     e.beforeStep = (step) => {
-      if (pointInTime === undefined && (step.name === 'create-snapshot' || step.name === 'export-disk')) {
+      if (pointInTime === undefined && ['create-snapshot', 'export-disk', 'start-backup'].includes(step.name)) {
         pointInTime = e.hv.diskContent(uuid);
       }
     };
     const imageId = randomUUID();
+    const mark = e.hv.calls.length;
     const result = await e.engine.take({ requestId: 'req-1', instanceUuid: uuid, imageId });
+    const ops = e.hv.calls.slice(mark).map((c) => c.op);
 
     expect(result.status).toBe('active');
     expect(result.strategy).toBe(strategy);
+    const jobs = e.hv.liveBackups(uuid);
+    const hasProcess = state === 'running' || state === 'paused';
+    expect(jobs).toHaveLength(strategy === 'live' && hasProcess ? 1 : 0);
+    if (jobs[0]) {
+      expect(jobs[0].status).toBe('completed');
+      pointInTime = jobs[0].pointInTime;
+    }
     const data = await fs.readFile(path.join(e.tmp, 'images', imageId));
     expect(pointInTime).toBeDefined();
     expect(data.equals(pointInTime!)).toBe(true);
+    expect(e.hv.wasDiskState(uuid, data)).toBe(true);
     if (state === 'running') {
-      // The guest kept writing after the snapshot: the image is not simply the current disk.
+      // The guest kept writing after the snapshot (for live: during the job): the image is not
+      // simply the current disk.
       expect(data.equals(e.hv.diskContent(uuid))).toBe(false);
     }
-    if (state === 'shutoff' || state === 'saved') expect(result.downtime_ms).toBe(0); // nothing to suspend
+    // Nothing to suspend, or vCPUs that were stopped anyway; live holds no I/O in the fake.
+    if (state !== 'running' || strategy === 'live') expect(result.downtime_ms).toBe(0);
+    // Only live quiesces, and only a running guest (whose agent answers).
+    expect(result.quiesced).toBe(strategy === 'live' && state === 'running');
+    if (!result.quiesced) expect(result.freeze_ms).toBe(0);
+    expect(e.hv.frozen(uuid)).toBe(false);
+    const agentOps = ops.filter((op) => /Filesystems|guestAgent/.test(op));
+    expect(agentOps).toEqual(result.quiesced ? ['guestAgentAvailable', 'freezeFilesystems', 'thawFilesystems'] : []);
+    // live never stops the guest's vCPUs or its process.
+    if (strategy === 'live') expect(ops.filter((op) => /managedSave|resume|pause|stop|start$/.test(op))).toEqual([]);
     expect((await e.hv.info(uuid)).state).toBe(state);
     expect(e.hv.violations).toEqual([]);
     const left = await e.ownSnapshots(uuid);
@@ -113,26 +130,6 @@ describe('deferred-delete', () => {
   });
 });
 
-/** Runs one snapshot and checks every §2 invariant after an injected failure. */
-async function expectSafeFailure(e: FakeEnv, uuid: string, state: string, strategy: StrategyName, imageId: string) {
-  const err = await e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId }).then(
-    () => undefined,
-    (x: unknown) => x,
-  );
-  expect(err).toBeInstanceOf(Error);
-  expect((await e.hv.info(uuid)).state).toBe(state);
-  expect(e.hv.violations).toEqual([]);
-  // A failure before the image record was made leaves no record; after, the record is killed.
-  const image = await e.store.show(imageId).catch(() => undefined);
-  if (image) {
-    expect(err).toBeInstanceOf(SnapshotFailed);
-    expect(image.status).toBe('killed');
-  }
-  await expect(fs.stat(path.join(e.tmp, 'images', imageId))).rejects.toThrow();
-  expect(await e.partialFiles()).toEqual([]);
-  expect((await e.ownSnapshots(uuid)).length).toBeLessThanOrEqual(allowedLeft(strategy, state));
-}
-
 describe.each(STRATEGIES)('strategy %s with a failure injected', (strategy) => {
   it.each(STATES)('at every step, on a %s guest: state kept, no violation, no active image', async (state) => {
     const steps = STRATEGY_STEPS[strategy];
@@ -168,10 +165,57 @@ describe.each(STRATEGIES)('strategy %s with a failure injected', (strategy) => {
         await guestIn(e, state, uuid);
         const before = e.hv.calls.filter((c) => c.op === op).length;
         e.hv.injectFault({ op, nth: before + nth, when });
-        await expectSafeFailure(e, uuid, state, strategy, randomUUID());
+        // quiesce = auto: a freeze that fails is cleaned up (thawed) and the snapshot goes on unquiesced.
+        const mayComplete = strategy === 'live' && op === 'freezeFilesystems';
+        await expectSafeFailure(e, uuid, state, strategy, randomUUID(), { mayComplete });
         cases++;
       }
     }
     expect(cases).toBe(ops.length * 2);
+  });
+});
+
+describe('downtime', () => {
+  const SUSPENDING = STRATEGIES.filter((s) => s !== 'live');
+
+  it.each(SUSPENDING)('%s: the sum of vcpusResumedAt − vcpusStoppedAt over its suspend/resume pairs', async (strategy) => {
+    // A clock that jumps 1000 s per reading: the figure can only come from the hypervisor's times.
+    let t = 1_700_000_000_000;
+    const e = await env(strategy, { hv: { now: () => (t += 1_000_000) } });
+    const uuid = randomUUID();
+    await guestIn(e, 'running', uuid);
+    const saves = vi.spyOn(e.hv, 'managedSave');
+    const resumes = vi.spyOn(e.hv, 'resume');
+    const result = await e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId: randomUUID() });
+
+    const stopped = await Promise.all(saves.mock.results.map((r) => r.value as Promise<SaveResult>));
+    const resumed = await Promise.all(resumes.mock.results.map((r) => r.value as Promise<ResumeResult>));
+    expect(stopped.length).toBe(strategy === 'double-suspend' ? 2 : 1);
+    expect(resumed.length).toBe(stopped.length);
+    const expected = stopped.reduce((sum, s, i) => sum + resumed[i]!.vcpusResumedAt! - s.vcpusStoppedAt!, 0);
+    expect(expected).toBeGreaterThanOrEqual(1_000_000 * stopped.length);
+    expect(result.downtime_ms).toBe(expected);
+  });
+
+  it.each(SUSPENDING)('%s: a paused guest has no downtime (its vCPUs were stopped anyway)', async (strategy) => {
+    let t = 0;
+    const e = await env(strategy, { hv: { now: () => (t += 1_000_000) } });
+    const uuid = randomUUID();
+    await guestIn(e, 'paused', uuid);
+    const result = await e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId: randomUUID() });
+    expect(result.downtime_ms).toBe(0);
+    expect(e.hv.powerState(uuid)).toBe('paused');
+  });
+
+  it('windowDowntimeMs: hypervisor times when both are known, else the wall-clock window; 0 when paused', () => {
+    const save: SaveResult = { priorState: 'running', bytes: 1, vcpusStoppedAt: 5_000 };
+    expect(windowDowntimeMs({ wallStartedAt: 10, save }, 'running', { state: 'running', vcpusResumedAt: 5_250 }, 900)).toBe(250);
+    // No resume time (or no save result: a save that failed half-way): the wall clock.
+    expect(windowDowntimeMs({ wallStartedAt: 10, save }, 'running', { state: 'running' }, 900)).toBe(890);
+    expect(windowDowntimeMs({ wallStartedAt: 10 }, 'running', { state: 'running', vcpusResumedAt: 5_250 }, 900)).toBe(890);
+    expect(windowDowntimeMs({ wallStartedAt: 10 }, 'running', undefined, 900)).toBe(890);
+    // Paused before: by the save's account, or by the operation's prior state.
+    expect(windowDowntimeMs({ wallStartedAt: 10, save: { priorState: 'paused', bytes: 1 } }, 'running', { state: 'paused' }, 900)).toBe(0);
+    expect(windowDowntimeMs({ wallStartedAt: 10 }, 'paused', undefined, 900)).toBe(0);
   });
 });

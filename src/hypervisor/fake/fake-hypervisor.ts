@@ -1,6 +1,7 @@
 import { writeFile } from 'node:fs/promises';
-import { setImmediate as nextTurn } from 'node:timers/promises';
+import { setImmediate as nextTurn, setTimeout as sleep } from 'node:timers/promises';
 import {
+  GuestAgentError,
   InstanceExists,
   InstanceInvalidState,
   InstanceNotFound,
@@ -25,10 +26,14 @@ import {
   type ResumeResult,
   type SaveResult,
 } from '../types.js';
+import { copyIntoTarget, createTarget, type FakeBackupRecord } from './fake-backup.js';
 import { DEFAULT_DISK_BYTES, FakeDisk, fakeDiskSize } from './fake-disk.js';
-import { FaultInjector, type FakeOp, type FaultSpec } from './fault-injector.js';
+import { FAKE_GUEST_FILESYSTEMS, type FakeGuestAgent } from './fake-guest-agent.js';
+import { FaultInjector, type FakeOp, type FaultSpec, type HoldSpec } from './fault-injector.js';
 
-export type { FakeOp, FaultSpec } from './fault-injector.js';
+export type { FakeOp, FaultSpec, HoldSpec } from './fault-injector.js';
+export type { FakeBackupRecord } from './fake-backup.js';
+export type { FakeGuestAgent } from './fake-guest-agent.js';
 
 /** One public call, as the fake saw it (args as passed). */
 export interface FakeCall {
@@ -40,8 +45,13 @@ export interface FakeCall {
 export interface FakeHypervisorOptions {
   /** Disk size when the spec gives none (or more than 16 MiB). Default 64 KiB. */
   defaultDiskBytes?: number;
-  /** Clock for snapshot dates, in ms. Default Date.now. */
+  /**
+   * Clock in epoch ms: snapshot dates, the vCPU stop/resume times of managedSave/resume, a backup
+   * job's startedAt. Default Date.now.
+   */
   now?: () => number;
+  /** What a live backup job reports as its startPauseMs. Default 0. */
+  backupStartPauseMs?: number;
 }
 
 interface FakeInstance {
@@ -57,6 +67,11 @@ interface FakeInstance {
   offlineBusy: number;
   /** Exports in progress per snapshot name: deleting that snapshot now would tear the export. */
   readers: Map<string, number>;
+  agent: FakeGuestAgent;
+  /** Filesystems frozen by the guest agent: the guest does not write to its disk. */
+  frozen: boolean;
+  /** thawFails given as a count: thaws still to fail. */
+  thawFailuresLeft: number;
 }
 
 const EXPORT_CHUNKS = 4;
@@ -80,12 +95,15 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
 
   private readonly instances = new Map<string, FakeInstance>();
   private readonly faults = new FaultInjector();
+  private readonly backups: FakeBackupRecord[] = [];
   private readonly defaultDiskBytes: number;
   private readonly now: () => number;
+  private readonly backupStartPauseMs: number;
 
   constructor(opts: FakeHypervisorOptions = {}) {
     this.defaultDiskBytes = opts.defaultDiskBytes ?? DEFAULT_DISK_BYTES;
     this.now = opts.now ?? Date.now;
+    this.backupStartPauseMs = opts.backupStartPauseMs ?? 0;
   }
 
   // ---- InstanceFactory ----
@@ -103,6 +121,9 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
         launches: 0,
         offlineBusy: 0,
         readers: new Map(),
+        agent: { present: false },
+        frozen: false,
+        thawFailuresLeft: 0,
       };
       this.instances.set(spec.uuid, inst);
       return infoOf(inst);
@@ -148,6 +169,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     return this.call('stop', uuid, [uuid, opts], () => {
       const inst = this.get(uuid);
       requireState(inst, 'stop', ['running', 'paused']);
+      this.requireThawed(inst, 'stop');
       inst.state = 'shutoff';
     });
   }
@@ -178,9 +200,12 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     return this.call('managedSave', uuid, [uuid], () => {
       const inst = this.get(uuid);
       const prior = requireState(inst, 'managedSave', ['running', 'paused']);
+      this.requireThawed(inst, 'managedSave');
       inst.priorState = prior;
       inst.state = 'saved';
-      return { priorState: prior, bytes: inst.memoryMb * 1024 * 1024 };
+      const result: SaveResult = { priorState: prior, bytes: inst.memoryMb * 1024 * 1024 };
+      if (prior === 'running') result.vcpusStoppedAt = this.now();
+      return result;
     });
   }
 
@@ -188,30 +213,128 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     return this.call('resume', uuid, [uuid, hooks], async () => {
       const inst = this.get(uuid);
       requireState(inst, 'resume', ['saved']);
+      this.requireThawed(inst, 'resume');
       await hooks?.beforeLaunch?.(uuid);
       const prior = inst.priorState ?? 'running';
       this.launch(inst, 'resume', ['saved'], prior);
       delete inst.priorState;
-      return { state: prior };
+      const result: ResumeResult = { state: prior };
+      if (prior === 'running') result.vcpusResumedAt = this.now();
+      return result;
     });
   }
 
-  // ---- live backup and guest agent (issue 4: being implemented) ----
+  // ---- Hypervisor: live backup ----
 
-  startLiveBackup(_uuid: string, _dest: string): Promise<BackupJob> {
-    return Promise.reject(new Error('live backup is not implemented yet'));
+  /**
+   * The job's point in time is the active layer right after this call's guest write. The target is
+   * created at once (sparse, the disk's size); the data is copied by wait(), while a running guest
+   * keeps writing to its disk.
+   */
+  startLiveBackup(uuid: string, dest: string): Promise<BackupJob> {
+    return this.call('startLiveBackup', uuid, [uuid, dest], async () => {
+      const inst = this.get(uuid);
+      requireProcess(inst, 'startLiveBackup');
+      const launch = inst.launches;
+      const rec: FakeBackupRecord = { uuid, dest, startedAt: this.now(), pointInTime: Buffer.from(inst.disk.active), status: 'running' };
+      await createTarget(dest, rec.pointInTime.length);
+      this.backups.push(rec);
+      return this.backupJob(inst, launch, rec);
+    });
   }
 
-  guestAgentAvailable(_uuid: string, _timeoutMs: number): Promise<boolean> {
-    return Promise.resolve(false);
+  private backupJob(inst: FakeInstance, launch: number, rec: FakeBackupRecord): BackupJob {
+    let copying: Promise<void> | undefined;
+    const copy = (onProgress?: (fraction: number) => void) =>
+      copyIntoTarget(
+        rec.pointInTime,
+        rec.dest,
+        () => {
+          if (rec.status === 'cancelled') throw new QmpError('block-job', 'GenericError', `backup job of ${rec.uuid} was cancelled`);
+          if (inst.launches !== launch || !processHoldsDisk(inst.state)) {
+            rec.status = 'failed';
+            throw new QmpError('block-job', 'GenericError', `the QEMU process running the backup job of ${rec.uuid} is gone`);
+          }
+          if (inst.state === 'running' && !inst.frozen) inst.disk.guestTick();
+        },
+        onProgress,
+      ).then(
+        () => {
+          if (rec.status === 'running') rec.status = 'completed';
+        },
+        (err: unknown) => {
+          if (rec.status === 'running') rec.status = 'failed';
+          throw err;
+        },
+      );
+    return {
+      startedAt: rec.startedAt,
+      startPauseMs: this.backupStartPauseMs,
+      wait: (onProgress) =>
+        this.call('backupWait', rec.uuid, [rec.uuid, rec.dest], async () => {
+          if (rec.status === 'completed') {
+            onProgress?.(1);
+            return;
+          }
+          if (rec.status !== 'running') throw new QmpError('block-job', 'GenericError', `backup job of ${rec.uuid} was ${rec.status}`);
+          copying ??= copy(onProgress);
+          await copying;
+        }),
+      cancel: () =>
+        this.call('backupCancel', rec.uuid, [rec.uuid, rec.dest], async () => {
+          if (rec.status === 'running') rec.status = 'cancelled';
+          // The target is released once a copy in progress has stopped.
+          await copying?.catch(() => undefined);
+        }),
+    };
   }
 
-  freezeFilesystems(_uuid: string, _timeoutMs: number): Promise<number> {
-    return Promise.reject(new Error('guest agent is not implemented yet'));
+  // ---- Hypervisor: guest agent ----
+
+  guestAgentAvailable(uuid: string, timeoutMs: number): Promise<boolean> {
+    return this.call('guestAgentAvailable', uuid, [uuid, timeoutMs], async () => {
+      const inst = this.get(uuid);
+      // With no process there is no agent channel at all.
+      if (!processHoldsDisk(inst.state) || !inst.agent.present) return false;
+      // A paused guest's agent cannot run: it never answers.
+      if (inst.agent.hangs === true || inst.state === 'paused') {
+        await sleep(timeoutMs);
+        return false;
+      }
+      return true;
+    });
   }
 
-  thawFilesystems(_uuid: string, _timeoutMs: number): Promise<number> {
-    return Promise.resolve(0);
+  freezeFilesystems(uuid: string, timeoutMs: number): Promise<number> {
+    return this.call('freezeFilesystems', uuid, [uuid, timeoutMs], async () => {
+      const inst = this.get(uuid);
+      requireAgent(inst, 'guest-fsfreeze-freeze');
+      const { agent } = inst;
+      if (agent.hangs === true || inst.state === 'paused') return agentTimeout(inst, 'guest-fsfreeze-freeze', timeoutMs);
+      if (inst.frozen) throw new GuestAgentError(`guest agent of ${uuid}: guest-fsfreeze-freeze: the filesystems are frozen already`);
+      if (agent.freezeFails === true) throw new GuestAgentError(`guest agent of ${uuid}: guest-fsfreeze-freeze failed: failed to freeze /`);
+      inst.frozen = true;
+      if (agent.hangs === 'freeze') return agentTimeout(inst, 'guest-fsfreeze-freeze', timeoutMs);
+      return FAKE_GUEST_FILESYSTEMS;
+    });
+  }
+
+  thawFilesystems(uuid: string, timeoutMs: number): Promise<number> {
+    return this.call('thawFilesystems', uuid, [uuid, timeoutMs], async () => {
+      const inst = this.get(uuid);
+      requireAgent(inst, 'guest-fsfreeze-thaw');
+      const { agent } = inst;
+      if (agent.hangs === true || agent.hangs === 'thaw' || inst.state === 'paused') {
+        return agentTimeout(inst, 'guest-fsfreeze-thaw', timeoutMs);
+      }
+      if (agent.thawFails === true || inst.thawFailuresLeft > 0) {
+        if (inst.thawFailuresLeft > 0) inst.thawFailuresLeft--;
+        throw new GuestAgentError(`guest agent of ${uuid}: guest-fsfreeze-thaw failed: failed to thaw /`);
+      }
+      const thawed = inst.frozen ? FAKE_GUEST_FILESYSTEMS : 0;
+      inst.frozen = false;
+      return thawed;
+    });
   }
 
   // ---- Hypervisor: internal snapshots ----
@@ -341,6 +464,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     const inst = this.get(uuid);
     requireState(inst, 'crash', ['running', 'paused']);
     inst.state = 'crashed';
+    inst.frozen = false;
   }
 
   /** The current power state, without counting as a call. */
@@ -375,6 +499,29 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     return this.get(uuid).disk.wasState(data);
   }
 
+  /** Installs (or removes, or breaks) the instance's guest agent. Default: none. */
+  setGuestAgent(uuid: string, agent: FakeGuestAgent): void {
+    const inst = this.get(uuid);
+    inst.agent = { ...agent };
+    inst.thawFailuresLeft = typeof agent.thawFails === 'number' ? agent.thawFails : 0;
+  }
+
+  /** Whether the guest's filesystems are frozen now. */
+  frozen(uuid: string): boolean {
+    return this.get(uuid).frozen;
+  }
+
+  /** Live backup jobs started for the instance, oldest first (each with its point in time). */
+  liveBackups(uuid: string): readonly FakeBackupRecord[] {
+    this.get(uuid);
+    return this.backups.filter((b) => b.uuid === uuid);
+  }
+
+  /** Holds a call back until `spec.until` settles; see HoldSpec. */
+  holdCall(spec: HoldSpec): void {
+    this.faults.hold(spec);
+  }
+
   // ---- internals ----
 
   /**
@@ -382,10 +529,11 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
    * `body` runs synchronously at call time, so the order of ticks follows the order of calls.
    */
   private call<T>(op: FakeOp, uuid: string | undefined, args: unknown[], body: () => T | Promise<T>): Promise<T> {
-    for (const inst of this.instances.values()) if (inst.state === 'running') inst.disk.guestTick();
+    for (const inst of this.instances.values()) if (inst.state === 'running' && !inst.frozen) inst.disk.guestTick();
     this.calls.push({ op, uuid, args });
     const fired = this.faults.onCall(op, uuid);
     return (async () => {
+      if (fired.hold !== undefined) await fired.hold;
       if (fired.before !== undefined) throw fired.before;
       const result = await body();
       if (fired.after !== undefined) throw fired.after;
@@ -424,6 +572,11 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     if (processHoldsDisk(inst.state)) {
       this.violation(`${what} while the instance is ${inst.state}: a QEMU process holds the disk (SPEC §2)`);
     }
+  }
+
+  /** Stopping or restarting the process of a frozen guest is our bug: the freeze must end first. */
+  private requireThawed(inst: FakeInstance, op: string): void {
+    if (inst.frozen) this.violation(`${op}(${inst.uuid}) while the guest's filesystems are frozen (quiesce must end first)`);
   }
 
   private requireNoReaders(inst: FakeInstance, name: string, what: string): void {
@@ -466,6 +619,16 @@ function requireProcess(inst: FakeInstance, op: string): void {
       `cannot ${op} on instance ${inst.uuid}: it is ${inst.state}, expected running or paused (no QEMU monitor without a process)`,
     );
   }
+}
+
+function requireAgent(inst: FakeInstance, command: string): void {
+  requireProcess(inst, command);
+  if (!inst.agent.present) throw new GuestAgentError(`guest agent of ${inst.uuid}: ${command}: QEMU guest agent is not connected`);
+}
+
+async function agentTimeout(inst: FakeInstance, command: string, timeoutMs: number): Promise<never> {
+  await sleep(timeoutMs);
+  throw new GuestAgentError(`guest agent of ${inst.uuid}: ${command}: no answer within ${timeoutMs} ms`);
 }
 
 function qemuImgFailure(argv: string[], message: string): QemuImgError {

@@ -1,8 +1,11 @@
 import { InjectedFault } from '../../errors.js';
 import type { Hypervisor, InstanceFactory } from '../types.js';
 
-/** A public operation of the fake hypervisor. */
-export type FakeOp = Exclude<keyof Hypervisor, 'driver'> | keyof InstanceFactory;
+/**
+ * A public operation of the fake hypervisor. `backupWait` and `backupCancel` are a live backup job's
+ * `wait()` and `cancel()`.
+ */
+export type FakeOp = Exclude<keyof Hypervisor, 'driver'> | keyof InstanceFactory | 'backupWait' | 'backupCancel';
 
 export interface FaultSpec {
   op: FakeOp;
@@ -19,9 +22,21 @@ export interface FaultSpec {
   error?: Error;
 }
 
+/** Holds one call back until `until` settles (a slow hypervisor, a hung command). Counted like a fault. */
+export interface HoldSpec {
+  op: FakeOp;
+  /** As FaultSpec.nth. */
+  nth?: number;
+  uuid?: string;
+  /** The call runs once this settles (either way). */
+  until: Promise<unknown>;
+}
+
 export interface FiredFaults {
   before?: Error;
   after?: Error;
+  /** Settles when the call may run. */
+  hold?: Promise<unknown>;
 }
 
 interface ArmedFault {
@@ -29,20 +44,34 @@ interface ArmedFault {
   nth: number;
 }
 
+interface ArmedHold {
+  spec: HoldSpec;
+  nth: number;
+}
+
 /** One-shot faults: each fires on its nth matching call and is then gone. Counts every call. */
 export class FaultInjector {
   private armed: ArmedFault[] = [];
+  private holds: ArmedHold[] = [];
   /** Calls so far per op, and per op and instance. */
   private readonly counts = new Map<string, number>();
 
   inject(spec: FaultSpec): void {
+    this.armed.push({ spec: { ...spec }, nth: this.nthOf(spec, 'fault') });
+  }
+
+  hold(spec: HoldSpec): void {
+    this.holds.push({ spec: { ...spec }, nth: this.nthOf(spec, 'hold') });
+  }
+
+  private nthOf(spec: { op: FakeOp; uuid?: string; nth?: number }, what: string): number {
     const done = this.count(spec.op, spec.uuid);
     const nth = spec.nth ?? done + 1;
-    if (!Number.isInteger(nth) || nth < 1) throw new RangeError(`fault nth must be an integer ≥ 1, got ${nth}`);
+    if (!Number.isInteger(nth) || nth < 1) throw new RangeError(`${what} nth must be an integer ≥ 1, got ${nth}`);
     if (nth <= done) {
-      throw new RangeError(`fault on ${spec.op} call #${nth} would never fire: ${done} such calls were already made`);
+      throw new RangeError(`${what} on ${spec.op} call #${nth} would never fire: ${done} such calls were already made`);
     }
-    this.armed.push({ spec: { ...spec }, nth });
+    return nth;
   }
 
   /** Calls of `op` made so far (for `uuid` only, when given). */
@@ -52,6 +81,7 @@ export class FaultInjector {
 
   clear(): void {
     this.armed = [];
+    this.holds = [];
   }
 
   pending(): FaultSpec[] {
@@ -71,6 +101,14 @@ export class FaultInjector {
       if (fired[when] === undefined) fired[when] = error;
       return false;
     });
+    const holds: Promise<unknown>[] = [];
+    this.holds = this.holds.filter((h) => {
+      if (h.spec.op !== op || (h.spec.uuid !== undefined && h.spec.uuid !== uuid)) return true;
+      if (this.count(op, h.spec.uuid) !== h.nth) return true;
+      holds.push(h.spec.until);
+      return false;
+    });
+    if (holds.length > 0) fired.hold = Promise.allSettled(holds);
     return fired;
   }
 }

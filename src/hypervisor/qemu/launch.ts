@@ -16,6 +16,8 @@ import type { InstanceLayout, InstanceRecord } from './layout.js';
 export const DISK_NODE = 'disk0';
 /** QOM path of the virtio-blk backend (for HMP `qemu-io -d`). */
 export const DISK_QOM_PATH = '/machine/peripheral/virtio-disk0/virtio-backend';
+/** The virtio-serial port name qemu-ga looks for inside the guest. */
+export const GUEST_AGENT_PORT = 'org.qemu.guest_agent.0';
 
 export function qemuArgv(record: InstanceRecord, layout: InstanceLayout, accel: string): string[] {
   const e = escapeOptValue;
@@ -33,6 +35,12 @@ export function qemuArgv(record: InstanceRecord, layout: InstanceLayout, accel: 
     '-blockdev', `driver=file,filename=${e(layout.disk)},node-name=${DISK_NODE}-file`,
     '-blockdev', `driver=qcow2,node-name=${DISK_NODE},file=${DISK_NODE}-file`,
     '-device', `virtio-blk-pci,drive=${DISK_NODE},id=virtio-disk0`,
+    // Guest agent channel, after the disk so that the disk keeps its PCI slot. A managed save
+    // made without it still loads (QEMU 7.2 leaves the new device at reset; the guest sees it
+    // after its next boot); no released version ever made such a save.
+    '-chardev', `socket,id=qga0,path=${e(layout.guestAgentSocket)},server=on,wait=off`,
+    '-device', 'virtio-serial-pci,id=virtio-serial0',
+    '-device', `virtserialport,bus=virtio-serial0.0,nr=1,chardev=qga0,id=channel0,name=${GUEST_AGENT_PORT}`,
     '-qmp', `unix:${e(layout.qmpSocket)},server=on,wait=off`,
     // -pidfile takes a plain path, not an option list: no escaping.
     '-pidfile', layout.pidFile,

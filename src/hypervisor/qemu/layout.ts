@@ -54,14 +54,24 @@ export class InstanceLayout {
     return path.join(this.dir, 'restore.sock');
   }
 
+  /** The host end of the guest agent's virtio-serial channel (QEMU listens). */
+  get guestAgentSocket(): string {
+    return path.join(this.dir, 'qga.sock');
+  }
+
   /** Files a QEMU process leaves behind; removed before a new process is launched. */
   get staleRuntimeFiles(): string[] {
-    return [this.pidFile, this.qmpSocket, this.saveSocket, this.restoreSocket, this.saveStatePartial];
+    return [this.pidFile, this.qmpSocket, this.guestAgentSocket, this.saveSocket, this.restoreSocket, this.saveStatePartial];
+  }
+
+  /** Runtime files that go with the process (removed once it has exited). */
+  get processFiles(): string[] {
+    return [this.pidFile, this.qmpSocket, this.guestAgentSocket];
   }
 
   /** Throws a ConfigError naming the first unix socket path that does not fit in sun_path. */
   assertSocketPathsFit(): void {
-    for (const p of [this.qmpSocket, this.saveSocket, this.restoreSocket]) {
+    for (const p of [this.qmpSocket, this.guestAgentSocket, this.saveSocket, this.restoreSocket]) {
       const len = Buffer.byteLength(p);
       if (len >= UNIX_SOCKET_PATH_MAX) {
         throw new ConfigError(

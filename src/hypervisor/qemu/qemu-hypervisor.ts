@@ -1,6 +1,7 @@
 import fs from 'node:fs/promises';
 import type { Config } from '../../config/schema.js';
 import {
+  GuestAgentError,
   InstanceExists,
   InstanceInvalidState,
   InstanceNotFound,
@@ -15,7 +16,6 @@ import type { Logger } from '../../log.js';
 import { QemuImg } from '../../qemu-img/qemu-img.js';
 import { isUuid } from '../../util/uuid.js';
 import type {
-  BackupJob,
   DiskInfo,
   ExportOptions,
   Hypervisor,
@@ -40,7 +40,9 @@ import { fsyncDir } from '../../util/durable-fs.js';
 import { DISK_NODE, INCOMING_ARGS, launchDaemonized, qemuArgv } from './launch.js';
 import { MigrationReceiver, sendMigrationStream } from './migration-stream.js';
 import { findGuestProcess, killGuest, waitForGuestExit } from './qemu-process.js';
-import type { QmpClient } from './qmp.js';
+import { fsCount, withGuestAgent } from './guest-agent.js';
+import { QemuBackupJob, startLiveBackup } from './live-backup.js';
+import { eventTimeMs, type QmpClient } from './qmp.js';
 import { QmpSessions } from './qmp-sessions.js';
 
 export interface QemuHypervisorOptions {
@@ -54,6 +56,10 @@ export interface QemuHypervisorOptions {
   /** Default timeout of each QMP command. */
   qmpTimeoutMs: number;
   log: Logger;
+  /** Copy rate limit of live backups in bytes/s (QMP `speed`); unset or 0: unlimited. */
+  liveBackupSpeed?: number;
+  /** Where the guest agent of an instance is reached; default `<instance dir>/qga.sock` (tests point it elsewhere). */
+  guestAgentSocket?: (uuid: string) => string;
 }
 
 /** Maps a QMP `query-status` run state to a power state. */
@@ -206,7 +212,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     if (opts.graceful && p.state === 'running') {
       await this.withQmp(p.layout, (qmp) => qmp.execute('system_powerdown'));
       if (await waitForGuestExit(p.pid, p.layout.uuid, this.opts.shutdownTimeoutMs)) {
-        await removeFiles([p.layout.pidFile, p.layout.qmpSocket]);
+        await removeFiles(p.layout.processFiles);
         log.info('instance powered off by the guest');
         return;
       }
@@ -244,6 +250,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     const log = this.log.child({ instance_uuid: layout.uuid });
     layout.assertSocketPathsFit();
 
+    let vcpusStoppedAt: number | undefined;
     const bytes = await this.withQmp(layout, async (qmp) => {
       // Everything that can be prepared is, before the guest stops: downtime starts at `stop`.
       await removeFiles([layout.saveSocket, layout.saveStatePartial]);
@@ -251,7 +258,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
       const receiver = await MigrationReceiver.listen(layout.saveSocket, layout.saveStatePartial);
       let bytes: number;
       try {
-        if (priorState === 'running') await qmp.execute('stop');
+        if (priorState === 'running') vcpusStoppedAt = await this.stopVcpus(qmp, log);
         await qmp.execute('migrate', { uri: `unix:${layout.saveSocket}` });
         [, bytes] = await Promise.all([this.waitForMigration(qmp, 'save'), receiver.done]);
         await receiver.close();
@@ -272,7 +279,32 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     });
     await this.endProcess(layout, p.pid, 'quit-sent');
     log.info({ prior_state: priorState, bytes }, 'instance managed-saved');
-    return { priorState, bytes };
+    return vcpusStoppedAt === undefined ? { priorState, bytes } : { priorState, bytes, vcpusStoppedAt };
+  }
+
+  /** QMP `stop`; resolves with when the vCPUs stopped (the STOP event's time). */
+  private async stopVcpus(qmp: QmpClient, log: Logger): Promise<number> {
+    const stopped = qmp.waitForEvent('STOP', undefined, this.opts.qmpTimeoutMs);
+    stopped.catch(() => undefined);
+    const sentAt = Date.now();
+    await qmp.execute('stop');
+    return stopped.then(eventTimeMs, (err: unknown) => {
+      // The vCPUs did stop (the command succeeded): the send time bounds it from below.
+      log.warn({ err: errorMessage(err) }, 'no STOP event after stop: downtime measured from the command');
+      return sentAt;
+    });
+  }
+
+  /** QMP `cont`; resolves with when the vCPUs ran again (the RESUME event's time). */
+  private async continueVcpus(qmp: QmpClient, log: Logger): Promise<number> {
+    const resumed = qmp.waitForEvent('RESUME', undefined, this.opts.qmpTimeoutMs);
+    resumed.catch(() => undefined);
+    await qmp.execute('cont');
+    const answeredAt = Date.now();
+    return resumed.then(eventTimeMs, (err: unknown) => {
+      log.warn({ err: errorMessage(err) }, 'no RESUME event after cont: downtime measured to the reply');
+      return answeredAt;
+    });
   }
 
   /** Leaves a guest whose save failed as it was: partial files removed, vCPUs running again if they were. */
@@ -298,6 +330,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     const pid = await this.launch(layout, p.record, INCOMING_ARGS);
     let loaded = false;
     let state: PowerState;
+    let vcpusResumedAt: number | undefined;
     try {
       state = await this.withQmp(layout, async (qmp) => {
         await qmp.execute('migrate-incoming', { uri: `unix:${layout.restoreSocket}` });
@@ -308,7 +341,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
         // state file older than the disk must never be resumed later.
         await removeFiles([layout.saveState, layout.saveMeta, layout.restoreSocket]);
         await fsyncDir(layout.dir);
-        if (saved.prior_state === 'running') await qmp.execute('cont');
+        if (saved.prior_state === 'running') vcpusResumedAt = await this.continueVcpus(qmp, log);
         return this.queryPowerState(qmp);
       });
     } catch (err) {
@@ -330,7 +363,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
       throw err;
     }
     log.info({ state }, 'instance resumed from managed save');
-    return { state };
+    return vcpusResumedAt === undefined ? { state } : { state, vcpusResumedAt };
   }
 
   // ---- internal snapshots and export ----------------------------------------------------------
@@ -377,22 +410,75 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     });
   }
 
-  // ---- live backup and guest agent (issue 4: being implemented) ----
+  // ---- live backup ---------------------------------------------------------------------------
 
-  startLiveBackup(_uuid: string, _dest: string): Promise<BackupJob> {
-    return Promise.reject(new Error('live backup is not implemented yet'));
+  async startLiveBackup(uuid: string, dest: string): Promise<QemuBackupJob> {
+    const { layout, pid } = await this.requireProcess(uuid, 'start a live backup');
+    const alive = async () => (await findGuestProcess(layout.pidFile, layout.uuid)) === pid;
+    return startLiveBackup(
+      {
+        withQmp: async (fn) => {
+          if (!(await alive())) {
+            throw new InstanceInvalidState(`live backup of instance ${layout.uuid}: its QEMU process ${pid} is gone`);
+          }
+          return this.withQmp(layout, fn);
+        },
+        alive,
+        qemuImg: this.qemuImg,
+        log: this.log.child({ instance_uuid: layout.uuid }),
+        timeoutMs: this.opts.qmpTimeoutMs,
+        speed: this.opts.liveBackupSpeed,
+      },
+      dest,
+    );
   }
 
-  guestAgentAvailable(_uuid: string, _timeoutMs: number): Promise<boolean> {
-    return Promise.resolve(false);
+  // ---- guest agent ----------------------------------------------------------------------------
+
+  async guestAgentAvailable(uuid: string, timeoutMs: number): Promise<boolean> {
+    const { layout, pid } = await this.probeProcess(uuid);
+    if (pid === undefined) return false;
+    try {
+      await withGuestAgent(this.guestAgentSocket(layout), timeoutMs, 'reach the guest agent', async () => undefined);
+      return true;
+    } catch (err) {
+      if (!(err instanceof GuestAgentError)) throw err;
+      this.log.debug({ instance_uuid: layout.uuid, err: err.message }, 'no guest agent');
+      return false;
+    }
   }
 
-  freezeFilesystems(_uuid: string, _timeoutMs: number): Promise<number> {
-    return Promise.reject(new Error('guest agent is not implemented yet'));
+  async freezeFilesystems(uuid: string, timeoutMs: number): Promise<number> {
+    const { layout } = await this.requireProcess(uuid, 'freeze the guest filesystems');
+    const socket = this.guestAgentSocket(layout);
+    let sent = false;
+    try {
+      return await withGuestAgent(socket, timeoutMs, `freeze the filesystems of instance ${layout.uuid}`, async (agent) => {
+        sent = true;
+        return fsCount('guest-fsfreeze-freeze', await agent.execute('guest-fsfreeze-freeze', undefined, timeoutMs));
+      });
+    } catch (err) {
+      if (!sent) throw err;
+      // A freeze that got no answer may still happen (or have half happened): never leave a guest
+      // frozen behind a failed freeze. Thawing filesystems that are not frozen is harmless. The
+      // agent answers nothing before it is done freezing, hence the longer wait.
+      const thawed = await this.thawFilesystems(uuid, 2 * timeoutMs).then(
+        (n) => `thawed ${n} afterwards`,
+        (e: unknown) => `the thaw afterwards failed too, the guest may stay frozen: ${errorMessage(e)}`,
+      );
+      throw new GuestAgentError(`${errorMessage(err)} (${thawed})`, { cause: err });
+    }
   }
 
-  thawFilesystems(_uuid: string, _timeoutMs: number): Promise<number> {
-    return Promise.resolve(0);
+  async thawFilesystems(uuid: string, timeoutMs: number): Promise<number> {
+    const { layout } = await this.requireProcess(uuid, 'thaw the guest filesystems');
+    return withGuestAgent(this.guestAgentSocket(layout), timeoutMs, `thaw the filesystems of instance ${layout.uuid}`, async (agent) =>
+      fsCount('guest-fsfreeze-thaw', await agent.execute('guest-fsfreeze-thaw', undefined, timeoutMs)),
+    );
+  }
+
+  private guestAgentSocket(layout: InstanceLayout): string {
+    return this.opts.guestAgentSocket?.(layout.uuid) ?? layout.guestAgentSocket;
   }
 
   // ---- monitor access for tests and the CLI ---------------------------------------------------
@@ -401,6 +487,15 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
   async qmp<T = unknown>(uuid: string, execute: string, args?: Record<string, unknown>): Promise<T> {
     const p = await this.requireProcess(uuid, `run QMP ${execute}`);
     return this.withQmp(p.layout, (qmp) => qmp.execute<T>(execute, args));
+  }
+
+  /**
+   * Runs `fn` with the guest's QMP connection, which this object's overlapping operations share
+   * (e.g. to watch events while they run).
+   */
+  async withMonitor<T>(uuid: string, fn: (qmp: QmpClient) => Promise<T>): Promise<T> {
+    const p = await this.requireProcess(uuid, 'use the QMP monitor');
+    return this.withQmp(p.layout, fn);
   }
 
   /** Runs one HMP command line (`human-monitor-command`); resolves with its output. */
@@ -520,7 +615,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
         throw new QemuProcessError(`QEMU process ${pid} of instance ${uuid} survived SIGKILL`);
       }
     }
-    await removeFiles([layout.pidFile, layout.qmpSocket]);
+    await removeFiles(layout.processFiles);
   }
 
   /** Polls `query-migrate` until the migration completed; throws if it failed. */

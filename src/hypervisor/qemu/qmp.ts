@@ -15,6 +15,12 @@ export interface QmpEvent {
   timestamp?: { seconds: number; microseconds: number };
 }
 
+/** An event's timestamp (QEMU's wall clock, seconds + microseconds) as epoch milliseconds. */
+export function eventTimeMs(ev: QmpEvent): number {
+  if (!ev.timestamp) throw new Error(`QMP event ${ev.event} has no timestamp`);
+  return ev.timestamp.seconds * 1000 + ev.timestamp.microseconds / 1000;
+}
+
 export interface QmpGreeting {
   QMP: { version?: unknown; capabilities?: unknown[] };
 }
@@ -74,6 +80,9 @@ export class QmpClient extends EventEmitter {
           reject(new QmpTimeout(`no QMP greeting on ${path} within ${opts.timeoutMs} ms (is another client connected?)`));
         }, opts.timeoutMs);
         client.greetingHandler = (msg) => {
+          // QEMU may flush an event left in the monitor's output buffer (emitted while the previous
+          // client was leaving) ahead of the greeting: not ours, skip it.
+          if (typeof msg.event === 'string') return;
           clearTimeout(timer);
           client.greetingHandler = undefined;
           client.off('disconnect', onDisconnect);
