@@ -1,8 +1,8 @@
-import { constants, lstat, mkdir, open, readdir, rename, type FileHandle } from 'node:fs/promises';
+import { constants, mkdir, open, readdir, rename, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { ImageExists, ImageNotFound, InvalidInstanceId } from '../errors.js';
 import { isUuid } from '../util/uuid.js';
-import { fsyncDir, isErrno, unlinkIfExists } from '../util/durable-fs.js';
+import { fsyncDir, isErrno, pathExists, unlinkIfExists } from '../util/durable-fs.js';
 import { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
 import { digestFile } from './hash.js';
 import { FILE_MODE, isoSeconds, newImageMeta, readImageMeta, writeImageMeta } from './metadata.js';
@@ -98,7 +98,7 @@ export class ImageStore {
     }
     if (typeof img.name !== 'string') throw new TypeError('image name must be a string');
     return this.mutex.run(id, async () => {
-      if ((await exists(this.paths.meta(id))) || (await exists(this.paths.data(id)))) throw new ImageExists(id);
+      if ((await pathExists(this.paths.meta(id))) || (await pathExists(this.paths.data(id)))) throw new ImageExists(id);
       await this.makeDirs();
       // A partial without metadata is debris of an attempt that crashed before recording the image.
       await unlinkIfExists(this.paths.partial(id));
@@ -266,7 +266,7 @@ export class ImageStore {
         if (!(err instanceof ImageStoreCorrupt)) throw err;
         corrupt = true;
       }
-      if (!meta && !corrupt && !(await exists(this.paths.data(cid))) && !(await exists(this.paths.partial(cid)))) {
+      if (!meta && !corrupt && !(await pathExists(this.paths.data(cid))) && !(await pathExists(this.paths.partial(cid)))) {
         throw new ImageNotFound(cid);
       }
       if (meta && meta.status !== 'deleted') await this.update(meta, { status: 'deleted' });
@@ -336,16 +336,6 @@ async function openRegularFile(file: string, missing: () => Error): Promise<File
     throw new ImageStoreCorrupt(`${file} is not a regular file`);
   }
   return fh;
-}
-
-async function exists(p: string): Promise<boolean> {
-  try {
-    await lstat(p);
-    return true;
-  } catch (err) {
-    if (isErrno(err, 'ENOENT')) return false;
-    throw err;
-  }
 }
 
 function cmp(a: string, b: string): number {

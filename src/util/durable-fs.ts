@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { constants, open, link, rename, unlink } from 'node:fs/promises';
+import { constants, link, lstat, open, rename, unlink } from 'node:fs/promises';
 import path from 'node:path';
 
 /** fsync a directory so that entries created, renamed or removed in it survive a crash. */
@@ -60,4 +60,15 @@ export async function writeFileAtomic(
     throw err;
   }
   await fsyncDir(dir);
+}
+
+/** True if something (file, folder, link) is at `p`; false only when nothing is. */
+export async function pathExists(p: string): Promise<boolean> {
+  try {
+    await lstat(p);
+    return true;
+  } catch (err) {
+    if (isErrno(err, 'ENOENT')) return false;
+    throw err;
+  }
 }

@@ -170,10 +170,15 @@ export async function guestPid(instancesPath: string, uuid: string): Promise<num
   return Number.isInteger(pid) && pid > 0 ? pid : undefined;
 }
 
-/** True while a process with this pid exists and is not a zombie. */
+/**
+ * True while a process with this pid exists and is not a zombie — including while it is still
+ * exiting (memory released, files and image locks not yet): see hasExited in qemu-process.ts.
+ */
 export async function processAlive(pid: number): Promise<boolean> {
-  const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-  return cmdline.length > 0;
+  const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  if (stat === '') return false;
+  const state = stat.charAt(stat.lastIndexOf(')') + 2);
+  return state !== 'Z' && state !== 'X';
 }
 
 /** SIGKILLs the guest's QEMU (a crash) and waits until it is gone. */

@@ -5,7 +5,7 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 import { STRATEGIES, type StrategyName } from '../../src/config/schema.js';
 import type { ResumeResult, SaveResult } from '../../src/hypervisor/types.js';
 import { windowDowntimeMs } from '../../src/snapshot/downtime.js';
-import { SNAPSHOTS_LEFT_MAX, STRATEGY_STEPS } from '../../src/snapshot/strategies.js';
+import { STRATEGY_STEPS } from '../../src/snapshot/strategies.js';
 import { allowedLeft, expectSafeFailure, guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
 
 const STATES = ['running', 'paused', 'shutoff', 'saved'] as const;

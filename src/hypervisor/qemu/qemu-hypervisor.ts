@@ -31,12 +31,11 @@ import type {
 import {
   InstanceLayout,
   type InstanceRecord,
-  pathExists,
   readInstanceRecord,
   readManagedSaveRecord,
   writeJsonAtomic,
 } from './layout.js';
-import { fsyncDir } from '../../util/durable-fs.js';
+import { fsyncDir, pathExists } from '../../util/durable-fs.js';
 import { DISK_NODE, INCOMING_ARGS, launchDaemonized, qemuArgv } from './launch.js';
 import { MigrationReceiver, sendMigrationStream } from './migration-stream.js';
 import { findGuestProcess, killGuest, waitForGuestExit } from './qemu-process.js';

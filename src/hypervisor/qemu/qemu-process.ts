@@ -41,11 +41,33 @@ export async function findGuestProcess(pidFile: string, uuid: string): Promise<n
 
 const POLL_MS = 20;
 
-/** Resolves true once the process is gone, false if it still runs after `timeoutMs`. */
+/**
+ * True once the process has exited far enough that its files, and so its image locks, are released.
+ * Its command line empties when its memory is released, which the kernel does BEFORE it closes the
+ * files: a new QEMU launched at that moment fails to get the disk's "write" lock. So the process
+ * counts as gone only when /proc has no entry for it, or it is a zombie (files closed), or its pid
+ * now belongs to another program.
+ */
+export async function hasExited(pid: number, uuid: string): Promise<boolean> {
+  let stat: string;
+  try {
+    stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return true;
+  }
+  // "pid (comm) S ...": the state follows the last ')' (comm may itself contain parentheses).
+  const state = stat.charAt(stat.lastIndexOf(')') + 2);
+  if (state === 'Z' || state === 'X') return true;
+  const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+  if (cmdline === '') return false; // still exiting
+  return !cmdline.split('\0').includes(uuid);
+}
+
+/** Resolves true once the process is gone (its files closed), false if not after `timeoutMs`. */
 export async function waitForGuestExit(pid: number, uuid: string, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    if (!(await isGuestProcess(pid, uuid))) return true;
+    if (await hasExited(pid, uuid)) return true;
     if (Date.now() >= deadline) return false;
     await new Promise((r) => setTimeout(r, POLL_MS));
   }
