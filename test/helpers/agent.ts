@@ -247,3 +247,25 @@ export async function waitForImageStatus(
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
 }
+
+/** A nova Instance object primitive, as nova's RPC API sends it. */
+export function novaInstance(data: { uuid: string; display_name: string; user_id: string; project_id: string }): Record<string, unknown> {
+  return {
+    'nova_object.name': 'Instance',
+    'nova_object.namespace': 'nova',
+    'nova_object.version': '2.7',
+    'nova_object.data': data,
+  };
+}
+
+/** True if every byte of the raw image's [offset, offset + len) is `pattern`. */
+export async function rawHasPattern(file: string, pattern: number, offset: number, len: number): Promise<boolean> {
+  const fh = await fs.open(file, 'r');
+  try {
+    const buf = Buffer.alloc(len);
+    const { bytesRead } = await fh.read(buf, 0, len, offset);
+    return bytesRead === len && buf.every((b) => b === pattern);
+  } finally {
+    await fh.close();
+  }
+}

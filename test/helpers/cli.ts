@@ -21,3 +21,10 @@ export function runCli(args: readonly string[], env: NodeJS.ProcessEnv = {}): Pr
     child.on('close', (code) => resolve({ code: code ?? -1, stdout, stderr }));
   });
 }
+
+/** Runs the CLI with `--json` against a config file; expects exit code 0 and returns the parsed output. */
+export async function cliJson(configFile: string, args: readonly string[]): Promise<unknown> {
+  const res = await runCli(['--config-file', configFile, ...args, '--json']);
+  if (res.code !== 0) throw new Error(`snapshot-driver ${args.join(' ')} exited ${res.code}: ${res.stderr}`);
+  return JSON.parse(res.stdout) as unknown;
+}

@@ -11,8 +11,8 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { connect, type ChannelModel } from 'amqplib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawnAgent, startAgentProcess, waitForImageStatus, writeAgentConfig, type AgentProcess } from '../helpers/agent.js';
-import { runCli } from '../helpers/cli.js';
+import { novaInstance, rawHasPattern, spawnAgent, startAgentProcess, waitForImageStatus, writeAgentConfig, type AgentProcess } from '../helpers/agent.js';
+import { cliJson } from '../helpers/cli.js';
 import { assertOsloMessaging, osloRpc } from '../helpers/oslo-python.js';
 import { createGuest, guestWrite, makeQemuEnv, MiB, type QemuEnv } from '../helpers/qemu-guest.js';
 import { createRabbitVhost, restartRabbit, deleteRabbitVhost, ensureRabbit, RABBIT_HOST, RABBIT_PORT } from '../helpers/rabbitmq.js';
@@ -30,32 +30,6 @@ let uuid: string;
 /** Every agent process started, killed in afterAll whatever happened. */
 const agents: AgentProcess[] = [];
 let amqp: ChannelModel | undefined;
-
-function novaInstance(): Record<string, unknown> {
-  return {
-    'nova_object.name': 'Instance',
-    'nova_object.namespace': 'nova',
-    'nova_object.version': '2.7',
-    'nova_object.data': { uuid, display_name: GUEST_NAME, user_id: 'crash-user', project_id: 'crash-project' },
-  };
-}
-
-async function rawHasPattern(file: string, pattern: number, offset: number, len: number): Promise<boolean> {
-  const fh = await fs.open(file, 'r');
-  try {
-    const buf = Buffer.alloc(len);
-    const { bytesRead } = await fh.read(buf, 0, len, offset);
-    return bytesRead === len && buf.every((b) => b === pattern);
-  } finally {
-    await fh.close();
-  }
-}
-
-async function cliJson(args: string[]): Promise<unknown> {
-  const res = await runCli(['--config-file', conf, ...args, '--json']);
-  expect(res.code, res.stderr).toBe(0);
-  return JSON.parse(res.stdout);
-}
 
 /**
  * What the broker holds in a queue once no consumer is left on it: RabbitMQ removes a dead
@@ -108,7 +82,7 @@ describe('agent crash and broker loss (real RabbitMQ, real QEMU)', () => {
     await crashing.waitForLog('agent serving');
 
     const sent = await osloRpc(url, HOST, [
-      { name: 'cast-snapshot', kind: 'cast', method: 'snapshot_instance', args: { instance: novaInstance(), image_id: image } },
+      { name: 'cast-snapshot', kind: 'cast', method: 'snapshot_instance', args: { instance: novaInstance({ uuid, display_name: GUEST_NAME, user_id: 'crash-user', project_id: 'crash-project' }), image_id: image } },
     ]);
     expect(sent.get('cast-snapshot')).toMatchObject({ ok: true });
     expect(await crashing.exited).toEqual({ code: null, signal: 'SIGKILL' });
@@ -131,16 +105,16 @@ describe('agent crash and broker loss (real RabbitMQ, real QEMU)', () => {
 
     const meta = await waitForImageStatus(imagesDir, image);
     expect(meta).toMatchObject({ id: image, status: 'active', size: 64 * MiB, properties: { instance_uuid: uuid, image_type: 'snapshot' } });
-    expect(await cliJson(['images', 'verify', image])).toMatchObject({ ok: true });
+    expect(await cliJson(conf, ['images', 'verify', image])).toMatchObject({ ok: true });
     expect(await rawHasPattern(path.join(imagesDir, image), 0x3c, 0, MiB)).toBe(true);
     expect(await rawHasPattern(path.join(imagesDir, image), 0x96, 50 * MiB, 2 * MiB)).toBe(true);
-    expect(await cliJson(['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'running' }]);
+    expect(await cliJson(conf, ['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'running' }]);
     expect(await fs.readdir(path.join(imagesDir, '.partial'))).toEqual([]);
 
     // Stopped (through the running agent, as nova would), the disk is clean and holds no snapshot.
-    const stopped = await osloRpc(url, HOST, [{ name: 'stop', kind: 'call', method: 'stop_instance', args: { instance: novaInstance() } }]);
+    const stopped = await osloRpc(url, HOST, [{ name: 'stop', kind: 'call', method: 'stop_instance', args: { instance: novaInstance({ uuid, display_name: GUEST_NAME, user_id: 'crash-user', project_id: 'crash-project' }) } }]);
     expect(stopped.get('stop')).toMatchObject({ ok: true, result: null });
-    expect(await cliJson(['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'shutoff' }]);
+    expect(await cliJson(conf, ['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'shutoff' }]);
     const disk = path.join(env!.instancesPath, uuid, 'disk');
     expect(await env!.qemuImg.check(disk)).toMatchObject({ clean: true, corruptions: 0, leaks: 0 });
     expect(await env!.qemuImg.snapshotList(disk)).toEqual([]);
@@ -159,13 +133,13 @@ describe('agent crash and broker loss (real RabbitMQ, real QEMU)', () => {
     // A fresh oslo.messaging client: its calls reach the re-established consumers and get answers.
     const image = randomUUID();
     const results = await osloRpc(url, HOST, [
-      { name: 'start', kind: 'call', method: 'start_instance', args: { instance: novaInstance() } },
-      { name: 'snapshot', kind: 'call', method: 'snapshot_instance', args: { instance: novaInstance(), image_id: image }, timeout: 120 },
+      { name: 'start', kind: 'call', method: 'start_instance', args: { instance: novaInstance({ uuid, display_name: GUEST_NAME, user_id: 'crash-user', project_id: 'crash-project' }) } },
+      { name: 'snapshot', kind: 'call', method: 'snapshot_instance', args: { instance: novaInstance({ uuid, display_name: GUEST_NAME, user_id: 'crash-user', project_id: 'crash-project' }), image_id: image }, timeout: 120 },
     ]);
     expect(results.get('start')).toMatchObject({ ok: true, result: null });
     expect(results.get('snapshot')).toMatchObject({ ok: true, result: { image_id: image, status: 'active', internal_snapshots: 0 } });
-    expect(await cliJson(['images', 'verify', image])).toMatchObject({ ok: true });
-    expect(await cliJson(['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'running' }]);
+    expect(await cliJson(conf, ['images', 'verify', image])).toMatchObject({ ok: true });
+    expect(await cliJson(conf, ['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'running' }]);
     expect(agent.exitStatus).toBeUndefined();
   });
 });

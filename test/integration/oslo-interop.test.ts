@@ -12,8 +12,8 @@ import { silentLogger } from '../../src/log.js';
 import type { Bus } from '../../src/messaging/bus.js';
 import { encodeEnvelope, newUniqueId } from '../../src/messaging/envelope.js';
 import { openBus } from '../../src/messaging/transport/open-bus.js';
-import { startAgentProcess, waitForImageStatus, writeAgentConfig, type AgentProcess, type LogLine } from '../helpers/agent.js';
-import { runCli } from '../helpers/cli.js';
+import { novaInstance, rawHasPattern, startAgentProcess, waitForImageStatus, writeAgentConfig, type AgentProcess, type LogLine } from '../helpers/agent.js';
+import { cliJson } from '../helpers/cli.js';
 import { assertOsloMessaging, osloRpc, startOsloListener, type OsloNotification } from '../helpers/oslo-python.js';
 import { createGuest, guestWrite, makeQemuEnv, MiB, type QemuEnv } from '../helpers/qemu-guest.js';
 import { createRabbitVhost, deleteRabbitVhost, ensureRabbit } from '../helpers/rabbitmq.js';
@@ -32,34 +32,6 @@ let uuid: string;
 let agent: AgentProcess | undefined;
 let bus: Bus | undefined;
 let client: TestRpcClient | undefined;
-
-/** A nova Instance object primitive, as nova's RPC API sends it. */
-function novaInstance(): Record<string, unknown> {
-  return {
-    'nova_object.name': 'Instance',
-    'nova_object.namespace': 'nova',
-    'nova_object.version': '2.7',
-    'nova_object.data': { uuid, display_name: GUEST_NAME, user_id: 'py-user', project_id: 'py-project' },
-  };
-}
-
-/** True if every byte of the raw image's [offset, offset + len) is `pattern`. */
-async function rawHasPattern(file: string, pattern: number, offset: number, len: number): Promise<boolean> {
-  const fh = await fs.open(file, 'r');
-  try {
-    const buf = Buffer.alloc(len);
-    const { bytesRead } = await fh.read(buf, 0, len, offset);
-    return bytesRead === len && buf.every((b) => b === pattern);
-  } finally {
-    await fh.close();
-  }
-}
-
-async function cliJson(args: string[]): Promise<unknown> {
-  const res = await runCli(['--config-file', conf, ...args, '--json']);
-  expect(res.code, res.stderr).toBe(0);
-  return JSON.parse(res.stdout);
-}
 
 beforeAll(async () => {
   await assertOsloMessaging();
@@ -93,7 +65,7 @@ describe('oslo.messaging interop on real RabbitMQ and a real QEMU guest', () => 
   it('a Python oslo.messaging client casts and calls; an oslo listener gets the snapshot notifications', async () => {
     const castImage = randomUUID();
     const callImage = randomUUID();
-    const instance = novaInstance();
+    const instance = novaInstance({ uuid, display_name: GUEST_NAME, user_id: 'py-user', project_id: 'py-project' });
     const listener = await startOsloListener(url, 150, [
       'instance.snapshot.start=2',
       'instance.snapshot.end=2',
@@ -156,12 +128,12 @@ describe('oslo.messaging interop on real RabbitMQ and a real QEMU guest', () => 
       properties: { image_type: 'snapshot', instance_uuid: uuid },
     });
     for (const image of [castImage, callImage]) {
-      expect(await cliJson(['images', 'verify', image])).toMatchObject({ ok: true });
+      expect(await cliJson(conf, ['images', 'verify', image])).toMatchObject({ ok: true });
       expect(await rawHasPattern(path.join(imagesDir, image), 0x5a, 0, MiB)).toBe(true);
       expect(await rawHasPattern(path.join(imagesDir, image), 0xc3, 40 * MiB, MiB)).toBe(true);
     }
-    expect(await cliJson(['images', 'show', callImage])).toMatchObject({ status: 'active', checksum: callResult.checksum });
-    expect(await cliJson(['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'running' }]);
+    expect(await cliJson(conf, ['images', 'show', callImage])).toMatchObject({ status: 'active', checksum: callResult.checksum });
+    expect(await cliJson(conf, ['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'running' }]);
 
     // Versioned notifications, as nova-compute sends them, for each image.
     for (const image of [castImage, callImage]) {
@@ -190,7 +162,7 @@ describe('oslo.messaging interop on real RabbitMQ and a real QEMU guest', () => 
   it('runs a request sent twice with one _unique_id once', async () => {
     const image = randomUUID();
     const uniqueId = newUniqueId();
-    const args = { instance: novaInstance(), image_id: image };
+    const args = { instance: novaInstance({ uuid, display_name: GUEST_NAME, user_id: 'py-user', project_id: 'py-project' }), image_id: image };
     await client!.cast('snapshot_instance', args, { uniqueId });
     await client!.cast('snapshot_instance', args, { uniqueId });
     await agent!.waitForLog(/^duplicate RPC request dropped/, { unique_id: uniqueId });
@@ -202,7 +174,7 @@ describe('oslo.messaging interop on real RabbitMQ and a real QEMU guest', () => 
     expect(agent!.find('snapshot start', { image_id: image })).toHaveLength(1);
     expect(agent!.find('snapshot end', { image_id: image })).toHaveLength(1);
     expect(await waitForImageStatus(imagesDir, image)).toMatchObject({ status: 'active' });
-    expect(await cliJson(['images', 'verify', image])).toMatchObject({ ok: true });
+    expect(await cliJson(conf, ['images', 'verify', image])).toMatchObject({ ok: true });
   });
 
   describe('malformed input: logged with its reason, a call answered with a failure, the agent serves on', () => {
@@ -321,7 +293,7 @@ describe('oslo.messaging interop on real RabbitMQ and a real QEMU guest', () => 
     expect(agent!.find('stopping: waiting for running operations')).toMatchObject([{ signal: 'SIGTERM' }]);
     expect(agent!.find('stopped')).toHaveLength(1);
     // Guests are daemonized: they outlive the agent.
-    expect(await cliJson(['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'running' }]);
+    expect(await cliJson(conf, ['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'running' }]);
   });
 });
 
