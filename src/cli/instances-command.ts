@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import path from 'node:path';
 import { InvalidArgumentError, type Command } from 'commander';
 import { InvalidInstanceId, UsageError } from '../errors.js';
 import { isUuid } from '../util/uuid.js';
@@ -51,6 +52,7 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
     .option('--disk-size <size>', 'disk size, e.g. 1G (default 1G, or the base image size)', parseSize)
     .option('--base-image <file>', 'create the disk on top of this image')
     .option('--base-format <fmt>', 'format of the base image: qcow2 or raw', 'qcow2')
+    .option('--memory-file <file>', 'map the guest RAM privately from this file (its content is the initial RAM)')
     .option('--start', 'start the guest after creating it')
     .option('--json', 'print JSON')
     .action(
@@ -63,6 +65,7 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
         diskSize?: number;
         baseImage?: string;
         baseFormat: string;
+        memoryFile?: string;
         start?: boolean;
         json?: boolean;
       }) => {
@@ -80,6 +83,7 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
           diskSizeBytes: opts.diskSize ?? (opts.baseImage ? undefined : 2 ** 30),
           baseImage: opts.baseImage,
           baseImageFormat: opts.baseFormat,
+          memoryFile: opts.memoryFile === undefined ? undefined : path.resolve(opts.memoryFile),
         });
         if (opts.start) {
           await rt.lifecycle.start(uuid);

@@ -31,6 +31,11 @@ export interface InstanceSpec {
   baseImage?: string;
   /** Format of the base image ("qcow2" or "raw"); never probed. */
   baseImageFormat?: 'qcow2' | 'raw';
+  /**
+   * Absolute path of a file whose content the guest's RAM starts with (mapped private: the guest's
+   * writes never reach it). For benchmarks that need RAM that is not all zero pages.
+   */
+  memoryFile?: string;
 }
 
 export interface InternalSnapshot {

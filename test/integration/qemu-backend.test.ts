@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -372,6 +372,33 @@ describe('qemu backend against real QEMU', () => {
     expect(err).toBeInstanceOf(ConfigError);
     expect((err as Error).message).toContain(path.join(longPath, u, 'qmp.sock'));
     expect(await exists(path.join(longPath, u))).toBe(false);
+  });
+
+  it('a guest with RAM from a file of random bytes saves all of it and resumes running; the file is not written', async () => {
+    const memoryMb = 64;
+    const memoryFile = path.join(env.tmpPath, 'ram.bin');
+    const content = randomBytes(memoryMb * MiB);
+    await fs.writeFile(memoryFile, content);
+    const u = randomUUID();
+    await hv.createInstance({ uuid: u, name: 'ram-file', memoryMb, vcpus: 1, machine: 'pc', diskSizeBytes: MiB, memoryFile });
+    expect(JSON.parse(await fs.readFile(path.join(env.instancesPath, u, 'instance.json'), 'utf8'))).toMatchObject({
+      memory_file: memoryFile,
+    });
+    await hv.start(u);
+    const argv = (await fs.readFile(`/proc/${(await guestPid(env.instancesPath, u))!}/cmdline`, 'utf8')).split('\0');
+    expect(argv).toContain(`memory-backend-file,id=ram0,size=${memoryMb}M,mem-path=${memoryFile},share=off`);
+    expect(argv).toContain('pc,accel=kvm:tcg,memory-backend=ram0');
+
+    // Random pages neither compress nor count as zero pages: the state holds (nearly) all of the RAM.
+    const saved = await hv.managedSave(u);
+    expect(saved.bytes).toBeGreaterThanOrEqual(memoryMb * MiB * 0.9);
+    expect((await hv.resume(u)).state).toBe('running');
+    expect((await hv.info(u)).state).toBe('running');
+    expect((await fs.readFile(memoryFile)).equals(content)).toBe(true);
+    await hv.deleteInstance(u);
+    await expect(
+      hv.createInstance({ uuid: randomUUID(), name: 'rel', memoryMb, vcpus: 1, machine: 'pc', diskSizeBytes: MiB, memoryFile: 'ram.bin' }),
+    ).rejects.toThrow(/memoryFile must be an absolute path/);
   });
 
   it('deletes a running instance: process ended, directory gone', async () => {

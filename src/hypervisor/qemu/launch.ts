@@ -18,13 +18,22 @@ export const DISK_NODE = 'disk0';
 export const DISK_QOM_PATH = '/machine/peripheral/virtio-disk0/virtio-backend';
 /** The virtio-serial port name qemu-ga looks for inside the guest. */
 export const GUEST_AGENT_PORT = 'org.qemu.guest_agent.0';
+/** QOM id of the RAM backend of a guest whose RAM comes from a file. */
+const RAM_BACKEND_ID = 'ram0';
 
 export function qemuArgv(record: InstanceRecord, layout: InstanceLayout, accel: string): string[] {
   const e = escapeOptValue;
+  // RAM mapped privately from a file: the guest starts with its content, the file never changes.
+  const ramBackend =
+    record.memory_file === undefined
+      ? []
+      : ['-object', `memory-backend-file,id=${RAM_BACKEND_ID},size=${record.memory_mb}M,mem-path=${e(record.memory_file)},share=off`];
+  const machineRam = record.memory_file === undefined ? '' : `,memory-backend=${RAM_BACKEND_ID}`;
   return [
     '-nodefaults',
     '-no-user-config',
-    '-machine', `${e(record.machine)},accel=${e(accel)}`,
+    ...ramBackend,
+    '-machine', `${e(record.machine)},accel=${e(accel)}${machineRam}`,
     '-m', String(record.memory_mb),
     '-smp', String(record.vcpus),
     '-display', 'none',

@@ -90,6 +90,8 @@ export interface InstanceRecord {
   memory_mb: number;
   vcpus: number;
   machine: string;
+  /** Absolute path of the file the guest RAM is mapped from (private), if any. */
+  memory_file?: string;
 }
 
 /** managed-save.json, beside managed-save.state. */
@@ -105,11 +107,14 @@ export async function readInstanceRecord(file: string): Promise<InstanceRecord> 
     typeof j.name !== 'string' ||
     !Number.isInteger(j.memory_mb) ||
     !Number.isInteger(j.vcpus) ||
-    typeof j.machine !== 'string'
+    typeof j.machine !== 'string' ||
+    (j.memory_file !== undefined && (typeof j.memory_file !== 'string' || !path.isAbsolute(j.memory_file)))
   ) {
-    throw new Error(`${file}: expected {"uuid","name","memory_mb","vcpus","machine"}`);
+    throw new Error(`${file}: expected {"uuid","name","memory_mb","vcpus","machine"} and optionally "memory_file" (an absolute path)`);
   }
-  return { uuid: j.uuid, name: j.name, memory_mb: j.memory_mb!, vcpus: j.vcpus!, machine: j.machine };
+  const record: InstanceRecord = { uuid: j.uuid, name: j.name, memory_mb: j.memory_mb!, vcpus: j.vcpus!, machine: j.machine };
+  if (j.memory_file !== undefined) record.memory_file = j.memory_file;
+  return record;
 }
 
 export async function readManagedSaveRecord(file: string): Promise<ManagedSaveRecord> {

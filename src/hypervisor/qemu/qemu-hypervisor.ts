@@ -1,4 +1,5 @@
 import fs from 'node:fs/promises';
+import path from 'node:path';
 import type { Config } from '../../config/schema.js';
 import {
   GuestAgentError,
@@ -130,6 +131,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
       memory_mb: spec.memoryMb,
       vcpus: spec.vcpus,
       machine: spec.machine,
+      ...(spec.memoryFile !== undefined && { memory_file: spec.memoryFile }),
     };
     try {
       await this.qemuImg.create(layout.disk, {
@@ -676,6 +678,9 @@ function validateSpec(spec: InstanceSpec): void {
   if (!Number.isInteger(spec.memoryMb) || spec.memoryMb < 1) throw bad('memoryMb must be a positive integer');
   if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1) throw bad('vcpus must be a positive integer');
   if (!MACHINE_RE.test(spec.machine)) throw bad('machine must be a QEMU machine type such as "pc" or "q35"');
+  if (spec.memoryFile !== undefined && (typeof spec.memoryFile !== 'string' || !path.isAbsolute(spec.memoryFile))) {
+    throw bad('memoryFile must be an absolute path');
+  }
   if (spec.baseImage === undefined) {
     if (spec.diskSizeBytes === undefined || !Number.isInteger(spec.diskSizeBytes) || spec.diskSizeBytes < 1) {
       throw bad('diskSizeBytes (a positive integer) or baseImage is required');
