@@ -102,6 +102,8 @@ export interface BackupJob {
 
 export interface Hypervisor {
   readonly driver: 'qemu' | 'libvirt' | 'fake';
+  /** Whether startLiveBackup works on this backend (the `live` strategy needs it). */
+  readonly supportsLiveBackup: boolean;
 
   list(): Promise<InstanceInfo[]>;
   /** Throws InstanceNotFound. */

@@ -2,7 +2,7 @@ import { STRATEGIES, type StrategyName } from '../config/schema.js';
 import type { Lifecycle } from '../compute/lifecycle.js';
 import { ImageStore } from '../image-store/image-store.js';
 import type { Hypervisor } from '../hypervisor/types.js';
-import { errorMessage, InvalidInstanceId, SnapshotFailed, UnknownStrategy } from '../errors.js';
+import { ConfigError, errorMessage, InvalidInstanceId, SnapshotFailed, UnknownStrategy, UsageError } from '../errors.js';
 import { operationLogger, type Logger } from '../log.js';
 import { isUuid } from '../util/uuid.js';
 import { DEFAULT_QUIESCE, type QuiesceOptions } from './guest-freeze.js';
@@ -68,7 +68,19 @@ export function parseStrategy(s: string): StrategyName {
 }
 
 export class SnapshotEngine {
-  constructor(private readonly deps: SnapshotEngineDeps) {}
+  /** Refuses, at start, a default strategy the backend cannot carry out. */
+  constructor(private readonly deps: SnapshotEngineDeps) {
+    if (!this.supports(deps.defaultStrategy)) {
+      throw new ConfigError(
+        `[snapshot] strategy = ${deps.defaultStrategy}: the ${deps.hv.driver} hypervisor backend cannot take live backups; ` +
+          `choose one of ${STRATEGIES.filter((s) => this.supports(s)).join(', ')}`,
+      );
+    }
+  }
+
+  private supports(strategy: StrategyName): boolean {
+    return strategy !== 'live' || this.deps.hv.supportsLiveBackup;
+  }
 
   /** Takes one snapshot. Bad input is refused before anything is touched. */
   async take(req: SnapshotRequest): Promise<SnapshotResult> {
@@ -76,6 +88,12 @@ export class SnapshotEngine {
     ImageStore.validateId(req.imageId);
     if (!isUuid(req.instanceUuid)) throw new InvalidInstanceId(req.instanceUuid);
     const strategy = parseStrategy(req.strategy ?? this.deps.defaultStrategy);
+    if (!this.supports(strategy)) {
+      throw new UsageError(
+        `strategy ${strategy}: the ${this.deps.hv.driver} hypervisor backend cannot take live backups; ` +
+          `expected one of ${STRATEGIES.filter((s) => this.supports(s)).join(', ')}`,
+      );
+    }
     const log = operationLogger(this.deps.log, req.requestId, req.instanceUuid).child({ image_id: req.imageId, strategy });
 
     const started = performance.now();

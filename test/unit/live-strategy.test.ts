@@ -5,9 +5,9 @@ import { pino } from 'pino';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { loadConfigFromText } from '../../src/config/load.js';
 import { defaultConfig } from '../../src/config/schema.js';
-import { GuestAgentError, SnapshotFailed } from '../../src/errors.js';
+import { ConfigError, GuestAgentError, SnapshotFailed } from '../../src/errors.js';
 import type { FakeGuestAgent } from '../../src/hypervisor/fake/fake-hypervisor.js';
-import type { SnapshotResult } from '../../src/snapshot/engine.js';
+import { SnapshotEngine, type SnapshotResult } from '../../src/snapshot/engine.js';
 import { DEFAULT_QUIESCE, quiesceOptions } from '../../src/snapshot/guest-freeze.js';
 import { STRATEGY_STEPS } from '../../src/snapshot/strategies.js';
 import { expectSafeFailure, guestIn, makeFakeEnv, type FakeEnv, type FakeEnvOptions } from '../helpers/fake-env.js';
@@ -310,5 +310,39 @@ describe('live: downtime and the end log', () => {
     expect(result.downtime_ms).toBe(3);
     const end = lines.find((l) => l.msg === 'snapshot end');
     expect(end).toMatchObject({ downtime_ms: 3, quiesced: true, freeze_ms: result.freeze_ms, strategy: 'live', instance_uuid: uuid });
+  });
+});
+
+describe('a backend without live backups', () => {
+  it('refuses [snapshot] strategy = live at start, naming the option and the usable strategies', async () => {
+    const e = await makeFakeEnv({ hv: { supportsLiveBackup: false }, strategy: 'cold' });
+    try {
+      const { hv, store, lifecycle } = e;
+      expect(
+        () => new SnapshotEngine({ hv, store, lifecycle, log: pino({ level: 'silent' }), namePrefix: 'snapdrv-', defaultStrategy: 'live' }),
+      ).toThrow(ConfigError);
+      expect(
+        () => new SnapshotEngine({ hv, store, lifecycle, log: pino({ level: 'silent' }), namePrefix: 'snapdrv-', defaultStrategy: 'live' }),
+      ).toThrow(/\[snapshot\] strategy = live: the fake hypervisor backend cannot take live backups; choose one of cold, /);
+    } finally {
+      await e.cleanup();
+    }
+  });
+
+  it('refuses a live snapshot request before touching anything', async () => {
+    const e = await makeFakeEnv({ hv: { supportsLiveBackup: false }, strategy: 'cold' });
+    const { hv } = e;
+    try {
+      const uuid = randomUUID();
+      await guestIn(e, 'running', uuid);
+      const calls = hv.calls.length;
+      await expect(e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId: randomUUID(), strategy: 'live' })).rejects.toThrow(
+        /strategy live: the fake hypervisor backend cannot take live backups/,
+      );
+      expect(hv.calls.length).toBe(calls);
+      expect(await e.store.list()).toEqual([]);
+    } finally {
+      await e.cleanup();
+    }
   });
 });

@@ -43,6 +43,8 @@ export interface FakeCall {
 }
 
 export interface FakeHypervisorOptions {
+  /** Pretend to be a backend without live backups (default: with them). */
+  supportsLiveBackup?: boolean;
   /** Disk size when the spec gives none (or more than 16 MiB). Default 64 KiB. */
   defaultDiskBytes?: number;
   /**
@@ -88,6 +90,7 @@ const ROOT_DEVICE = 'root';
  */
 export class FakeHypervisor implements Hypervisor, InstanceFactory {
   readonly driver = 'fake' as const;
+  readonly supportsLiveBackup: boolean;
   /** Every §2 violation, in order, even those the caller caught. */
   readonly violations: string[] = [];
   /** Every public call, in order. A test may truncate it (`calls.length = 0`). */
@@ -101,6 +104,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
   private readonly backupStartPauseMs: number;
 
   constructor(opts: FakeHypervisorOptions = {}) {
+    this.supportsLiveBackup = opts.supportsLiveBackup ?? true;
     this.defaultDiskBytes = opts.defaultDiskBytes ?? DEFAULT_DISK_BYTES;
     this.now = opts.now ?? Date.now;
     this.backupStartPauseMs = opts.backupStartPauseMs ?? 0;

@@ -100,6 +100,7 @@ interface MigrateInfo {
 /** The `qemu` backend (SPEC §4): QEMU processes the agent launches itself, daemonized. */
 export class QemuHypervisor implements Hypervisor, InstanceFactory {
   readonly driver = 'qemu' as const;
+  readonly supportsLiveBackup = true;
   readonly instancesPath: string;
   private readonly qemuImg: QemuImg;
   private readonly sessions: QmpSessions;
