@@ -1,14 +1,16 @@
 /**
- * Benchmark: guest downtime of every strategy on one real QEMU guest whose RAM is not empty (it
- * is mapped from a file of random bytes, so a managed save writes all of it) and whose disk holds
- * data written through the guest. Each strategy runs several times; medians are reported with
+ * Benchmark: guest downtime of every strategy on one real QEMU guest whose RAM is not empty (by
+ * default it is mapped from a file of random bytes, so a managed save writes all of it; `--ram-fill
+ * zero` leaves it empty, as `npm run bench:strategies` does) and whose disk holds data written
+ * through the guest. Each strategy runs several times; medians are reported with
  * ratios against `cold` measured in the same run (these machines are noisy).
  *
  * The guest has no OS, so no guest agent: freeze_ms is 0 whatever the quiesce mode. The default
  * mode here is `off`, because `auto` would spend [snapshot] guest_agent_timeout waiting for an
  * agent that never answers, inside the `live` strategy's duration.
  *
- * Usage: npm run bench:downtime [-- --runs N --ram-mb M --data-mb D --disk-mb S --quiesce off|auto]
+ * Usage: npm run bench:downtime [-- --runs N --ram-mb M --data-mb D --disk-mb S --quiesce off|auto
+ *        --ram-fill random|zero]
  */
 import { randomFill, randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -27,6 +29,7 @@ const { values } = parseArgs({
     'data-mb': { type: 'string', default: '1024' },
     'disk-mb': { type: 'string', default: '2048' },
     quiesce: { type: 'string', default: 'off' },
+    'ram-fill': { type: 'string', default: 'random' },
   },
 });
 const runs = Number(values.runs);
@@ -36,6 +39,8 @@ const diskMb = Number(values['disk-mb']);
 if (!(QUIESCE_MODES as readonly string[]).includes(values.quiesce)) throw new Error(`--quiesce: one of ${QUIESCE_MODES.join(', ')}`);
 const quiesce = values.quiesce as QuiesceMode;
 if (dataMb > diskMb) throw new Error('--data-mb must not exceed --disk-mb');
+if (values['ram-fill'] !== 'random' && values['ram-fill'] !== 'zero') throw new Error('--ram-fill: random or zero');
+const randomRam = values['ram-fill'] === 'random';
 
 const CHUNK_MB = 16;
 const MiB = 2 ** 20;
@@ -77,8 +82,8 @@ async function main(): Promise<void> {
   const hv = rt.hv;
   const uuid = randomUUID();
   try {
-    const memoryFile = path.join(base, 'ram.bin');
-    await writeRandomFile(memoryFile, ramMb);
+    const memoryFile = randomRam ? path.join(base, 'ram.bin') : undefined;
+    if (memoryFile) await writeRandomFile(memoryFile, ramMb);
     await hv.createInstance({ uuid, name: 'bench', memoryMb: ramMb, vcpus: 1, machine: 'pc', diskSizeBytes: diskMb * MiB, memoryFile });
     await rt.lifecycle.start(uuid);
     for (let off = 0; off < dataMb; off += CHUNK_MB) {
@@ -109,7 +114,7 @@ async function main(): Promise<void> {
     const baseDur = median(cold.duration);
     const ratio = (x: number, b: number) => (b > 0 ? (x / b).toFixed(2) : 'n/a').padStart(7);
     console.log(
-      `guest: ${ramMb} MiB RAM from a file of random bytes, ${diskMb} MiB qcow2 with ${dataMb} MiB of data ` +
+      `guest: ${ramMb} MiB RAM ${randomRam ? 'from a file of random bytes' : '(empty)'}, ${diskMb} MiB qcow2 with ${dataMb} MiB of data ` +
         `(${Math.round(disk.actualSize / MiB)} MiB on the host); quiesce=${quiesce}; accel=${kvm.enabled ? 'kvm' : 'tcg'}; ${runs} runs each; medians`,
     );
     console.log('strategy                       downtime_ms  vs cold  duration_ms  vs cold  freeze_ms');
