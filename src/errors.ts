@@ -127,6 +127,18 @@ export class SnapshotFailed extends SnapshotDriverError {
   }
 }
 
+/**
+ * A snapshot the agent did not finish because it stopped (crashed, was killed) in the middle; found in
+ * the operation journal at the next start and recovered: guest back in its prior state, image killed.
+ */
+export class SnapshotInterrupted extends SnapshotDriverError {}
+
+/** The guest's QEMU process died during a snapshot and could not be started again: it is shut off. */
+export class GuestLost extends SnapshotDriverError {}
+
+/** Another agent (`serve`) already runs on the same state_path. */
+export class AgentAlreadyRunning extends SnapshotDriverError {}
+
 export function errorName(err: unknown): string {
   return err instanceof Error ? err.name : 'Error';
 }

@@ -1,24 +1,107 @@
 import type { Command } from 'commander';
-import { InvalidInstanceId } from '../errors.js';
+import { agentLock, buildServer } from '../compute/agent.js';
+import type { Runtime } from '../compute/runtime.js';
+import { recoverAtStart, type RecoveryReport } from '../compute/startup-recovery.js';
+import { errorMessage, ImageNotFound, InvalidInstanceId } from '../errors.js';
 import { processHoldsDisk } from '../hypervisor/types.js';
+import type { JournalEntry } from '../messaging/rpc-types.js';
+import { instanceUuidOf } from '../messaging/request-context.js';
+import { openBus } from '../messaging/transport/open-bus.js';
 import { isUuid } from '../util/uuid.js';
 import type { RuntimeFactory } from './main.js';
-import { printTable } from './output.js';
+import { printJson, printTable } from './output.js';
+
+/** What `cleanup --json` prints. */
+interface CleanupReport extends RecoveryReport {
+  /** Journaled requests whose operation had been interrupted, now ended (error notification sent). */
+  requestsSettled: number;
+  /** Why requests were left for the next `serve`, if they were. */
+  requestsLeft?: string;
+  /** Pending snapshots kept: their guest's QEMU process holds the disk. */
+  pendingWaiting: { instance_uuid: string; state: string; snapshots: string[] }[];
+}
 
 export function registerCleanupCommand(program: Command, runtime: RuntimeFactory): void {
   program
     .command('cleanup [uuid]')
-    .description('delete the pending internal snapshots that the safety rule allows now (guests with no QEMU process)')
-    .action(async (uuid: string | undefined) => {
+    .description(
+      'recover operations a crash interrupted (guest back to its prior state, image killed, error notification), ' +
+        'remove orphaned internal snapshots of ours, delete the pending ones the safety rule allows now',
+    )
+    .option('--json', 'print JSON')
+    .action(async (uuid: string | undefined, opts: { json?: boolean }) => {
       if (uuid !== undefined && !isUuid(uuid)) throw new InvalidInstanceId(uuid);
       const rt = await runtime();
-      const targets = uuid !== undefined ? [await rt.hv.info(uuid)] : await rt.hv.list();
-      const rows: string[][] = [];
-      for (const inst of targets) {
-        const deleted = await rt.lifecycle.deletePendingIfOffline(inst.uuid);
-        const waiting = processHoldsDisk(inst.state) ? await rt.pending.list(inst.uuid) : [];
-        rows.push([inst.uuid, inst.state, deleted.join(' ') || '-', waiting.join(' ') || '-']);
+      const recovery = await recoverAtStart(rt, uuid);
+      const settled = await settleRequests(rt, uuid);
+      const pendingWaiting: CleanupReport['pendingWaiting'] = [];
+      for (const inst of uuid !== undefined ? [await rt.hv.info(uuid)] : await rt.hv.list()) {
+        if (!processHoldsDisk(inst.state)) continue;
+        const snapshots = await rt.pending.list(inst.uuid);
+        if (snapshots.length > 0) pendingWaiting.push({ instance_uuid: inst.uuid, state: inst.state, snapshots });
       }
-      printTable(['uuid', 'state', 'deleted', 'pending (guest running)'], rows);
+      const report: CleanupReport = { ...recovery, ...settled, pendingWaiting };
+      if (opts.json) return printJson(report);
+      printReport(report);
     });
+}
+
+/**
+ * Ends the journaled requests whose operation was interrupted (their image exists: recovery has
+ * killed it), with the error notification and reply nova expects. Requests never started are left to
+ * `serve`, which carries them out; none are touched while an agent serves (its journal is its own).
+ */
+async function settleRequests(rt: Runtime, uuid: string | undefined): Promise<Pick<CleanupReport, 'requestsSettled' | 'requestsLeft'>> {
+  const lock = agentLock(rt);
+  const holder = await lock.acquire();
+  if (holder !== undefined) return { requestsSettled: 0, requestsLeft: `an agent (pid ${holder.pid}) is serving: it settles its own requests` };
+  try {
+    const { config, log } = rt;
+    const interrupted = async (entry: JournalEntry): Promise<boolean> => {
+      const { method, args } = entry.request;
+      if (method !== 'snapshot_instance' && method !== 'backup_instance') return false;
+      if (typeof args.image_id !== 'string' || !isUuid(args.image_id)) return false;
+      if (uuid !== undefined && instanceUuidOf(args)?.toLowerCase() !== uuid.toLowerCase()) return false;
+      return rt.store.show(args.image_id).then(
+        () => true,
+        (err: unknown) => {
+          if (err instanceof ImageNotFound) return false;
+          throw err;
+        },
+      );
+    };
+    let bus;
+    try {
+      bus = await openBus(config.DEFAULT.transport_url, config.oslo_messaging_rabbit, log);
+    } catch (err) {
+      log.error({ err }, `cannot reach the message broker to settle interrupted requests: ${errorMessage(err)}`);
+      return { requestsSettled: 0, requestsLeft: `message broker unreachable (${errorMessage(err)}): the next serve settles them` };
+    }
+    try {
+      const { rpc } = await buildServer(rt, bus);
+      return { requestsSettled: await rpc.runJournaled(interrupted) };
+    } finally {
+      await bus.close().catch(() => undefined);
+    }
+  } finally {
+    await lock.release();
+  }
+}
+
+function printReport(r: CleanupReport): void {
+  if (r.operations.length > 0) {
+    printTable(
+      ['interrupted image', 'instance', 'stopped at', 'guest found', 'guest now', 'image', 'actions'],
+      r.operations.map((o) => [o.image_id, o.instance_uuid, o.stopped_at, o.guest_found, o.guest_now, o.error ? `FAILED: ${o.error}` : o.image, o.actions.join('; ') || '-']),
+    );
+  } else {
+    process.stdout.write('no interrupted operation\n');
+  }
+  if (r.orphans.length > 0) printTable(['instance', 'orphaned snapshot', 'action'], r.orphans.map((o) => [o.instance_uuid, o.snapshot, o.action]));
+  for (const p of r.pendingDeleted) process.stdout.write(`deleted pending snapshots of ${p.instance_uuid}: ${p.snapshots.join(' ')}\n`);
+  for (const p of r.pendingWaiting) {
+    process.stdout.write(`pending snapshots of ${p.instance_uuid} wait for its next restart (${p.state}): ${p.snapshots.join(' ')}\n`);
+  }
+  process.stdout.write(`journaled requests of interrupted operations ended (notified, replied to): ${r.requestsSettled}\n`);
+  if (r.requestsLeft !== undefined) process.stdout.write(`requests left: ${r.requestsLeft}\n`);
 }

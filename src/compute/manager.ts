@@ -1,6 +1,6 @@
-import { errorMessage } from '../errors.js';
+import { errorMessage, ImageNotFound, SnapshotInterrupted } from '../errors.js';
 import type { Hypervisor } from '../hypervisor/types.js';
-import type { ImageStore } from '../image-store/image-store.js';
+import type { ImageMeta, ImageStore } from '../image-store/image-store.js';
 import { operationLogger, type Logger } from '../log.js';
 import type { RpcContext, RpcTarget } from '../messaging/rpc-types.js';
 import type { SnapshotEngine, SnapshotRequest, SnapshotResult } from '../snapshot/engine.js';
@@ -143,7 +143,12 @@ export class ComputeManager implements RpcTarget {
       projectId: ctx.projectId ?? instance.projectId,
       instance: instance.raw,
     };
+    if (ctx.replayed) {
+      const earlier = await this.earlierOutcome(info, log);
+      if (earlier !== undefined) return earlier;
+    }
     const release = await this.snapshotSlots.acquire();
+    log.info(this.snapshotStats(), 'snapshot slot acquired');
     try {
       await this.notify(log, 'snapshotStart', (n) => n.snapshotStart(info));
       let result: SnapshotResult;
@@ -170,7 +175,43 @@ export class ComputeManager implements RpcTarget {
       return result;
     } finally {
       release();
+      log.info(this.snapshotStats(), 'snapshot slot released');
     }
+  }
+
+  /**
+   * A request carried out again from the journal after a crash, whose operation had got as far as
+   * making its image: it is not run twice. An active image means it had completed (its end is
+   * notified, perhaps again); an unfinished or killed one that it was interrupted — start-up
+   * recovery has put the guest back and killed the image — and it ends with SnapshotInterrupted and
+   * an error notification. Undefined: no image of this request, so it is carried out.
+   */
+  private async earlierOutcome(info: SnapshotInfo, log: Logger): Promise<SnapshotResult | undefined> {
+    const { store } = this.deps;
+    let meta: ImageMeta;
+    try {
+      meta = await store.show(info.imageId);
+    } catch (err) {
+      if (err instanceof ImageNotFound) return undefined;
+      throw err;
+    }
+    // Another request's image: the normal path refuses the id (ImageExists).
+    if (meta.properties.instance_uuid.toLowerCase() !== info.instanceUuid.toLowerCase()) return undefined;
+    if (meta.status === 'active') {
+      const result = resultOfImage(meta, info.strategy);
+      log.warn({ image_id: meta.id }, 'replayed request had completed before the agent stopped: not run again');
+      await this.notify(log, 'snapshotEnd', (n) => n.snapshotEnd(info, result));
+      return result;
+    }
+    if (meta.status === 'queued' || meta.status === 'saving') {
+      await store.kill(meta.id, 'interrupted: found unfinished when the request was carried out again after an agent stop');
+      meta = await store.show(meta.id);
+    }
+    const why = typeof meta.properties.kill_reason === 'string' ? meta.properties.kill_reason : `image ${meta.status}`;
+    const err = new SnapshotInterrupted(`snapshot ${meta.id} of instance ${info.instanceUuid} did not complete (${why}); image ${meta.id} is ${meta.status}`);
+    log.warn({ image_id: meta.id, status: meta.status }, 'replayed request had been interrupted: not run again');
+    await this.notify(log, 'snapshotError', (n) => n.snapshotError(info, err));
+    throw err;
   }
 
   /** "snapshot of <name>" / "<backup_type> backup of <name>", <name> = display_name or the hypervisor's name. */
@@ -188,4 +229,25 @@ export class ComputeManager implements RpcTarget {
       log.warn({ err }, `notifier ${what} failed: ${errorMessage(err)}`);
     }
   }
+}
+
+/**
+ * The result of a snapshot that completed before a crash, from its image: timings of that run were
+ * not kept (0), internal snapshots are not looked at (0: recovery has dealt with them).
+ */
+function resultOfImage(meta: ImageMeta, strategy: string | undefined): SnapshotResult {
+  return {
+    image_id: meta.id,
+    status: meta.status,
+    strategy: (strategy ?? 'unknown') as SnapshotResult['strategy'],
+    downtime_ms: 0,
+    freeze_ms: 0,
+    quiesced: false,
+    duration_ms: 0,
+    size: meta.size ?? 0,
+    checksum: meta.checksum ?? '',
+    os_hash_algo: meta.os_hash_algo,
+    os_hash_value: meta.os_hash_value ?? '',
+    internal_snapshots: 0,
+  };
 }

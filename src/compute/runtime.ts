@@ -7,6 +7,7 @@ import { QemuImg } from '../qemu-img/qemu-img.js';
 import { SnapshotEngine } from '../snapshot/engine.js';
 import { quiesceOptions } from '../snapshot/guest-freeze.js';
 import type { BeforeStep } from '../snapshot/run-steps.js';
+import { OperationJournal } from '../snapshot/operation-journal.js';
 import { PendingSnapshots } from '../snapshot/pending.js';
 import { faultPoint } from '../util/fault.js';
 import { Lifecycle } from './lifecycle.js';
@@ -20,6 +21,7 @@ export interface Runtime {
   store: ImageStore;
   pending: PendingSnapshots;
   lifecycle: Lifecycle;
+  operations: OperationJournal;
   engine: SnapshotEngine;
 }
 
@@ -33,6 +35,7 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
   });
   const pending = new PendingSnapshots(path.join(config.DEFAULT.state_path, 'pending'));
   const lifecycle = new Lifecycle(hv, pending, log);
+  const operations = new OperationJournal(path.join(config.DEFAULT.state_path, 'operations'), log);
   const engine = new SnapshotEngine({
     hv,
     store,
@@ -41,10 +44,13 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
     namePrefix: config.snapshot.name_prefix,
     defaultStrategy: config.snapshot.strategy,
     quiesce: quiesceOptions(config.snapshot),
+    operations,
+    faultPoint,
     beforeStep: async (step, index) => {
       faultPoint(`step:${step.name}`);
+      faultPoint(`step:${index}:${step.name}`);
       await opts.beforeStep?.(step, index);
     },
   });
-  return { config, log, hv, qemuImg, store, pending, lifecycle, engine };
+  return { config, log, hv, qemuImg, store, pending, lifecycle, operations, engine };
 }

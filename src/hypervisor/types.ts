@@ -148,6 +148,15 @@ export interface Hypervisor {
    */
   startLiveBackup(uuid: string, dest: string): Promise<BackupJob>;
 
+  /**
+   * After an agent died in the middle of an operation on this instance (never while another process
+   * works on it): ends what it left going. A managed save under way is cancelled (the guest is left
+   * paused, its partial state removed); one that had completed has its process ended (the guest is
+   * `saved`); our backup jobs are cancelled and their target files let go. Resolves with what was
+   * done, for the log (empty: nothing was left).
+   */
+  settleAfterCrash(uuid: string): Promise<string[]>;
+
   /** Whether a guest agent answers (guest-sync) within the timeout. */
   guestAgentAvailable(uuid: string, timeoutMs: number): Promise<boolean>;
   /** Guest agent: freeze the guest's filesystems; resolves with how many were frozen. */

@@ -104,6 +104,23 @@ export class RpcServer {
     );
   }
 
+  /**
+   * Carries out to the end the journal's unfinished requests that `select` picks (in acceptance
+   * order) without consuming from any queue: `cleanup` settles so the requests whose operation was
+   * interrupted, and leaves the others to the next `serve`. Resolves with how many it carried out.
+   */
+  async runJournaled(select: (entry: JournalEntry) => boolean | Promise<boolean>): Promise<number> {
+    if (this.state !== 'new') throw new Error(`RpcServer.runJournaled() called when ${this.state}`);
+    let count = 0;
+    for (const entry of await this.deps.journal.unfinished()) {
+      if (!(await select(entry))) continue;
+      this.launch(entry, true);
+      count += 1;
+    }
+    await this.drainRunning();
+    return count;
+  }
+
   /** Cancels the consumers, then waits for the intake and every running call to finish. */
   async stop(): Promise<void> {
     if (this.state === 'stopped' || this.state === 'stopping') return this.idle();
@@ -216,7 +233,7 @@ export class RpcServer {
     let result: unknown;
     let failure: unknown;
     try {
-      const callCtx: RpcCallContext = { ...ctx, log };
+      const callCtx: RpcCallContext = { ...ctx, log, ...(replayed && { replayed }) };
       result = await this.deps.target.call(request.method, request.args, callCtx);
     } catch (err) {
       ok = false;

@@ -26,6 +26,8 @@ export interface RpcContext {
   userId?: string;
   projectId?: string;
   raw: Record<string, unknown>;
+  /** The request comes from the journal at start-up (accepted before a crash), not from the queue. */
+  replayed?: boolean;
 }
 
 /** What the RPC server dispatches to (the compute manager). */

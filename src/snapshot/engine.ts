@@ -6,6 +6,7 @@ import { ConfigError, errorMessage, InvalidInstanceId, SnapshotFailed, UnknownSt
 import { operationLogger, type Logger } from '../log.js';
 import { isUuid } from '../util/uuid.js';
 import { DEFAULT_QUIESCE, type QuiesceOptions } from './guest-freeze.js';
+import type { OperationHandle, OperationJournal } from './operation-journal.js';
 import { runSteps, type BeforeStep } from './run-steps.js';
 import type { SnapshotContext } from './steps.js';
 import { STRATEGY_STEPS } from './strategies.js';
@@ -58,8 +59,15 @@ export interface SnapshotEngineDeps {
   defaultStrategy: StrategyName;
   /** Filesystem freeze of the `live` strategy (`quiesceOptions(config.snapshot)`); default DEFAULT_QUIESCE. */
   quiesce?: QuiesceOptions;
+  /** The operation journal: every step is recorded in it before it acts. */
+  operations: OperationJournal;
   /** Fault injection before each step (tests). */
   beforeStep?: BeforeStep;
+  /**
+   * Fault injection at the engine's other named points (the fault switch, src/util/fault.ts):
+   * `operation-recorded` (journaled and image queued, no step begun) and `commit` (every step done).
+   */
+  faultPoint?: (point: string) => void | Promise<void>;
 }
 
 export function parseStrategy(s: string): StrategyName {
@@ -100,17 +108,35 @@ export class SnapshotEngine {
     const instance = await hv.info(req.instanceUuid);
     const disk = await hv.diskInfo(req.instanceUuid);
     await store.ensureSpace(req.imageId, disk.actualSize);
-    await store.create({
-      id: req.imageId,
-      name: req.name ?? `snapshot of ${instance.name}`,
-      instanceUuid: req.instanceUuid,
-      imageType: req.imageType ?? 'snapshot',
-      backupType: req.backupType,
-      userId: req.userId,
-      owner: req.owner,
-      baseImageRef: req.baseImageRef,
-      virtualSize: disk.virtualSize,
+    const snapshotName = `${this.deps.namePrefix}${req.imageId}`;
+    const steps = STRATEGY_STEPS[strategy];
+    // Recorded before anything is touched: from here a crash leaves a record that start-up recovers.
+    const op = await this.deps.operations.begin({
+      image_id: req.imageId,
+      instance_uuid: req.instanceUuid,
+      request_id: req.requestId,
+      strategy,
+      snapshot_name: snapshotName,
+      prior_state: instance.state,
+      steps: steps.map((s) => s.name),
     });
+    try {
+      await store.create({
+        id: req.imageId,
+        name: req.name ?? `snapshot of ${instance.name}`,
+        instanceUuid: req.instanceUuid,
+        imageType: req.imageType ?? 'snapshot',
+        backupType: req.backupType,
+        userId: req.userId,
+        owner: req.owner,
+        baseImageRef: req.baseImageRef,
+        virtualSize: disk.virtualSize,
+      });
+    } catch (err) {
+      await endRecord(op, log);
+      throw err;
+    }
+    await this.deps.faultPoint?.('operation-recorded');
     log.info({ prior_state: instance.state }, 'snapshot start');
 
     const ctx: SnapshotContext = {
@@ -121,7 +147,7 @@ export class SnapshotEngine {
       log,
       uuid: req.instanceUuid,
       imageId: req.imageId,
-      snapshotName: `${this.deps.namePrefix}${req.imageId}`,
+      snapshotName,
       priorState: instance.state,
       quiesce: this.deps.quiesce ?? DEFAULT_QUIESCE,
       onProgress: req.onProgress && ((f) => req.onProgress?.('export', f)),
@@ -130,13 +156,16 @@ export class SnapshotEngine {
       quiesced: false,
     };
     try {
-      await runSteps(STRATEGY_STEPS[strategy], ctx, this.deps.beforeStep);
+      await runSteps(steps, ctx, { record: (index, phase) => op.step(index, phase), beforeStep: this.deps.beforeStep });
       const left = (await hv.listInternalSnapshots(req.instanceUuid)).filter((s) => s.name.startsWith(this.deps.namePrefix));
+      await op.commit();
+      await this.deps.faultPoint?.('commit');
       // The last act: after it the image is active, and nothing may fail any more.
       const image = await store.commit(req.imageId, {
         virtualSize: disk.virtualSize,
         onProgress: req.onProgress && ((f) => req.onProgress?.('checksum', f)),
       });
+      await endRecord(op, log);
       const result: SnapshotResult = {
         image_id: image.id,
         status: image.status,
@@ -157,12 +186,26 @@ export class SnapshotEngine {
       await store.kill(req.imageId, errorMessage(err)).catch((killErr: unknown) => {
         log.error({ err: killErr }, `could not mark image killed: ${errorMessage(killErr)}`);
       });
+      await endRecord(op, log);
       const state = await hv.info(req.instanceUuid).then((i) => i.state, () => 'unknown');
       // Every failure path thaws, and the freeze's own deadline thaws again; if all of that failed, say so.
       const frozen = ctx.freeze?.mayBeFrozen === true;
       log.error({ err, prior_state: instance.state, state, ...(frozen && { filesystems_may_be_frozen: true }) }, 'snapshot failed');
-      if (err instanceof SnapshotFailed) throw err;
-      throw new SnapshotFailed(`snapshot of ${req.instanceUuid} failed: ${errorMessage(err)}`, [], { cause: err });
+      const restarted = ctx.guestRestarted === true ? "; the guest's QEMU process had died and the guest was started again (its memory state was lost)" : '';
+      if (err instanceof SnapshotFailed) {
+        if (restarted === '') throw err;
+        throw new SnapshotFailed(`${err.message}${restarted}`, err.undoErrors, { cause: err.cause });
+      }
+      throw new SnapshotFailed(`snapshot of ${req.instanceUuid} failed: ${errorMessage(err)}${restarted}`, [], { cause: err });
     }
   }
+}
+
+/**
+ * Removes an ended operation's record. If that fails the record stays, and the next start-up
+ * "recovers" an operation that had in fact ended: harmless (it finds the guest as it should be and
+ * the image active or killed already), so it is only logged.
+ */
+async function endRecord(op: OperationHandle, log: Logger): Promise<void> {
+  await op.end().catch((err: unknown) => log.error({ err }, `cannot remove the operation journal record: ${errorMessage(err)}`));
 }

@@ -1,4 +1,5 @@
 import fs from 'node:fs/promises';
+import { errorMessage, GuestLost } from '../errors.js';
 import type { Logger } from '../log.js';
 import { processHoldsDisk, type BackupJob, type Hypervisor, type PowerState, type ResumeResult } from '../hypervisor/types.js';
 import type { ImageStore } from '../image-store/image-store.js';
@@ -34,6 +35,8 @@ export interface SnapshotContext {
   backup?: BackupJob;
   /** live: the backup job started while the guest's filesystems were frozen. */
   quiesced: boolean;
+  /** The guest's QEMU died during the operation and was booted again (its memory state was lost). */
+  guestRestarted?: boolean;
 }
 
 /** One step of a strategy, and how to undo it when a later step fails. */
@@ -47,16 +50,40 @@ export async function holdsDisk(ctx: SnapshotContext): Promise<boolean> {
   return processHoldsDisk((await ctx.hv.info(ctx.uuid)).state);
 }
 
-/** Resumes the guest if this operation managed-saved it (also after a save that failed half-way). */
+/**
+ * Resumes the guest if this operation managed-saved it (also after a save that failed half-way). A
+ * guest whose QEMU process died meanwhile (no saved state to resume) is started again, never left down.
+ */
 async function resumeIfSuspended(ctx: SnapshotContext): Promise<void> {
   if (!ctx.suspended) return;
   let resumed: ResumeResult | undefined;
-  if ((await ctx.hv.info(ctx.uuid)).state === 'saved') resumed = await ctx.lifecycle.resume(ctx.uuid);
+  const { state } = await ctx.hv.info(ctx.uuid);
+  if (state === 'saved') resumed = await ctx.lifecycle.resume(ctx.uuid);
+  else if (state === 'shutoff' || state === 'crashed') await startAgain(ctx, state);
   ctx.suspended = false;
   if (ctx.suspendWindow !== undefined) {
     ctx.downtimeMs += windowDowntimeMs(ctx.suspendWindow, ctx.priorState, resumed, performance.now());
     ctx.suspendWindow = undefined;
   }
+}
+
+/**
+ * The guest's QEMU died during the operation (killed, or crashed while saving): its memory is lost, so
+ * it is booted again into its prior power state. If even that fails it is reported shut off (GuestLost).
+ */
+export async function startAgain(ctx: Pick<SnapshotContext, 'hv' | 'lifecycle' | 'log' | 'uuid' | 'priorState'> & { guestRestarted?: boolean }, state: PowerState): Promise<void> {
+  ctx.log.error({ state, prior_state: ctx.priorState }, "the guest's QEMU process died during the snapshot: starting it again (its memory state is lost)");
+  try {
+    await ctx.lifecycle.start(ctx.uuid);
+    if (ctx.priorState === 'paused') await ctx.hv.pause(ctx.uuid);
+  } catch (err) {
+    throw new GuestLost(
+      `instance ${ctx.uuid}: its QEMU process died during the snapshot and could not be started again (${errorMessage(err)}); it is shut off`,
+      { cause: err },
+    );
+  }
+  ctx.guestRestarted = true;
+  ctx.log.warn({ state: ctx.priorState }, 'guest started again after its QEMU process died');
 }
 
 /** Delete our snapshot however §2 allows now: through the monitor if a process holds the disk. */

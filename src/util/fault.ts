@@ -5,7 +5,12 @@ export const FAULT_ENV = 'SNAPSHOT_DRIVER_FAULT';
 
 /**
  * A named point where a test may make the agent die (SIGKILL, as in a crash) or fail. Points:
- * `rpc-accepted` (journaled and acked, not yet run), and `step:<name>` before each snapshot step.
+ * - `rpc-accepted`: the request is journaled and acknowledged, not yet run;
+ * - `operation-recorded`: a snapshot is in the operation journal and its image queued, no step begun;
+ * - `step:<name>` and `step:<index>:<name>` (index from 0 in the strategy's list): right before a
+ *   step acts, its journal record written;
+ * - `commit`: every step done, the image not yet committed;
+ * - `managed-save:migrating` (qemu backend): the guest's state is being written out.
  */
 export function faultPoint(point: string): void {
   const spec = process.env[FAULT_ENV];

@@ -11,6 +11,7 @@ import { ImageStore } from '../../src/image-store/image-store.js';
 import { silentLogger, type Logger } from '../../src/log.js';
 import { SnapshotEngine } from '../../src/snapshot/engine.js';
 import { DEFAULT_QUIESCE, type QuiesceOptions } from '../../src/snapshot/guest-freeze.js';
+import { OperationJournal } from '../../src/snapshot/operation-journal.js';
 import { PendingSnapshots } from '../../src/snapshot/pending.js';
 import type { BeforeStep } from '../../src/snapshot/run-steps.js';
 import { SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
@@ -36,11 +37,13 @@ export async function makeFakeEnv(opts: FakeEnvOptions = {}) {
   const store = new ImageStore({ path: path.join(tmp.path, 'images'), reservedSpaceMb: 0, osHashAlgo: 'sha512' });
   const pending = new PendingSnapshots(path.join(tmp.path, 'state', 'pending'));
   const lifecycle = new Lifecycle(hv, pending, log);
+  const operations = new OperationJournal(path.join(tmp.path, 'state', 'operations'), log);
   let beforeStep: BeforeStep | undefined = opts.beforeStep;
   const engine = new SnapshotEngine({
     hv,
     store,
     lifecycle,
+    operations,
     log,
     namePrefix: PREFIX,
     defaultStrategy: opts.strategy ?? 'suspend-create-resume-extract',
@@ -53,6 +56,7 @@ export async function makeFakeEnv(opts: FakeEnvOptions = {}) {
     store,
     pending,
     lifecycle,
+    operations,
     engine,
     /** Set to inject a failure (throw) before a step. */
     set beforeStep(fn: BeforeStep | undefined) {
@@ -114,6 +118,7 @@ export async function expectSafeFailure(
   expect(e.hv.frozen(uuid)).toBe(false);
   expect(await e.partialFiles()).toEqual([]);
   expect((await e.ownSnapshots(uuid)).length).toBeLessThanOrEqual(allowedLeft(strategy, state));
+  expect(await e.operations.list()).toEqual([]); // a handled failure leaves nothing to recover
   if (outcome.result !== undefined && opts.mayComplete) {
     expect(outcome.result.quiesced).toBe(false);
     expect((await e.store.verify(imageId)).ok).toBe(true);

@@ -8,6 +8,7 @@ import { ImageStore } from '../../src/image-store/image-store.js';
 import { silentLogger } from '../../src/log.js';
 import type { QuiesceMode } from '../../src/config/schema.js';
 import { SnapshotEngine } from '../../src/snapshot/engine.js';
+import { OperationJournal } from '../../src/snapshot/operation-journal.js';
 import { PendingSnapshots } from '../../src/snapshot/pending.js';
 import { GuestAgentResponder } from '../helpers/guest-agent-responder.js';
 import { MiB, createGuest, guestWrite, makeQemuEnv, watchQmpEvents, type QemuEnv } from '../helpers/qemu-guest.js';
@@ -43,6 +44,7 @@ describe('live strategy with guest-agent quiesce on a real QEMU guest', () => {
       hv,
       store,
       lifecycle: new Lifecycle(hv, pending, log),
+      operations: new OperationJournal(path.join(env.tmpPath, 'state', 'operations'), log),
       log,
       namePrefix: 'snapdrv-',
       defaultStrategy: 'live',

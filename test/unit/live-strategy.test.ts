@@ -317,12 +317,12 @@ describe('a backend without live backups', () => {
   it('refuses [snapshot] strategy = live at start, naming the option and the usable strategies', async () => {
     const e = await makeFakeEnv({ hv: { supportsLiveBackup: false }, strategy: 'cold' });
     try {
-      const { hv, store, lifecycle } = e;
+      const { hv, store, lifecycle, operations } = e;
       expect(
-        () => new SnapshotEngine({ hv, store, lifecycle, log: pino({ level: 'silent' }), namePrefix: 'snapdrv-', defaultStrategy: 'live' }),
+        () => new SnapshotEngine({ hv, store, lifecycle, operations, log: pino({ level: 'silent' }), namePrefix: 'snapdrv-', defaultStrategy: 'live' }),
       ).toThrow(ConfigError);
       expect(
-        () => new SnapshotEngine({ hv, store, lifecycle, log: pino({ level: 'silent' }), namePrefix: 'snapdrv-', defaultStrategy: 'live' }),
+        () => new SnapshotEngine({ hv, store, lifecycle, operations, log: pino({ level: 'silent' }), namePrefix: 'snapdrv-', defaultStrategy: 'live' }),
       ).toThrow(/\[snapshot\] strategy = live: the fake hypervisor backend cannot take live backups; choose one of cold, /);
     } finally {
       await e.cleanup();

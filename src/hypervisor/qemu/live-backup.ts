@@ -244,6 +244,32 @@ async function createTarget(
 }
 
 /**
+ * Cancels every backup job of ours in this QEMU, whatever its state, waits for each to end, and
+ * releases them and their target nodes (QEMU closes the files). Only for a QEMU no other process of
+ * ours works on (recovery after a crash). Resolves with the ids of the jobs found.
+ */
+export async function cancelOurBackupJobs(qmp: QmpClient, log: Logger, timeoutMs: number): Promise<string[]> {
+  const ours = (await qmp.execute<BlockJobInfo[]>('query-block-jobs')).filter((j) => j.device.startsWith(BACKUP_JOB_PREFIX));
+  for (const job of ours) {
+    if (job.status === 'concluded') continue;
+    await qmp.execute('job-cancel', { id: job.device }).catch((err: unknown) => {
+      log.debug({ err: errorMessage(err), job_id: job.device }, 'job-cancel failed (concluded meanwhile?)');
+    });
+  }
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const left = (await qmp.execute<BlockJobInfo[]>('query-block-jobs')).filter(
+      (j) => j.device.startsWith(BACKUP_JOB_PREFIX) && j.status !== 'concluded',
+    );
+    if (left.length === 0) break;
+    if (Date.now() > deadline) throw new QmpTimeout(`backup jobs ${left.map((j) => j.device).join(', ')} did not end within ${timeoutMs} ms of job-cancel`);
+    await sleep(CANCEL_POLL_MS);
+  }
+  await releaseLeftovers(qmp, log);
+  return ours.map((j) => j.device);
+}
+
+/**
  * What an earlier run of the agent may have left in this QEMU (it died during a backup): concluded
  * jobs of ours are dismissed and our target nodes no job uses any more are removed, so QEMU lets go
  * of their files. A job of ours still running is left alone: another process may own it.

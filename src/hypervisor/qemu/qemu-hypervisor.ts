@@ -16,6 +16,7 @@ import {
 import type { Logger } from '../../log.js';
 import { QemuImg } from '../../qemu-img/qemu-img.js';
 import { isUuid } from '../../util/uuid.js';
+import { faultPointAfterOutput } from '../../util/fault.js';
 import type {
   DiskInfo,
   ExportOptions,
@@ -41,7 +42,7 @@ import { DISK_NODE, INCOMING_ARGS, launchDaemonized, qemuArgv } from './launch.j
 import { MigrationReceiver, sendMigrationStream } from './migration-stream.js';
 import { findGuestProcess, killGuest, waitForGuestExit } from './qemu-process.js';
 import { fsCount, withGuestAgent } from './guest-agent.js';
-import { QemuBackupJob, startLiveBackup } from './live-backup.js';
+import { cancelOurBackupJobs, QemuBackupJob, startLiveBackup } from './live-backup.js';
 import { eventTimeMs, type QmpClient } from './qmp.js';
 import { QmpSessions } from './qmp-sessions.js';
 
@@ -262,6 +263,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
       try {
         if (priorState === 'running') vcpusStoppedAt = await this.stopVcpus(qmp, log);
         await qmp.execute('migrate', { uri: `unix:${layout.saveSocket}` });
+        await faultPointAfterOutput('managed-save:migrating');
         [, bytes] = await Promise.all([this.waitForMigration(qmp, 'save'), receiver.done]);
         await receiver.close();
         // managed-save.json first: a state file never exists without it.
@@ -318,6 +320,44 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     if (priorState === 'running') {
       await qmp.execute('cont').catch((err: unknown) => log.error({ err: errorMessage(err) }, 'cannot resume the guest after a failed save'));
     }
+  }
+
+  async settleAfterCrash(uuid: string): Promise<string[]> {
+    const p = await this.probeProcess(uuid);
+    const { layout } = p;
+    const log = this.log.child({ instance_uuid: layout.uuid });
+    const done: string[] = [];
+    let quitSent = false;
+    if (p.pid !== undefined) {
+      await this.withQmp(layout, async (qmp) => {
+        const mig = await qmp.execute<MigrateInfo>('query-migrate');
+        if (mig.status === 'completed' && (await pathExists(layout.saveState))) {
+          // The save was complete and in place; only the process had not gone yet.
+          await qmp.execute('quit').catch((err: unknown) => {
+            if (!(err instanceof QmpDisconnected)) throw err;
+          });
+          quitSent = true;
+          done.push('ended the process of a completed managed save');
+          return;
+        }
+        if (mig.status !== undefined && !['none', 'completed', 'failed', 'cancelled'].includes(mig.status)) {
+          await this.cancelMigration(qmp);
+          done.push(`cancelled a managed save left ${mig.status}`);
+        }
+        const jobs = await cancelOurBackupJobs(qmp, log, this.opts.qmpTimeoutMs);
+        if (jobs.length > 0) done.push(`cancelled backup job(s) ${jobs.join(', ')}`);
+      });
+      if (quitSent) await this.endProcess(layout, p.pid, 'quit-sent');
+    }
+    if (!(await pathExists(layout.saveState))) {
+      // A state file is valid only once renamed into place (with its record written first).
+      const leftovers = [layout.saveStatePartial, layout.saveMeta, `${layout.saveMeta}.tmp`, layout.saveSocket];
+      const present = (await Promise.all(leftovers.map(pathExists))).some(Boolean);
+      await removeFiles(leftovers);
+      if (present) done.push('removed the files of an unfinished managed save');
+    }
+    if (done.length > 0) log.warn({ actions: done }, 'settled what an interrupted operation left');
+    return done;
   }
 
   async resume(uuid: string, hooks: LaunchHooks = {}): Promise<ResumeResult> {

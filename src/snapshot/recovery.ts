@@ -1,0 +1,271 @@
+import fs from 'node:fs/promises';
+import type { StrategyName } from '../config/schema.js';
+import type { Lifecycle } from '../compute/lifecycle.js';
+import { errorMessage, ImageNotFound, InstanceNotFound } from '../errors.js';
+import { processHoldsDisk, type Hypervisor, type PowerState } from '../hypervisor/types.js';
+import type { ImageStore } from '../image-store/image-store.js';
+import { operationLogger, type Logger } from '../log.js';
+import { isRunning, type ProcessIdentity } from '../util/process-identity.js';
+import { isUuid } from '../util/uuid.js';
+import type { OperationJournal, OperationRecord } from './operation-journal.js';
+import type { PendingSnapshots } from './pending.js';
+import { startAgain } from './steps.js';
+
+/**
+ * Start-up recovery (SPEC §2 "on every path, including crashes"): what an agent that died in the
+ * middle of a snapshot left behind is put right from the operation journal and the real state of
+ * guest, disk and store — guest back in its prior power state, our internal snapshot gone (or pending
+ * under deferred-delete), no partial data, the image `killed` (or forgotten when no step had begun,
+ * so that the request is carried out again) — and internal snapshots of ours that nothing explains
+ * are removed.
+ */
+
+export interface RecoveryDeps {
+  hv: Hypervisor;
+  store: ImageStore;
+  lifecycle: Lifecycle;
+  pending: PendingSnapshots;
+  operations: OperationJournal;
+  log: Logger;
+  namePrefix: string;
+  /** `[snapshot] strategy`: decides how an orphaned snapshot of ours on a running guest goes (scanOrphans). */
+  strategy: StrategyName;
+  /** Guest-agent command timeout (thaw after an interrupted `live` freeze). */
+  agentTimeoutMs: number;
+  /** Whether the writer of a record still runs (default: /proc). Tests. */
+  ownerRunning?: (owner: ProcessIdentity) => Promise<boolean>;
+}
+
+/** What became of one interrupted operation. */
+export interface RecoveredOperation {
+  image_id: string;
+  instance_uuid: string;
+  request_id: string;
+  strategy: string;
+  /** Where it stopped, e.g. `step 3 (resume)`, `setup`, `commit`. */
+  stopped_at: string;
+  /** The guest's state as found (after ending what the dead agent left going) and as left. */
+  guest_found: PowerState | 'missing';
+  guest_now: PowerState | 'missing';
+  actions: string[];
+  /** active: it had completed; killed; discarded: no step had begun (the request is carried out again). */
+  image: 'active' | 'killed' | 'discarded' | 'deleted' | 'missing';
+  /** Set when recovery failed; the record is kept for the next start. */
+  error?: string;
+}
+
+export interface OrphanAction {
+  instance_uuid: string;
+  snapshot: string;
+  action: 'deleted' | 'pending';
+}
+
+/**
+ * Recovers every operation (of one instance, if given) whose process is gone, oldest first. Never
+ * throws for one operation: its failure is in its result, and its record stays for the next start.
+ */
+export async function recoverOperations(deps: RecoveryDeps, uuid?: string): Promise<RecoveredOperation[]> {
+  const ownerRunning = deps.ownerRunning ?? isRunning;
+  const out: RecoveredOperation[] = [];
+  for (const rec of await deps.operations.list()) {
+    if (uuid !== undefined && rec.instance_uuid.toLowerCase() !== uuid.toLowerCase()) continue;
+    if (await ownerRunning(rec.owner)) {
+      deps.log.info({ image_id: rec.image_id, owner_pid: rec.owner.pid }, 'operation under way in another process: left alone');
+      continue;
+    }
+    out.push(await recoverOne(deps, rec));
+  }
+  return out;
+}
+
+function stoppedAt(rec: OperationRecord): string {
+  if (rec.phase === 'setup' || rec.phase === 'commit') return rec.phase;
+  const what = `step ${rec.step_index + 1} (${rec.steps[rec.step_index] ?? '?'})`;
+  return rec.phase === 'undo' ? `undo of ${what}` : what;
+}
+
+async function recoverOne(deps: RecoveryDeps, rec: OperationRecord): Promise<RecoveredOperation> {
+  const log = operationLogger(deps.log, rec.request_id, rec.instance_uuid).child({ image_id: rec.image_id, strategy: rec.strategy, recovery: true });
+  const where = stoppedAt(rec);
+  log.warn({ stopped_at: where, prior_state: rec.prior_state, started_at: rec.started_at }, 'recovering an interrupted snapshot');
+  const result: RecoveredOperation = {
+    image_id: rec.image_id,
+    instance_uuid: rec.instance_uuid,
+    request_id: rec.request_id,
+    strategy: rec.strategy,
+    stopped_at: where,
+    guest_found: 'missing',
+    guest_now: 'missing',
+    actions: [],
+    image: 'missing',
+  };
+  let guestError: unknown;
+  try {
+    await recoverGuest(deps, rec, result, log);
+  } catch (err) {
+    guestError = err;
+    log.error({ err }, `cannot bring the guest back: ${errorMessage(err)}`);
+  }
+  try {
+    const reason =
+      `interrupted: the agent stopped at ${where} of ${rec.strategy} and recovered it at its next start` +
+      (result.actions.length > 0 ? ` (${result.actions.join('; ')})` : '') +
+      (guestError !== undefined ? `; the guest could not be brought back: ${errorMessage(guestError)}` : '');
+    result.image = await recoverImage(deps, rec, reason);
+  } catch (err) {
+    guestError ??= err;
+    log.error({ err }, `cannot settle the image: ${errorMessage(err)}`);
+  }
+  if (guestError !== undefined) {
+    result.error = errorMessage(guestError);
+    log.error({ ...result }, 'recovery incomplete: the record is kept for the next start');
+    return result;
+  }
+  await deps.operations.remove(rec.image_id);
+  log.warn({ ...result }, 'interrupted snapshot recovered');
+  return result;
+}
+
+async function recoverGuest(deps: RecoveryDeps, rec: OperationRecord, out: RecoveredOperation, log: Logger): Promise<void> {
+  const { hv, lifecycle } = deps;
+  const uuid = rec.instance_uuid;
+  const stateOf = async (): Promise<PowerState | 'missing'> =>
+    hv.info(uuid).then(
+      (i) => i.state,
+      (err: unknown) => {
+        if (err instanceof InstanceNotFound) return 'missing' as const;
+        throw err;
+      },
+    );
+  if ((await stateOf()) === 'missing') return;
+  out.actions.push(...(await hv.settleAfterCrash(uuid)));
+  let state = await stateOf();
+  out.guest_found = state;
+  if (state === 'missing') return;
+
+  if (rec.strategy === 'live' && state === 'running' && mayHaveFrozen(rec)) {
+    if (await hv.guestAgentAvailable(uuid, deps.agentTimeoutMs)) {
+      const n = await hv.thawFilesystems(uuid, deps.agentTimeoutMs);
+      out.actions.push(`thawed ${n} filesystem(s)`);
+    }
+  }
+  // With no process on the disk, our snapshot goes now, before the guest is started again.
+  if (!processHoldsDisk(state)) await removeOwnSnapshot(deps, rec, state, out);
+
+  const prior = rec.prior_state;
+  if (prior === 'running' || prior === 'paused') {
+    if (state === 'saved') {
+      await lifecycle.resume(uuid);
+      out.actions.push('resumed the guest from our managed save');
+    } else if (state === 'paused' && prior === 'running' && rec.strategy !== 'live') {
+      // Its vCPUs were stopped for a managed save that did not happen.
+      await hv.unpause(uuid);
+      out.actions.push('let the guest run again (stopped for a save that did not complete)');
+    } else if (state === 'shutoff' || state === 'crashed') {
+      await startAgain({ hv, lifecycle, log, uuid, priorState: prior }, state);
+      out.actions.push(`started the guest again: its QEMU process had died (${state}), its memory state is lost`);
+    }
+    state = await stateOf();
+  }
+  out.guest_now = state;
+  if (state !== 'missing' && processHoldsDisk(state)) await removeOwnSnapshot(deps, rec, state, out);
+}
+
+/** live: the record says the freeze may have been asked for and not yet undone. */
+function mayHaveFrozen(rec: OperationRecord): boolean {
+  const quiesce = rec.steps.indexOf('quiesce');
+  return quiesce >= 0 && rec.step_index >= quiesce && rec.phase !== 'commit';
+}
+
+/**
+ * The interrupted operation's own snapshot: deleted with qemu-img when no process holds the disk;
+ * on a running guest kept as pending under deferred-delete (its whole point is to never delete
+ * through a running QEMU), else deleted through the guest's monitor, as the strategies do.
+ */
+async function removeOwnSnapshot(deps: RecoveryDeps, rec: OperationRecord, state: PowerState, out: RecoveredOperation): Promise<void> {
+  const uuid = rec.instance_uuid;
+  const name = rec.snapshot_name;
+  if (!(await deps.hv.listInternalSnapshots(uuid)).some((s) => s.name === name)) return;
+  if (!processHoldsDisk(state)) {
+    await deps.hv.offlineSnapshotDelete(uuid, name);
+    await deps.pending.remove(uuid, name);
+    out.actions.push(`deleted internal snapshot ${name}`);
+  } else if (rec.strategy === 'deferred-delete') {
+    await deps.pending.add(uuid, name);
+    out.actions.push(`kept internal snapshot ${name} as pending (deleted at the guest's next restart)`);
+  } else {
+    await deps.hv.liveSnapshotDelete(uuid, name);
+    await deps.pending.remove(uuid, name);
+    out.actions.push(`deleted internal snapshot ${name} through the guest's monitor`);
+  }
+}
+
+async function recoverImage(deps: RecoveryDeps, rec: OperationRecord, reason: string): Promise<RecoveredOperation['image']> {
+  const { store } = deps;
+  // Any backup job writing it was cancelled above.
+  await fs.rm(store.partialPath(rec.image_id), { force: true });
+  let status: string;
+  try {
+    status = (await store.show(rec.image_id)).status;
+  } catch (err) {
+    if (err instanceof ImageNotFound) return 'missing';
+    throw err;
+  }
+  switch (status) {
+    case 'active':
+      return 'active'; // committed before the crash: the operation had completed
+    case 'killed':
+    case 'deleted':
+      return status;
+    case 'queued':
+      if (rec.phase === 'setup') {
+        // Nothing was touched: forget the image, so that a journaled request is carried out again.
+        await store.delete(rec.image_id);
+        return 'discarded';
+      }
+  }
+  await store.kill(rec.image_id, reason);
+  return 'killed';
+}
+
+/**
+ * Internal snapshots carrying our prefix that nothing explains — not pending, not the snapshot of an
+ * operation in the journal — are removed: with qemu-img when no process holds the disk; on a running
+ * guest recorded as pending under deferred-delete, else deleted through its monitor. Snapshots
+ * without our prefix are never touched.
+ */
+export async function scanOrphans(deps: RecoveryDeps, uuid?: string): Promise<OrphanAction[]> {
+  const { hv, pending, operations, namePrefix, log } = deps;
+  const out: OrphanAction[] = [];
+  const instances = uuid !== undefined ? [await hv.info(uuid)] : await hv.list();
+  for (const inst of instances) {
+    try {
+      const ours = (await hv.listInternalSnapshots(inst.uuid)).map((s) => s.name).filter((n) => n.startsWith(namePrefix));
+      if (ours.length === 0) continue;
+      const known = new Set(await pending.list(inst.uuid));
+      for (const name of ours) {
+        if (known.has(name)) continue;
+        const imageId = name.slice(namePrefix.length);
+        // An operation's record is written before its snapshot is made: checked now, not listed earlier.
+        if (isUuid(imageId) && (await operations.has(imageId))) continue;
+        const { state } = await hv.info(inst.uuid);
+        let action: OrphanAction['action'];
+        if (!processHoldsDisk(state)) {
+          await hv.offlineSnapshotDelete(inst.uuid, name);
+          action = 'deleted';
+        } else if (deps.strategy === 'deferred-delete') {
+          await pending.add(inst.uuid, name);
+          action = 'pending';
+        } else {
+          await hv.liveSnapshotDelete(inst.uuid, name);
+          action = 'deleted';
+        }
+        log.warn({ instance_uuid: inst.uuid, snapshot: name, action, state }, 'orphaned internal snapshot of ours');
+        out.push({ instance_uuid: inst.uuid, snapshot: name, action });
+      }
+    } catch (err) {
+      log.error({ instance_uuid: inst.uuid, err }, `orphan scan failed for this instance: ${errorMessage(err)}`);
+    }
+  }
+  return out;
+}
