@@ -147,6 +147,7 @@ export class ComputeManager implements RpcTarget {
       const earlier = await this.earlierOutcome(info, log);
       if (earlier !== undefined) return earlier;
     }
+    if (this.snapshotSlots.active >= this.snapshotSlots.limit) log.info(this.snapshotStats(), 'snapshot waiting for a slot');
     const release = await this.snapshotSlots.acquire();
     log.info(this.snapshotStats(), 'snapshot slot acquired');
     try {

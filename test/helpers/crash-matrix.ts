@@ -1,0 +1,251 @@
+import { randomUUID } from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { connect, type Channel, type ChannelModel } from 'amqplib';
+import { expect } from 'vitest';
+import type { StrategyName } from '../../src/config/schema.js';
+import { STRATEGY_STEPS, SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
+import { novaInstance, spawnAgent, startAgentProcess, writeAgentConfig, type AgentProcess } from './agent.js';
+import { cliJson } from './cli.js';
+import { createGuest, guestWrite, makeQemuEnv, MiB, type QemuEnv } from './qemu-guest.js';
+import { createRabbitVhost, deleteRabbitVhost, ensureRabbit, RABBIT_HOST, RABBIT_PORT } from './rabbitmq.js';
+
+/**
+ * The crash matrix of issue 5 on real parts: the agent (`snapshot-driver serve`, a child process)
+ * is made to SIGKILL itself at one named point of a snapshot (SNAPSHOT_DRIVER_FAULT=kill:<point>),
+ * restarted, and then everything an operator cares about is checked: the guest's power state, the
+ * disk (`qemu-img check`), internal snapshots within policy, no incomplete active image, nothing
+ * partial, and the request either completed or ended with an instance.snapshot.error notification.
+ */
+
+/** Every kill point of a strategy: before each step (its record written), and before the commit. */
+export function killPoints(strategy: StrategyName): string[] {
+  return [...STRATEGY_STEPS[strategy].map((s, i) => `step:${i}:${s.name}`), 'commit'];
+}
+
+export interface Notification {
+  event_type: string;
+  routing_key: string;
+  payload: Record<string, unknown>;
+  raw: string;
+}
+
+export interface CrashBench {
+  env: QemuEnv;
+  url: string;
+  host: string;
+  imagesDir: string;
+  stateDir: string;
+  /** One agent config per strategy (same dirs, same host). */
+  confs: Map<StrategyName, string>;
+  /** One guest per strategy and power state (a deferred-delete guest keeps a pending snapshot). */
+  guest(strategy: StrategyName, state: 'running' | 'paused'): Promise<string>;
+  notifications: Notification[];
+  agents: AgentProcess[];
+  close(): Promise<void>;
+}
+
+/** A vhost, an instances dir for guests (TCG, 64 MiB, made on first use), one config per strategy. */
+export async function makeCrashBench(name: string, strategies: readonly StrategyName[]): Promise<CrashBench> {
+  await ensureRabbit();
+  const vhost = `sd-${name}-${process.pid}`;
+  const host = `${name}-${process.pid}`;
+  const url = await createRabbitVhost(vhost);
+  const env = await makeQemuEnv({ accel: 'tcg' });
+  const confs = new Map<StrategyName, string>();
+  for (const strategy of strategies) {
+    const dir = path.join(env.tmpPath, `conf-${strategy}`);
+    await fs.mkdir(dir);
+    const file = await writeAgentConfig(dir, { host, transportUrl: url, strategy });
+    // Every config works on the same instances, state and images (relative paths resolve per file).
+    const text = (await fs.readFile(file, 'utf8'))
+      .replace('[snapshot]\n', '[snapshot]\nguest_agent_timeout = 1\n')
+      .replace('instances_path = instances', 'instances_path = ../instances')
+      .replace('state_path = state', 'state_path = ../state')
+      .replace('path = images', 'path = ../images');
+    await fs.writeFile(file, text);
+    confs.set(strategy, file);
+  }
+  const guests = new Map<string, Promise<string>>();
+  const makeGuest = async (strategy: StrategyName, state: 'running' | 'paused'): Promise<string> => {
+    const uuid = await createGuest(env.hv, { name: `crash-${strategy}-${state}`, memoryMb: 64 });
+    await guestWrite(env.hv, uuid, 0x5a, 0, MiB);
+    await guestWrite(env.hv, uuid, 0xa5, 9 * MiB, MiB);
+    if (state === 'paused') await env.hv.pause(uuid);
+    return uuid;
+  };
+  const notifications: Notification[] = [];
+  const agents: AgentProcess[] = [];
+  let amqp: ChannelModel | undefined;
+  let channel: Channel | undefined;
+  const bench: CrashBench = {
+    env,
+    url,
+    host,
+    imagesDir: path.join(env.tmpPath, 'images'),
+    stateDir: path.join(env.tmpPath, 'state'),
+    confs,
+    guest(strategy, state) {
+      const key = `${strategy}/${state}`;
+      let g = guests.get(key);
+      if (g === undefined) {
+        g = makeGuest(strategy, state);
+        guests.set(key, g);
+      }
+      return g;
+    },
+    notifications,
+    agents,
+    async close() {
+      for (const a of agents) await a.kill();
+      await channel?.close().catch(() => undefined);
+      await amqp?.close().catch(() => undefined);
+      await env.cleanup();
+      await deleteRabbitVhost(vhost);
+    },
+  };
+  // The control exchange exists once an agent has served: listen to the versioned notifications.
+  const first = await startAgentProcess(confs.get(strategies[0]!)!);
+  agents.push(first);
+  amqp = await connect(`amqp://guest:guest@${RABBIT_HOST}:${RABBIT_PORT}/${encodeURIComponent(vhost)}`);
+  channel = await amqp.createChannel();
+  const { queue } = await channel.assertQueue('', { exclusive: true });
+  for (const key of ['versioned_notifications.info', 'versioned_notifications.error']) await channel.bindQueue(queue, 'nova', key);
+  await channel.consume(
+    queue,
+    (msg) => {
+      if (!msg) return;
+      const raw = msg.content.toString('utf8');
+      const outer = JSON.parse(raw) as Record<string, unknown>;
+      const inner = (typeof outer['oslo.message'] === 'string' ? JSON.parse(outer['oslo.message']) : outer) as Record<string, unknown>;
+      notifications.push({
+        event_type: String(inner.event_type),
+        routing_key: msg.fields.routingKey,
+        payload: inner.payload as Record<string, unknown>,
+        raw,
+      });
+    },
+    { noAck: true },
+  );
+  await first.stop();
+  return bench;
+}
+
+/** Casts snapshot_instance to the agent's `compute.<host>` queue (envelope 2.0, as nova does). */
+async function castSnapshot(bench: CrashBench, uuid: string, imageId: string): Promise<void> {
+  const conn = await connect(bench.url.replace(/^rabbit:/, 'amqp:'));
+  try {
+    const ch = await conn.createConfirmChannel();
+    const message = {
+      method: 'snapshot_instance',
+      args: { instance: novaInstance({ uuid, display_name: 'crash-guest', user_id: 'u-crash', project_id: 'p-crash' }), image_id: imageId },
+      version: '6.0',
+      _unique_id: randomUUID().replace(/-/g, ''),
+      _context_request_id: `req-${randomUUID()}`,
+      _context_user_id: 'u-crash',
+      _context_project_id: 'p-crash',
+    };
+    const body = Buffer.from(JSON.stringify({ 'oslo.version': '2.0', 'oslo.message': JSON.stringify(message) }));
+    ch.publish('nova', `compute.${bench.host}`, body, { contentType: 'application/json', contentEncoding: 'utf-8' });
+    await ch.waitForConfirms();
+    await ch.close();
+  } finally {
+    await conn.close();
+  }
+}
+
+async function waitFor<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await probe();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+export interface CrashCase {
+  strategy: StrategyName;
+  /** The fault point (without `kill:`). */
+  point: string;
+  guest: 'running' | 'paused';
+}
+
+/**
+ * One case: a snapshot request, the agent SIGKILLed at the point, a restarted agent, and every check.
+ * Resolves with what the restarted agent's recovery said, for the table.
+ */
+export async function runCrashCase(bench: CrashBench, c: CrashCase): Promise<{ outcome: 'completed' | 'error'; recovered: unknown }> {
+  const conf = bench.confs.get(c.strategy)!;
+  const uuid = await bench.guest(c.strategy, c.guest);
+  const imageId = randomUUID();
+
+  const crashing = spawnAgent(conf, { env: { SNAPSHOT_DRIVER_FAULT: `kill:${c.point}` } });
+  bench.agents.push(crashing);
+  await crashing.waitForLog('agent serving');
+  await castSnapshot(bench, uuid, imageId);
+  const exit = await Promise.race([
+    crashing.exited,
+    new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`agent did not die at ${c.point}\n${crashing.tail()}`)), 60_000)),
+  ]);
+  expect(exit, `the agent must have killed itself at ${c.point}`).toEqual({ code: null, signal: 'SIGKILL' });
+  // It died with the operation recorded in the operation journal, at the point named.
+  const recordFile = path.join(bench.stateDir, 'operations', `${imageId}.json`);
+  const record = JSON.parse(await fs.readFile(recordFile, 'utf8')) as Record<string, unknown>;
+  if (c.point === 'commit') expect(record).toMatchObject({ phase: 'commit', strategy: c.strategy, prior_state: c.guest });
+  else if (c.point === 'operation-recorded') expect(record).toMatchObject({ phase: 'setup', step_index: -1 });
+  else if (c.point === 'managed-save:migrating') expect(record).toMatchObject({ phase: 'run', step_index: 0, steps: expect.arrayContaining(['suspend']) });
+  else {
+    const [, index, name] = /^step:(\d+):(.+)$/.exec(c.point)!;
+    expect(record).toMatchObject({ phase: 'run', step_index: Number(index), strategy: c.strategy, prior_state: c.guest });
+    expect((record.steps as string[])[Number(index)]).toBe(name);
+  }
+
+  const restarted = await startAgentProcess(conf);
+  bench.agents.push(restarted);
+  const recovered = restarted.find('interrupted snapshot recovered', { image_id: imageId });
+  expect(recovered, `recovery of ${imageId}\n${restarted.tail()}`).toHaveLength(1);
+
+  // The request ended: completed (carried out again: it never started) or an error notification.
+  const retried = c.point === 'operation-recorded';
+  const wanted = retried ? 'instance.snapshot.end' : 'instance.snapshot.error';
+  const note = await waitFor(`${wanted} for ${imageId}`, () =>
+    bench.notifications.find((n) => n.event_type === wanted && n.raw.includes(imageId)),
+  );
+  if (!retried) {
+    expect(note.routing_key).toBe('versioned_notifications.error');
+    expect(note.raw).toContain('SnapshotInterrupted');
+  }
+  await waitFor('the request journal to empty', async () => ((await journalEntries(bench)).length === 0 ? true : undefined));
+  await restarted.stop();
+
+  // The guest is back in its power state, its disk clean, our snapshots within policy.
+  const instances = (await cliJson(conf, ['instances', 'list'])) as { uuid: string; state: string }[];
+  expect(instances.find((i) => i.uuid === uuid)?.state).toBe(c.guest);
+  const disk = path.join(bench.env.instancesPath, uuid, 'disk');
+  expect(await bench.env.qemuImg.check(disk, { forceShare: true })).toMatchObject({ clean: true, corruptions: 0 });
+  const ours = (await bench.env.qemuImg.snapshotList(disk)).filter((s) => s.name.startsWith('snapdrv-'));
+  expect(ours.length).toBeLessThanOrEqual(SNAPSHOTS_LEFT_MAX[c.strategy]);
+  // The image: active and verified (carried out again), or killed; never an incomplete active one.
+  const image = JSON.parse(await fs.readFile(path.join(bench.imagesDir, `${imageId}.json`), 'utf8')) as Record<string, unknown>;
+  expect(image.status).toBe(retried ? 'active' : 'killed');
+  await expectStoreConsistent(bench);
+  expect(await fs.readdir(path.join(bench.stateDir, 'operations'))).toEqual([]);
+  return { outcome: retried ? 'completed' : 'error', recovered: recovered[0] };
+}
+
+/** Unfinished request-journal entries. */
+async function journalEntries(bench: CrashBench): Promise<string[]> {
+  const names = await fs.readdir(path.join(bench.stateDir, 'journal')).catch(() => []);
+  return names.filter((n) => /^\d{16}-[0-9a-f]{8}\.json$/.test(n));
+}
+
+/** Every active image verifies; nothing in .partial/. */
+export async function expectStoreConsistent(bench: CrashBench): Promise<void> {
+  const conf = [...bench.confs.values()][0]!;
+  const images = (await cliJson(conf, ['images', 'list'])) as { id: string; status: string }[];
+  for (const img of images.filter((i) => i.status === 'active')) {
+    expect(await cliJson(conf, ['images', 'verify', img.id]), `image ${img.id}`).toMatchObject({ ok: true });
+  }
+  expect(await fs.readdir(path.join(bench.imagesDir, '.partial')).catch(() => [])).toEqual([]);
+}
