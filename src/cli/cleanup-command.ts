@@ -1,8 +1,10 @@
+import path from 'node:path';
 import type { Command } from 'commander';
 import { agentLock, buildServer } from '../compute/agent.js';
+import { FileJournal } from '../compute/journal.js';
 import type { Runtime } from '../compute/runtime.js';
 import { recoverAtStart, type RecoveryReport } from '../compute/startup-recovery.js';
-import { errorMessage, ImageNotFound, InvalidInstanceId } from '../errors.js';
+import { AgentAlreadyRunning, errorMessage, ImageNotFound, InvalidInstanceId } from '../errors.js';
 import { processHoldsDisk } from '../hypervisor/types.js';
 import type { JournalEntry } from '../messaging/rpc-types.js';
 import { instanceUuidOf } from '../messaging/request-context.js';
@@ -32,8 +34,22 @@ export function registerCleanupCommand(program: Command, runtime: RuntimeFactory
     .action(async (uuid: string | undefined, opts: { json?: boolean }) => {
       if (uuid !== undefined && !isUuid(uuid)) throw new InvalidInstanceId(uuid);
       const rt = await runtime();
-      const recovery = await recoverAtStart(rt, uuid);
-      const settled = await settleRequests(rt, uuid);
+      // Never beside a serving agent: it recovered at its own start, and works on the same guests.
+      const lock = agentLock(rt);
+      const holder = await lock.acquire();
+      if (holder !== undefined) {
+        throw new AgentAlreadyRunning(
+          `an agent (pid ${holder.pid}) is serving with state_path ${rt.config.DEFAULT.state_path}; it recovers at its own start: stop it to run cleanup`,
+        );
+      }
+      let recovery: RecoveryReport;
+      let settled: Pick<CleanupReport, 'requestsSettled' | 'requestsLeft'>;
+      try {
+        recovery = await recoverAtStart(rt, uuid);
+        settled = await settleRequests(rt, uuid);
+      } finally {
+        await lock.release();
+      }
       const pendingWaiting: CleanupReport['pendingWaiting'] = [];
       for (const inst of uuid !== undefined ? [await rt.hv.info(uuid)] : await rt.hv.list()) {
         if (!processHoldsDisk(inst.state)) continue;
@@ -49,42 +65,39 @@ export function registerCleanupCommand(program: Command, runtime: RuntimeFactory
 /**
  * Ends the journaled requests whose operation was interrupted (their image exists: recovery has
  * killed it), with the error notification and reply nova expects. Requests never started are left to
- * `serve`, which carries them out; none are touched while an agent serves (its journal is its own).
+ * `serve`, which carries them out. Runs under the agent lock.
  */
 async function settleRequests(rt: Runtime, uuid: string | undefined): Promise<Pick<CleanupReport, 'requestsSettled' | 'requestsLeft'>> {
-  const lock = agentLock(rt);
-  const holder = await lock.acquire();
-  if (holder !== undefined) return { requestsSettled: 0, requestsLeft: `an agent (pid ${holder.pid}) is serving: it settles its own requests` };
+  const { config, log } = rt;
+  const interrupted = async (entry: JournalEntry): Promise<boolean> => {
+    const { method, args } = entry.request;
+    if (method !== 'snapshot_instance' && method !== 'backup_instance') return false;
+    if (typeof args.image_id !== 'string' || !isUuid(args.image_id)) return false;
+    if (uuid !== undefined && instanceUuidOf(args)?.toLowerCase() !== uuid.toLowerCase()) return false;
+    return rt.store.show(args.image_id).then(
+      () => true,
+      (err: unknown) => {
+        if (err instanceof ImageNotFound) return false;
+        throw err;
+      },
+    );
+  };
+  const journal = new FileJournal({ dir: path.join(config.DEFAULT.state_path, 'journal'), log });
+  let candidates = 0;
+  for (const entry of await journal.unfinished()) if (await interrupted(entry)) candidates += 1;
+  if (candidates === 0) return { requestsSettled: 0 }; // no need to reach the broker
+  let bus;
   try {
-    const { config, log } = rt;
-    const interrupted = async (entry: JournalEntry): Promise<boolean> => {
-      const { method, args } = entry.request;
-      if (method !== 'snapshot_instance' && method !== 'backup_instance') return false;
-      if (typeof args.image_id !== 'string' || !isUuid(args.image_id)) return false;
-      if (uuid !== undefined && instanceUuidOf(args)?.toLowerCase() !== uuid.toLowerCase()) return false;
-      return rt.store.show(args.image_id).then(
-        () => true,
-        (err: unknown) => {
-          if (err instanceof ImageNotFound) return false;
-          throw err;
-        },
-      );
-    };
-    let bus;
-    try {
-      bus = await openBus(config.DEFAULT.transport_url, config.oslo_messaging_rabbit, log);
-    } catch (err) {
-      log.error({ err }, `cannot reach the message broker to settle interrupted requests: ${errorMessage(err)}`);
-      return { requestsSettled: 0, requestsLeft: `message broker unreachable (${errorMessage(err)}): the next serve settles them` };
-    }
-    try {
-      const { rpc } = await buildServer(rt, bus);
-      return { requestsSettled: await rpc.runJournaled(interrupted) };
-    } finally {
-      await bus.close().catch(() => undefined);
-    }
+    bus = await openBus(config.DEFAULT.transport_url, config.oslo_messaging_rabbit, log);
+  } catch (err) {
+    log.error({ err }, `cannot reach the message broker to settle interrupted requests: ${errorMessage(err)}`);
+    return { requestsSettled: 0, requestsLeft: `message broker unreachable (${errorMessage(err)}): the next serve settles them` };
+  }
+  try {
+    const { rpc } = await buildServer(rt, bus);
+    return { requestsSettled: await rpc.runJournaled(interrupted) };
   } finally {
-    await lock.release();
+    await bus.close().catch(() => undefined);
   }
 }
 

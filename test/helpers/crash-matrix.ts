@@ -132,7 +132,7 @@ export async function makeCrashBench(name: string, strategies: readonly Strategy
 }
 
 /** Casts snapshot_instance to the agent's `compute.<host>` queue (envelope 2.0, as nova does). */
-async function castSnapshot(bench: CrashBench, uuid: string, imageId: string): Promise<void> {
+export async function castSnapshot(bench: CrashBench, uuid: string, imageId: string): Promise<void> {
   const conn = await connect(bench.url.replace(/^rabbit:/, 'amqp:'));
   try {
     const ch = await conn.createConfirmChannel();
@@ -154,7 +154,7 @@ async function castSnapshot(bench: CrashBench, uuid: string, imageId: string): P
   }
 }
 
-async function waitFor<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
+export async function waitFor<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const v = await probe();
@@ -235,7 +235,7 @@ export async function runCrashCase(bench: CrashBench, c: CrashCase): Promise<{ o
 }
 
 /** Unfinished request-journal entries. */
-async function journalEntries(bench: CrashBench): Promise<string[]> {
+export async function journalEntries(bench: CrashBench): Promise<string[]> {
   const names = await fs.readdir(path.join(bench.stateDir, 'journal')).catch(() => []);
   return names.filter((n) => /^\d{16}-[0-9a-f]{8}\.json$/.test(n));
 }
