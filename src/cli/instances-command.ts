@@ -13,12 +13,17 @@ const SIZE_UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2
 export function parseSize(s: string): number {
   const m = /^(\d+)([KMGT]?)(i?B)?$/i.exec(s.trim());
   const unit = m ? SIZE_UNITS[(m[2] ?? '').toUpperCase()] : undefined;
-  if (!m || unit === undefined) throw new InvalidArgumentError(`expected a size such as 1G, 512M or 1048576, got ${JSON.stringify(s)}`);
-  return Number(m[1]) * unit;
+  const bytes = m && unit !== undefined ? Number(m[1]) * unit : NaN;
+  if (!Number.isSafeInteger(bytes)) {
+    throw new InvalidArgumentError(`expected a size such as 1G, 512M or 1048576 (at most ${Number.MAX_SAFE_INTEGER} bytes), got ${JSON.stringify(s)}`);
+  }
+  return bytes;
 }
 
 function parsePositiveInt(s: string): number {
-  if (!/^\d+$/.test(s) || Number(s) < 1) throw new InvalidArgumentError(`expected a positive integer, got ${JSON.stringify(s)}`);
+  if (!/^\d+$/.test(s) || Number(s) < 1 || !Number.isSafeInteger(Number(s))) {
+    throw new InvalidArgumentError(`expected a positive integer, got ${JSON.stringify(s)}`);
+  }
   return Number(s);
 }
 

@@ -1,4 +1,5 @@
-import { readFile } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { open, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { z } from 'zod';
 import { ConfigError } from '../errors.js';
@@ -24,7 +25,68 @@ export async function loadConfig(files: readonly string[]): Promise<Config> {
     problems.push(...errors.map(({ line, text }) => ({ order, line, text })));
     parsed.push(ini);
   }
-  return validate(parsed, problems);
+  const config = validate(parsed, problems);
+  await checkFolders(config, merge(parsed));
+  return config;
+}
+
+/** Config files larger than this are refused unread (the sample, fully commented, is about 10 KiB). */
+export const MAX_CONFIG_BYTES = 1024 * 1024;
+
+/** At most this many problems are listed; the rest are counted. */
+const MAX_PROBLEMS_SHOWN = 20;
+
+/** The folder options: each must be a directory when it exists (a missing one is created on first use). */
+const FOLDER_OPTIONS: ReadonlyArray<readonly [section: 'DEFAULT' | 'image_store', option: string]> = [
+  ['DEFAULT', 'instances_path'],
+  ['DEFAULT', 'state_path'],
+  ['image_store', 'path'],
+];
+
+/**
+ * Refuses folder options that name something other than a directory (a file, a device): the agent
+ * would otherwise fail later with a bare ENOTDIR, or treat a file as a folder.
+ */
+async function checkFolders(config: Config, merged: Map<string, MergedSection>): Promise<void> {
+  const problems: Problem[] = [];
+  for (const [section, option] of FOLDER_OPTIONS) {
+    const value = (config[section] as Record<string, unknown>)[option];
+    if (typeof value !== 'string') continue;
+    let what: string | undefined;
+    try {
+      const st = await stat(value);
+      if (!st.isDirectory()) what = `it is ${fileKind(st)}`;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOTDIR') what = 'a part of its path is a file';
+      // ENOENT: created on first use. Anything else (EACCES…) is reported by the operation that needs it.
+    }
+    if (what === undefined) continue;
+    const setting = merged.get(section)?.options.get(option);
+    const where = setting ? ` in ${setting.file}:${setting.line}` : ' (default value)';
+    problems.push({
+      order: setting?.order ?? 0,
+      line: setting?.line ?? 0,
+      text: `[${section}] ${option} = ${JSON.stringify(value)}${where}: expected a directory, but ${what}`,
+    });
+  }
+  if (problems.length > 0) throw new ConfigError(formatProblems(problems));
+}
+
+function fileKind(st: import('node:fs').Stats): string {
+  if (st.isFile()) return 'a file';
+  if (st.isFIFO()) return 'a named pipe';
+  if (st.isSocket()) return 'a socket';
+  if (st.isCharacterDevice() || st.isBlockDevice()) return 'a device';
+  return 'not a directory';
+}
+
+/** One line per problem, in file and line order, without repeats; past MAX_PROBLEMS_SHOWN, a count. */
+function formatProblems(problems: Problem[]): string {
+  const sorted = [...problems].sort((a, b) => a.order - b.order || a.line - b.line);
+  const lines = [...new Set(sorted.map((p) => p.text))];
+  if (lines.length <= MAX_PROBLEMS_SHOWN) return lines.join('\n');
+  return [...lines.slice(0, MAX_PROBLEMS_SHOWN), `... and ${lines.length - MAX_PROBLEMS_SHOWN} more problems`].join('\n');
 }
 
 /** Parses and validates one config file's text; `fileName` names it in errors and anchors relative paths. */
@@ -100,10 +162,7 @@ function validate(files: readonly ParsedIni[], earlier: Problem[]): Config {
   if (!result.success) {
     for (const issue of result.error.issues) problems.push(...describeIssue(issue, merged));
   }
-  if (problems.length > 0) {
-    problems.sort((a, b) => a.order - b.order || a.line - b.line);
-    throw new ConfigError([...new Set(problems.map((p) => p.text))].join('\n'));
-  }
+  if (problems.length > 0) throw new ConfigError(formatProblems(problems));
   if (!result.success) throw new ConfigError('invalid configuration');
   return result.data;
 }
@@ -189,7 +248,7 @@ function describeIssue(issue: z.core.$ZodIssue, merged: Map<string, MergedSectio
   }
   const setting = merged.get(section)?.options.get(option);
   if (!setting) return [{ order: 0, line: 0, text: `[${section}] ${option} (default value): ${expected}` }];
-  const shown = isSecretOption(option) ? '' : ` = ${JSON.stringify(setting.value)}`;
+  const shown = isSecretOption(option) ? '' : ` = ${clipped(setting.value)}`;
   return [
     {
       order: setting.order,
@@ -254,8 +313,40 @@ function editDistance(a: string, b: string): number {
   return previous[b.length] ?? 0;
 }
 
+/** A value as JSON for a message, cut short after 100 characters. */
+function clipped(value: string): string {
+  const text = JSON.stringify(value);
+  return text.length <= 100 ? text : `${text.slice(0, 100)}… (${text.length} characters)`;
+}
+
+class ReadRefused extends Error {}
+
+/**
+ * Reads a config file: a regular file of at most MAX_CONFIG_BYTES, UTF-8. Opened non-blocking and
+ * checked before reading, so that a named pipe or a device (/dev/zero) is refused at once instead of
+ * blocking or being read forever.
+ */
 async function readConfigFile(file: string): Promise<string> {
-  const bytes = await readFile(file);
+  const fh = await open(file, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  let bytes: Buffer;
+  try {
+    const st = await fh.stat();
+    if (st.isDirectory()) throw Object.assign(new Error('is a directory'), { code: 'EISDIR' });
+    if (!st.isFile()) throw new ReadRefused(`not a regular file (it is ${fileKind(st)})`);
+    if (st.size > MAX_CONFIG_BYTES) throw new ReadRefused(`${st.size} bytes, over the limit of ${MAX_CONFIG_BYTES} bytes`);
+    // Read at most one byte past the limit, in case the file grew since fstat.
+    const buf = Buffer.alloc(MAX_CONFIG_BYTES + 1);
+    let length = 0;
+    for (;;) {
+      const { bytesRead } = await fh.read(buf, length, buf.length - length, length);
+      if (bytesRead === 0) break;
+      length += bytesRead;
+      if (length === buf.length) throw new ReadRefused(`over the limit of ${MAX_CONFIG_BYTES} bytes`);
+    }
+    bytes = buf.subarray(0, length);
+  } finally {
+    await fh.close();
+  }
   try {
     return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
   } catch {
@@ -273,6 +364,8 @@ function readFailure(err: unknown): string {
       return 'permission denied';
     case 'EISDIR':
       return 'is a directory, not a file';
+    case 'ENXIO':
+      return 'not a regular file';
     default:
       return err instanceof Error ? err.message : String(err);
   }

@@ -93,7 +93,14 @@ export const schema = z
   .object({
     DEFAULT: z
       .object({
-        host: nonEmpty.default(os.hostname()),
+        // The RPC server consumes `compute.<host>`: an AMQP queue name is at most 255 bytes.
+        host: z
+          .string()
+          .trim()
+          .min(1, 'a non-empty string')
+          .max(247, 'at most 247 characters (the RPC server consumes the queue compute.<host>, at most 255 bytes)')
+          .regex(/^[\x21-\x7e]*$/, 'printable ASCII characters without spaces')
+          .default(os.hostname()),
         instances_path: nonEmpty.default('/var/lib/snapshot-driver/instances'),
         state_path: nonEmpty.default('/var/lib/snapshot-driver'),
         max_concurrent_snapshots: int(1, 1000).default(5),

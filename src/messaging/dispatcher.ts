@@ -9,7 +9,7 @@
  * The messages start with oslo's own words (then say what is served), so logs and Python clients read alike.
  */
 import { NoSuchMethod, UnsupportedVersion } from '../errors.js';
-import { isVersionCompatible } from './envelope.js';
+import { isVersionCompatible, shown } from './envelope.js';
 import type { RpcRequest, RpcTarget } from './rpc-types.js';
 
 export function checkRequest(target: RpcTarget, request: RpcRequest): void {
@@ -18,7 +18,7 @@ export function checkRequest(target: RpcTarget, request: RpcRequest): void {
   if (namespace !== (target.namespace ?? undefined)) {
     throw new UnsupportedVersion(
       `Endpoint does not support RPC version ${version}. Attempted method: ${method}` +
-        ` (namespace ${JSON.stringify(namespace ?? null)}, served: ${JSON.stringify(target.namespace ?? null)})`,
+        ` (namespace ${shown(namespace ?? null)}, served: ${shown(target.namespace ?? null)})`,
     );
   }
   if (!isVersionCompatible(target.version, version)) {

@@ -18,6 +18,16 @@ export const MESSAGE_KEY = 'oslo.message';
 export const DEFAULT_MAX_BODY_BYTES = 1024 * 1024;
 
 /**
+ * Messages nesting arrays and objects deeper than this are refused: a real nova request nests about
+ * a dozen levels, and a value nested thousands deep would overflow the stack of JSON.stringify when
+ * it is journaled (JSON.parse itself copes).
+ */
+export const MAX_NESTING = 64;
+
+/** Longest method name, `_unique_id`, `_msg_id` or `_reply_q` accepted (an AMQP short string). */
+export const MAX_NAME_CHARS = 255;
+
+/**
  * The AMQP properties oslo's rabbit driver (kombu's json serializer) puts on every message it
  * publishes; kombu's default delivery mode is persistent.
  */
@@ -30,7 +40,7 @@ export const JSON_PROPERTIES: Readonly<MessageProperties> = Object.freeze({
 /** Context keys never kept: the agent has no use for a caller's keystone token. */
 const DROPPED_CONTEXT_KEYS = new Set(['auth_token']);
 
-const RPC_VERSION_RE = /^\d+\.\d+(\.\d+)?$/;
+const RPC_VERSION_RE = /^\d{1,9}\.\d{1,9}(\.\d{1,9})?$/;
 /** Reply queues and message ids are hex or uuid-like; anything else is not an address we answer. */
 const ADDRESS_RE = /^[A-Za-z0-9_.:@-]{1,255}$/;
 
@@ -68,6 +78,37 @@ function describe(v: unknown): string {
   if (v === null) return 'null';
   if (Array.isArray(v)) return 'an array';
   return typeof v === 'object' || typeof v === 'undefined' ? `an ${typeof v}` : `a ${typeof v}`;
+}
+
+/** A received value as JSON for an error message, cut short: a hostile input is never echoed whole. */
+export function shown(v: unknown, max = 80): string {
+  let text: string;
+  try {
+    text = JSON.stringify(v) ?? String(v);
+  } catch {
+    text = describe(v);
+  }
+  return text.length <= max ? text : `${text.slice(0, max)}… (${text.length} characters)`;
+}
+
+/** True when arrays/objects in `value` nest deeper than `max` levels (the value itself is level 1). Iterative. */
+export function nestsDeeperThan(value: unknown, max: number): boolean {
+  const stack: Array<{ v: object; depth: number }> = [];
+  if (typeof value === 'object' && value !== null) stack.push({ v: value, depth: 1 });
+  while (stack.length > 0) {
+    const { v, depth } = stack.pop()!;
+    if (depth > max) return true;
+    for (const child of Array.isArray(v) ? v : Object.values(v)) {
+      if (typeof child === 'object' && child !== null) stack.push({ v: child as object, depth: depth + 1 });
+    }
+  }
+  return false;
+}
+
+function refuseDeepNesting(value: unknown, what: string): void {
+  if (nestsDeeperThan(value, MAX_NESTING)) {
+    throw new MalformedMessage(`${what} nests deeper than ${MAX_NESTING} levels of arrays and objects`);
+  }
 }
 
 /**
@@ -113,6 +154,7 @@ export function unwrap(body: Buffer): Record<string, unknown> {
   if (!isPlainObject(outer)) {
     throw new MalformedMessage(`message is ${describe(outer)}, expected a JSON object`);
   }
+  refuseDeepNesting(outer, 'message');
   const hasVersion = VERSION_KEY in outer;
   const hasMessage = MESSAGE_KEY in outer;
   if (!hasVersion && !hasMessage) return outer; // envelope 1.0
@@ -121,7 +163,7 @@ export function unwrap(body: Buffer): Record<string, unknown> {
 
   const version = outer[VERSION_KEY];
   if (typeof version !== 'string' || !RPC_VERSION_RE.test(version)) {
-    throw new MalformedMessage(`envelope "${VERSION_KEY}" is ${JSON.stringify(version)}, expected "${ENVELOPE_VERSION}"`);
+    throw new MalformedMessage(`envelope "${VERSION_KEY}" is ${shown(version)}, expected "${ENVELOPE_VERSION}"`);
   }
   if (!isVersionCompatible(ENVELOPE_VERSION, version)) {
     throw new MalformedMessage(`unsupported envelope version "${version}", expected "${ENVELOPE_VERSION}"`);
@@ -139,6 +181,7 @@ export function unwrap(body: Buffer): Record<string, unknown> {
   if (!isPlainObject(message)) {
     throw new MalformedMessage(`envelope "${MESSAGE_KEY}" holds ${describe(message)}, expected a JSON object`);
   }
+  refuseDeepNesting(message, 'message');
   return message;
 }
 
@@ -176,20 +219,32 @@ function toRequest(message: Record<string, unknown>): RpcRequest {
   if (typeof method !== 'string' || method.length === 0) {
     throw new MalformedMessage(`"method" is ${describe(method)}, expected a non-empty string`);
   }
+  if (method.length > MAX_NAME_CHARS) {
+    throw new MalformedMessage(`"method" is ${method.length} characters long, expected at most ${MAX_NAME_CHARS}`);
+  }
   const args = 'args' in message ? message.args : {};
   if (!isPlainObject(args)) {
     throw new MalformedMessage(`"args" of ${method} is ${describe(args)}, expected a JSON object`);
   }
+  for (const name of Object.keys(args)) {
+    if (name.length > MAX_NAME_CHARS) {
+      throw new MalformedMessage(`"args" of ${method} has an argument name of ${name.length} characters, expected at most ${MAX_NAME_CHARS}`);
+    }
+  }
   // oslo's dispatcher: a message without a version asks for 1.0.
   const version = 'version' in message ? message.version : '1.0';
   if (typeof version !== 'string' || !RPC_VERSION_RE.test(version)) {
-    throw new MalformedMessage(`"version" of ${method} is ${JSON.stringify(version)}, expected a "major.minor" string`);
+    throw new MalformedMessage(`"version" of ${method} is ${shown(version)}, expected a "major.minor" string`);
   }
   const namespace = message.namespace ?? undefined;
   if (namespace !== undefined && typeof namespace !== 'string') {
     throw new MalformedMessage(`"namespace" is ${describe(namespace)}, expected a string or null`);
   }
   const uniqueId = optionalString(message, '_unique_id');
+  // Journaled, put on every log line and remembered for a week: oslo's are 32 hex digits.
+  if (uniqueId !== undefined && !ADDRESS_RE.test(uniqueId)) {
+    throw new MalformedMessage('"_unique_id" has characters outside [A-Za-z0-9_.:@-] or is too long');
+  }
   const msgId = optionalString(message, '_msg_id');
   const replyQ = optionalString(message, '_reply_q');
   if (msgId !== undefined && replyQ === undefined) throw new MalformedMessage('call has "_msg_id" but no "_reply_q"');
@@ -202,7 +257,8 @@ function toRequest(message: Record<string, unknown>): RpcRequest {
   for (const [key, value] of Object.entries(message)) {
     if (!key.startsWith('_context_')) continue;
     const name = key.slice('_context_'.length);
-    if (!DROPPED_CONTEXT_KEYS.has(name)) context[name] = value;
+    // defineProperty, not assignment: `_context___proto__` must stay a key, not become the prototype.
+    if (!DROPPED_CONTEXT_KEYS.has(name)) Object.defineProperty(context, name, { value, enumerable: true, writable: true, configurable: true });
   }
 
   return {
@@ -230,7 +286,7 @@ function readTimeout(v: unknown): number | undefined {
   if (v === undefined || v === null) return undefined;
   const n = typeof v === 'string' && v.trim() !== '' ? Number(v) : v;
   if (typeof n !== 'number' || !Number.isFinite(n) || n < 0) {
-    throw new MalformedMessage(`"_timeout" is ${JSON.stringify(v)}, expected a number of seconds`);
+    throw new MalformedMessage(`"_timeout" is ${shown(v)}, expected a number of seconds`);
   }
   return n;
 }
@@ -246,7 +302,7 @@ export function isVersionCompatible(served: string, requested: string): boolean 
 
 /** "6.2" → [6, 2, 0]; "6.2.1" → [6, 2, 1]. Throws MalformedMessage on anything else. */
 export function parseRpcVersion(v: string): [number, number, number] {
-  if (!RPC_VERSION_RE.test(v)) throw new MalformedMessage(`RPC version ${JSON.stringify(v)} is not "major.minor"`);
+  if (!RPC_VERSION_RE.test(v)) throw new MalformedMessage(`RPC version ${shown(v)} is not "major.minor"`);
   const [major = 0, minor = 0, rev = 0] = v.split('.').map(Number);
   return [major, minor, rev];
 }

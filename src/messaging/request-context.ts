@@ -6,6 +6,14 @@ function nonEmptyString(v: unknown): string | undefined {
 }
 
 /**
+ * A caller's request id goes on every log line of its operation: one that is not 1 to 255 printable
+ * ASCII characters (nova's are `req-<uuid>`) is replaced by a made-up one rather than logged.
+ */
+function usableRequestId(v: unknown): string | undefined {
+  return typeof v === 'string' && /^[\x21-\x7e]{1,255}$/.test(v) ? v : undefined;
+}
+
+/**
  * The caller's context (oslo.context RequestContext.to_dict keys): request_id, user_id (or user),
  * project_id (or tenant / project). A request without a request id gets one made up, in nova's form.
  */
@@ -14,7 +22,7 @@ export function requestContext(request: RpcRequest): RpcContext {
   const userId = nonEmptyString(c.user_id) ?? nonEmptyString(c.user);
   const projectId = nonEmptyString(c.project_id) ?? nonEmptyString(c.tenant) ?? nonEmptyString(c.project);
   return {
-    requestId: nonEmptyString(c.request_id) ?? `req-${randomUUID()}`,
+    requestId: usableRequestId(c.request_id) ?? `req-${randomUUID()}`,
     ...(userId !== undefined && { userId }),
     ...(projectId !== undefined && { projectId }),
     raw: c,
@@ -34,8 +42,8 @@ export function instanceUuidOf(args: Record<string, unknown>): string | undefine
   return nonEmptyString(holder.uuid);
 }
 
-/** The request, with a made-up `request_id` (req-<uuid>, nova's form) in its context if it had none. */
+/** The request, with a made-up `request_id` (req-<uuid>, nova's form) in its context if it had none (or an unusable one). */
 export function withRequestId(request: RpcRequest): RpcRequest {
-  if (nonEmptyString(request.context.request_id) !== undefined) return request;
+  if (usableRequestId(request.context.request_id) !== undefined) return request;
   return { ...request, context: { ...request.context, request_id: `req-${randomUUID()}` } };
 }

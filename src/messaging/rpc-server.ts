@@ -27,6 +27,14 @@ import {
   type RpcServerQueues,
 } from './topology.js';
 
+/** The longest delay a Node timer takes (2^31-1 ms, about 24.8 days). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** A received string for a log field, cut short. */
+function clip(s: string, max = 255): string {
+  return s.length <= max ? s : `${s.slice(0, max)}…`;
+}
+
 export interface RpcServerDeps {
   bus: Bus;
   target: RpcTarget;
@@ -281,6 +289,8 @@ export class RpcServer {
       return none;
     }
     const to = { msgId: request.msgId, replyQ: request.replyQ };
+    // A timer delay above 2^31-1 ms overflows to 1 ms in Node: a huge `_timeout` would mean a keep-alive every ms.
+    const intervalMs = Math.min(intervalS * 1000, MAX_TIMER_MS);
     let inFlight: Promise<void> = Promise.resolve();
     const timer = setInterval(() => {
       inFlight = inFlight.then(async () => {
@@ -293,7 +303,7 @@ export class RpcServer {
           clearInterval(timer);
         }
       });
-    }, intervalS * 1000);
+    }, intervalMs);
     return {
       stop: async () => {
         clearInterval(timer);
@@ -322,10 +332,11 @@ export class RpcServer {
   }
 
   private requestLogger(request: RpcRequest, requestId: string): Logger {
+    // Not validated yet (a refused request is logged too): a hostile uuid is logged cut short.
     const instanceUuid = instanceUuidOf(request.args);
     return this.log.child({
       request_id: requestId,
-      ...(instanceUuid !== undefined && { instance_uuid: instanceUuid }),
+      ...(instanceUuid !== undefined && { instance_uuid: clip(instanceUuid) }),
       method: request.method,
       ...(request.msgId !== undefined && { msg_id: request.msgId }),
       ...(request.uniqueId !== undefined && { unique_id: request.uniqueId }),

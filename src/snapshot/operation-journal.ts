@@ -188,7 +188,11 @@ async function readRecord(file: string, name: string): Promise<OperationRecord |
   if (!Array.isArray(r.steps) || !r.steps.every((s) => typeof s === 'string')) return 'steps is not a list of names';
   if (typeof r.phase !== 'string' || !PHASES.includes(r.phase)) return 'phase is not one of setup, run, undo, commit';
   if (typeof r.step_index !== 'number' || !Number.isInteger(r.step_index)) return 'step_index is not an integer';
+  // Recovery deletes this snapshot: it must be the one named after this image, nothing else.
+  if (!(r.snapshot_name as string).endsWith(r.image_id)) return 'snapshot_name is not named after image_id';
   const owner = r.owner as Record<string, unknown> | null;
-  if (typeof owner !== 'object' || owner === null || typeof owner.pid !== 'number') return 'owner is not a process identity';
+  if (typeof owner !== 'object' || owner === null || !Number.isSafeInteger(owner.pid) || (owner.pid as number) <= 0) {
+    return 'owner is not a process identity';
+  }
   return r as unknown as OperationRecord;
 }

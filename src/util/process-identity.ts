@@ -23,6 +23,8 @@ export function selfIdentity(): Promise<ProcessIdentity> {
 
 /** True while the process `id` names is running (the same process, not a later one with its pid). */
 export async function isRunning(id: ProcessIdentity): Promise<boolean> {
+  // kill(0) and kill(-n) signal process groups: only a positive pid names one process.
+  if (!Number.isSafeInteger(id.pid) || id.pid <= 0) return false;
   if (id.boot !== null && id.boot !== (await bootId())) return false; // the host rebooted since
   try {
     process.kill(id.pid, 0);

@@ -185,6 +185,10 @@ export interface AgentConfigOptions {
   transportUrl: string;
   /** Default suspend-create-resume-extract. */
   strategy?: string;
+  /** `[DEFAULT] max_concurrent_snapshots`; default: not written (the agent's default, 5). */
+  maxConcurrentSnapshots?: number;
+  /** `[image_store] path` (default `images`, relative to the config file's folder). */
+  imageStorePath?: string;
 }
 
 /**
@@ -202,13 +206,14 @@ export async function writeAgentConfig(dir: string, o: AgentConfigOptions): Prom
       `transport_url = ${o.transportUrl}`,
       'instances_path = instances',
       'state_path = state',
+      ...(o.maxConcurrentSnapshots === undefined ? [] : [`max_concurrent_snapshots = ${o.maxConcurrentSnapshots}`]),
       '[snapshot]',
       `strategy = ${o.strategy ?? 'suspend-create-resume-extract'}`,
       '[hypervisor]',
       'accel = tcg',
       'shutdown_timeout = 1',
       '[image_store]',
-      'path = images',
+      `path = ${o.imageStorePath ?? 'images'}`,
       'reserved_space_mb = 0',
       '[oslo_messaging_rabbit]',
       'rabbit_retry_interval = 0.2',
