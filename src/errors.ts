@@ -21,11 +21,16 @@ export class ConfigError extends SnapshotDriverError {
   override readonly exitCode = 2;
 }
 
+/** A received value quoted for a message, cut after 80 characters (ids can be anything a caller sent). */
+function quoteShort(v: string): string {
+  return v.length > 80 ? `${JSON.stringify(v.slice(0, 80))}… (${v.length} characters)` : JSON.stringify(v);
+}
+
 /** An image id that is not a UUID (refused before any file is touched). */
 export class InvalidImageId extends SnapshotDriverError {
   override readonly exitCode = 2;
   constructor(readonly imageId: string) {
-    super(`invalid image id ${JSON.stringify(imageId)}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427`);
+    super(`invalid image id ${quoteShort(imageId)}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427`);
   }
 }
 
@@ -33,7 +38,7 @@ export class InvalidImageId extends SnapshotDriverError {
 export class InvalidInstanceId extends SnapshotDriverError {
   override readonly exitCode = 2;
   constructor(readonly instanceUuid: string) {
-    super(`invalid instance uuid ${JSON.stringify(instanceUuid)}: expected a UUID`);
+    super(`invalid instance uuid ${quoteShort(instanceUuid)}: expected a UUID`);
   }
 }
 

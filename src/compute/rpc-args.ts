@@ -87,7 +87,7 @@ export function parseCall(method: string, args: unknown): ParsedCall {
 const EXPECTED: Record<string, string> = {
   instance: INSTANCE_FORM,
   image_id: 'an image id (a UUID)',
-  backup_type: 'a non-empty string such as "daily"',
+  backup_type: 'a non-empty string of at most 255 characters such as "daily"',
   rotation: 'an integer >= 0 (how many backups of this type to keep)',
   reboot_type: `one of ${REBOOT_TYPES.join(', ')}`,
 };
@@ -116,6 +116,9 @@ export function parseInstance(method: string, v: unknown): InstanceRef {
     const x = data[key];
     if (x === undefined || x === null) return undefined;
     if (typeof x !== 'string') throw new InvalidArgument(`${method}: argument ${field}.${key} is ${describe(x)}: expected a string or null`);
+    if (x.length > MAX_TEXT) {
+      throw new InvalidArgument(`${method}: argument ${field}.${key} is ${x.length} characters long: expected at most ${MAX_TEXT} (as in nova's database)`);
+    }
     return x;
   };
   return {
@@ -135,7 +138,7 @@ function parseImageId(method: string, v: unknown): string {
 }
 
 function parseBackupType(method: string, v: unknown): string {
-  if (typeof v !== 'string' || v.trim() === '') {
+  if (typeof v !== 'string' || v.trim() === '' || v.length > MAX_TEXT) {
     throw new InvalidArgument(`${method}: argument backup_type is ${describe(v)}: expected ${EXPECTED.backup_type}`);
   }
   return v;
@@ -167,6 +170,9 @@ function parseCleanShutdown(method: string, v: unknown): boolean {
   if (typeof v !== 'boolean') throw new InvalidArgument(`${method}: argument clean_shutdown is ${describe(v)}: expected true or false`);
   return v;
 }
+
+/** Longest string field taken from a request (display_name, user_id, …: nova stores them in 255). */
+const MAX_TEXT = 255;
 
 function isPlainObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);

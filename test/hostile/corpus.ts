@@ -370,6 +370,9 @@ export const RPC_CASES: RpcCase[] = [
   // --- other arguments
   rpc('extra-argument', 'an argument the method does not take', { method: 'snapshot_instance', args: { instance: { uuid: RUNNING_GUEST }, image_id: NEW_IMAGE, force: true } }, invalidArg(/unexpected argument "force": expected only instance, image_id/)),
   rpc('argument-name-huge', 'an argument named by 300 000 characters: refused without echoing the name', { method: 'start_instance', args: { instance: { uuid: SHUTOFF_GUEST }, ['k'.repeat(300_000)]: 1 } }, malformed(/"args" of start_instance has an argument name of 300000 characters, expected at most 255/, true)),
+  rpc('display-name-huge', 'a 100 000-character display_name would become the image name: refused', snap({ uuid: RUNNING_GUEST, display_name: 'n'.repeat(100_000) }), invalidArg(/argument instance\.display_name is 100000 characters long: expected at most 255/)),
+  rpc('user-id-huge', 'a 100 000-character user_id would land in the image metadata: refused', snap({ uuid: RUNNING_GUEST, user_id: 'u'.repeat(100_000) }), invalidArg(/argument instance\.user_id is 100000 characters long: expected at most 255/)),
+  rpc('backup-type-huge', 'a 100 000-character backup_type: refused', backup('d'.repeat(100_000), 1), invalidArg(/backup_instance: argument backup_type is "d{80}…": expected a non-empty string of at most 255 characters/)),
   rpc('backup-type-number', 'backup_type must be a string', backup(3, 1), invalidArg(/backup_instance: argument backup_type is number 3: expected a non-empty string/)),
   rpc('rotation-negative', 'a negative rotation', backup('daily', -1), invalidArg(/argument rotation is number -1: expected an integer >= 0/)),
   rpc('rotation-string', 'a number sent as a string', backup('daily', '2'), invalidArg(/argument rotation is "2": expected an integer >= 0/)),
@@ -490,7 +493,7 @@ export const CLI_CASES: CliCase[] = [
   cli('images-delete-absolute', 'images delete /etc/passwd', ['images', 'delete', '/etc/passwd'], 'InvalidImageId', badImage('/etc/passwd')),
   cli('images-delete-traversal', 'images delete of a canary by traversal', ['images', 'delete', '../../outside/passwd'], 'InvalidImageId', badImage('../../outside/passwd')),
   cli('images-verify-traversal', 'images verify of a canary by traversal', ['images', 'verify', '../../outside/passwd'], 'InvalidImageId', badImage('../../outside/passwd')),
-  cli('images-show-long', 'a 10 000-character image id', ['images', 'show', 'a'.repeat(10_000)], 'InvalidImageId', /invalid image id "a+": expected a UUID/),
+  cli('images-show-long', 'a 10 000-character image id: quoted cut short, not echoed whole', ['images', 'show', 'a'.repeat(10_000)], 'InvalidImageId', /invalid image id "a{80}"… \(10000 characters\): expected a UUID/),
   cli('instances-start-traversal', 'instances start with a path', ['instances', 'start', '../../etc/passwd'], 'InvalidInstanceId', badInstance('../../etc/passwd')),
   cli('instances-delete-traversal', 'instances delete (rm -r of the instance folder) with a traversal to the canary folder', ['instances', 'delete', '../../outside'], 'InvalidInstanceId', badInstance('../../outside')),
   cli('instances-delete-dot', 'instances delete . (the instances folder itself)', ['instances', 'delete', '.'], 'InvalidInstanceId', badInstance('.')),
