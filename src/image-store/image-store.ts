@@ -251,7 +251,8 @@ export class ImageStore {
 
   /**
    * Removes an image: status `deleted` first (so a crash midway leaves no `active` image without
-   * data), then data, partial and metadata. Works on any status, and on unparseable metadata.
+   * data), then data, partial and metadata; on a full filesystem, where that status cannot be
+   * written, the metadata goes first. Works on any status, and on unparseable metadata.
    * ImageNotFound when there is nothing of the image.
    */
   async delete(id: string): Promise<void> {
@@ -269,7 +270,19 @@ export class ImageStore {
       if (!meta && !corrupt && !(await pathExists(this.paths.data(cid))) && !(await pathExists(this.paths.partial(cid)))) {
         throw new ImageNotFound(cid);
       }
-      if (meta && meta.status !== 'deleted') await this.update(meta, { status: 'deleted' });
+      if (meta && meta.status !== 'deleted') {
+        try {
+          await this.update(meta, { status: 'deleted' });
+        } catch (err) {
+          if (!isNoSpace(err)) throw err;
+          // A full filesystem is exactly when images are deleted to make room, and the status write
+          // needs a new block. Remove the metadata first instead: a crash midway then leaves data
+          // without metadata (no image: not listed, removed by the next delete), never an active
+          // image without its data.
+          await unlinkIfExists(metaFile);
+          await fsyncDir(this.paths.root);
+        }
+      }
       const removedPartial = await unlinkIfExists(this.paths.partial(cid));
       await unlinkIfExists(this.paths.data(cid));
       await unlinkIfExists(metaFile);
@@ -296,6 +309,11 @@ export class ImageStore {
     if (partialCreated) await fsyncDir(this.paths.root);
     if (firstCreated) await fsyncDir(path.dirname(firstCreated));
   }
+}
+
+/** The filesystem (or the user's quota on it) is full. */
+function isNoSpace(err: unknown): boolean {
+  return isErrno(err, 'ENOSPC') || isErrno(err, 'EDQUOT');
 }
 
 /** Validates `id` (InvalidImageId) and returns its canonical lower-case form. */

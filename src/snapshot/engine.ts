@@ -183,10 +183,18 @@ export class SnapshotEngine {
       log.info(result, 'snapshot end');
       return result;
     } catch (err) {
-      await store.kill(req.imageId, errorMessage(err)).catch((killErr: unknown) => {
-        log.error({ err: killErr }, `could not mark image killed: ${errorMessage(killErr)}`);
-      });
-      await endRecord(op, log);
+      const killed = await store.kill(req.imageId, errorMessage(err)).then(
+        () => true,
+        (killErr: unknown) => {
+          log.error({ err: killErr }, `could not mark image killed: ${errorMessage(killErr)}`);
+          return false;
+        },
+      );
+      // Not put right (an undo failed, or the image is still unfinished): the record stays, so that
+      // the next start's recovery tries again rather than nobody ever doing it.
+      const undone = !(err instanceof SnapshotFailed) || err.undoErrors.length === 0;
+      if (killed && undone) await endRecord(op, log);
+      else log.error({ undo_failed: !undone, image_killed: killed }, 'operation journal record kept: the next start recovers this operation');
       const state = await hv.info(req.instanceUuid).then((i) => i.state, () => 'unknown');
       // Every failure path thaws, and the freeze's own deadline thaws again; if all of that failed, say so.
       const frozen = ctx.freeze?.mayBeFrozen === true;
