@@ -1,13 +1,14 @@
 /**
  * Reading the compute manager's and the snapshot engine's log lines (pino objects, in the order they
  * were written) back into what ran when: per-instance operation order, and how many snapshots ran at
- * once. Pure functions; the tests assert on what they return.
+ * once. Pure functions the tests assert on, and expectConcurrencyBound, which asserts itself.
  *
  * Lines used (src/compute/manager.ts, src/snapshot/engine.ts), each with request_id and instance_uuid:
  * 'operation start' | 'operation end' | 'operation failed: …';
  * 'snapshot slot acquired' | 'snapshot slot released' (running, waiting, limit);
  * 'snapshot start' (prior_state) | 'snapshot end' | 'snapshot failed'.
  */
+import { expect } from 'vitest';
 
 export type Line = Record<string, unknown> & { msg?: string };
 
@@ -129,4 +130,25 @@ export function serialProblems(ops: readonly OperationEvent[]): string[] {
   }
   if (running !== undefined) problems.push(`${running} never ended`);
   return problems;
+}
+
+/**
+ * From the manager's slot lines and, independently, the engine's snapshot start/end lines: every one
+ * of `snapshots` snapshots ran, never more than `limit` at once, `limit` was reached, and at least
+ * one snapshot waited for a slot (else the limit was never put to the test).
+ */
+export function expectConcurrencyBound(lines: readonly Line[], limit: number, snapshots: number): void {
+  const slots = slotSweep(lines);
+  expect(slots.errors).toEqual([]);
+  expect(slots.open).toEqual([]);
+  expect(slots.opened).toBe(snapshots);
+  expect(slots.limits).toEqual([limit]);
+  expect(slots.max).toBe(limit);
+  expect(slots.maxRunningField).toBe(limit);
+  expect(waitedForSlot(lines, limit).length).toBeGreaterThanOrEqual(1);
+  const inEngine = engineSweep(lines);
+  expect(inEngine.errors).toEqual([]);
+  expect(inEngine.open).toEqual([]);
+  expect(inEngine.opened).toBe(snapshots);
+  expect(inEngine.max).toBe(limit);
 }

@@ -1,14 +1,15 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { connect, type Channel, type ChannelModel } from 'amqplib';
+import { connect } from 'amqplib';
 import { expect } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
 import { STRATEGY_STEPS, SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
 import { novaInstance, spawnAgent, startAgentProcess, writeAgentConfig, type AgentProcess } from './agent.js';
 import { cliJson } from './cli.js';
 import { createGuest, guestWrite, makeQemuEnv, MiB, type QemuEnv } from './qemu-guest.js';
-import { createRabbitVhost, deleteRabbitVhost, ensureRabbit, RABBIT_HOST, RABBIT_PORT } from './rabbitmq.js';
+import { faultOf, NotificationTap } from './notification-tap.js';
+import { createRabbitVhost, deleteRabbitVhost, ensureRabbit } from './rabbitmq.js';
 
 /**
  * The crash matrix of issue 5 on real parts: the agent (`snapshot-driver serve`, a child process)
@@ -23,13 +24,6 @@ export function killPoints(strategy: StrategyName): string[] {
   return [...STRATEGY_STEPS[strategy].map((s, i) => `step:${i}:${s.name}`), 'commit'];
 }
 
-export interface Notification {
-  event_type: string;
-  routing_key: string;
-  payload: Record<string, unknown>;
-  raw: string;
-}
-
 export interface CrashBench {
   env: QemuEnv;
   url: string;
@@ -40,7 +34,8 @@ export interface CrashBench {
   confs: Map<StrategyName, string>;
   /** One guest per strategy and power state (a deferred-delete guest keeps a pending snapshot). */
   guest(strategy: StrategyName, state: 'running' | 'paused'): Promise<string>;
-  notifications: Notification[];
+  /** The versioned notifications of the vhost, from before the first request. */
+  tap: NotificationTap;
   agents: AgentProcess[];
   close(): Promise<void>;
 }
@@ -74,10 +69,12 @@ export async function makeCrashBench(name: string, strategies: readonly Strategy
     if (state === 'paused') await env.hv.pause(uuid);
     return uuid;
   };
-  const notifications: Notification[] = [];
   const agents: AgentProcess[] = [];
-  let amqp: ChannelModel | undefined;
-  let channel: Channel | undefined;
+  // The control exchange exists once an agent has served: then the notifications can be tapped.
+  const first = await startAgentProcess(confs.get(strategies[0]!)!);
+  agents.push(first);
+  const tap = await NotificationTap.open(vhost, `${name}-tap-${process.pid}`);
+  await first.stop();
   const bench: CrashBench = {
     env,
     url,
@@ -94,40 +91,15 @@ export async function makeCrashBench(name: string, strategies: readonly Strategy
       }
       return g;
     },
-    notifications,
+    tap,
     agents,
     async close() {
       for (const a of agents) await a.kill();
-      await channel?.close().catch(() => undefined);
-      await amqp?.close().catch(() => undefined);
+      await tap.close();
       await env.cleanup();
       await deleteRabbitVhost(vhost);
     },
   };
-  // The control exchange exists once an agent has served: listen to the versioned notifications.
-  const first = await startAgentProcess(confs.get(strategies[0]!)!);
-  agents.push(first);
-  amqp = await connect(`amqp://guest:guest@${RABBIT_HOST}:${RABBIT_PORT}/${encodeURIComponent(vhost)}`);
-  channel = await amqp.createChannel();
-  const { queue } = await channel.assertQueue('', { exclusive: true });
-  for (const key of ['versioned_notifications.info', 'versioned_notifications.error']) await channel.bindQueue(queue, 'nova', key);
-  await channel.consume(
-    queue,
-    (msg) => {
-      if (!msg) return;
-      const raw = msg.content.toString('utf8');
-      const outer = JSON.parse(raw) as Record<string, unknown>;
-      const inner = (typeof outer['oslo.message'] === 'string' ? JSON.parse(outer['oslo.message']) : outer) as Record<string, unknown>;
-      notifications.push({
-        event_type: String(inner.event_type),
-        routing_key: msg.fields.routingKey,
-        payload: inner.payload as Record<string, unknown>,
-        raw,
-      });
-    },
-    { noAck: true },
-  );
-  await first.stop();
   return bench;
 }
 
@@ -154,7 +126,7 @@ export async function castSnapshot(bench: CrashBench, uuid: string, imageId: str
   }
 }
 
-export async function waitFor<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
+async function waitFor<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const v = await probe();
@@ -209,12 +181,10 @@ export async function runCrashCase(bench: CrashBench, c: CrashCase): Promise<{ o
   // The request ended: completed (carried out again: it never started) or an error notification.
   const retried = c.point === 'operation-recorded';
   const wanted = retried ? 'instance.snapshot.end' : 'instance.snapshot.error';
-  const note = await waitFor(`${wanted} for ${imageId}`, () =>
-    bench.notifications.find((n) => n.event_type === wanted && n.raw.includes(imageId)),
-  );
+  const note = await bench.tap.waitFor(wanted, imageId, 60_000);
   if (!retried) {
-    expect(note.routing_key).toBe('versioned_notifications.error');
-    expect(note.raw).toContain('SnapshotInterrupted');
+    expect(note.routingKey).toBe('versioned_notifications.error');
+    expect(faultOf(note.message)).toMatchObject({ exception: 'SnapshotInterrupted', exception_message: expect.stringContaining('interrupted') });
   }
   await waitFor('the request journal to empty', async () => ((await journalEntries(bench)).length === 0 ? true : undefined));
   await restarted.stop();

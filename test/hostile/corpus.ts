@@ -95,8 +95,6 @@ export type HostileCase = RpcCase | ConfigCase | CliCase;
 // ---------------------------------------------------------------------------------------------
 // RPC helpers.
 
-const OSLO_PROPERTIES = { contentType: 'application/json', contentEncoding: 'utf-8' };
-
 /** The reply address of a call in the corpus. */
 export function replyAddress(id: string): { _msg_id: string; _reply_q: string } {
   return { _msg_id: `msg-${id}`, _reply_q: REPLY_Q };
@@ -105,10 +103,6 @@ export function replyAddress(id: string): { _msg_id: string; _reply_q: string } 
 /** Envelope 2.0 around an inner message given as JSON text (so it may hold `__proto__` keys or deep nesting). */
 function envelopeText(inner: string): string {
   return JSON.stringify({ 'oslo.version': '2.0', 'oslo.message': inner });
-}
-
-function short(s: string, max = 90): string {
-  return s.length <= max ? s : `${s.slice(0, max - 20)}… (${s.length} chars)`;
 }
 
 /** A request dict for case `id`: `version` 6.0, its own `_unique_id`, and (for a call) its reply address. */

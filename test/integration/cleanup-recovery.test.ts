@@ -8,7 +8,8 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawnAgent, startAgentProcess } from '../helpers/agent.js';
 import { cliJson, runCli } from '../helpers/cli.js';
-import { castSnapshot, expectStoreConsistent, journalEntries, makeCrashBench, waitFor, type CrashBench } from '../helpers/crash-matrix.js';
+import { castSnapshot, expectStoreConsistent, journalEntries, makeCrashBench, type CrashBench } from '../helpers/crash-matrix.js';
+import { faultOf } from '../helpers/notification-tap.js';
 
 let bench: CrashBench;
 const SCRE = 'suspend-create-resume-extract';
@@ -76,10 +77,8 @@ describe('cleanup recovers what a crash interrupted', () => {
     const report = (await cliJson(conf, ['cleanup'])) as CleanupJson;
     expect(report.operations).toEqual([expect.objectContaining({ image_id: imageId, image: 'killed', guest_found: 'saved', guest_now: 'running' })]);
     expect(report.requestsSettled).toBe(1);
-    const note = await waitFor('the error notification', () =>
-      bench.notifications.find((n) => n.event_type === 'instance.snapshot.error' && n.raw.includes(imageId)),
-    );
-    expect(note.raw).toContain('SnapshotInterrupted');
+    const note = await bench.tap.waitFor('instance.snapshot.error', imageId);
+    expect(faultOf(note.message)).toMatchObject({ exception: 'SnapshotInterrupted' });
     expect(await journalEntries(bench)).toEqual([]);
     expect(await stateOf(uuid)).toBe('running');
     expect((await snapshotsOf(uuid)).filter((n) => n.startsWith('snapdrv-'))).toEqual([]);
@@ -89,7 +88,7 @@ describe('cleanup recovers what a crash interrupted', () => {
     expect(agent.find('resuming an unfinished RPC request')).toEqual([]);
     expect(agent.find('recovering an interrupted snapshot')).toEqual([]);
     await agent.stop();
-    expect(bench.notifications.filter((n) => n.raw.includes(imageId) && n.event_type === 'instance.snapshot.error')).toHaveLength(1);
+    expect(bench.tap.find('instance.snapshot.error', imageId)).toHaveLength(1);
   });
 });
 

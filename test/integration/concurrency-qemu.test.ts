@@ -12,7 +12,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rawHasPattern, startAgentProcess, waitForImageStatus, writeAgentConfig, type AgentProcess, type LogLine } from '../helpers/agent.js';
 import { cliJson } from '../helpers/cli.js';
-import { engineSweep, operationsByInstance, serialProblems, slotSweep, startOrder, waitedForSlot } from '../helpers/concurrency-log.js';
+import { expectConcurrencyBound, operationsByInstance, serialProblems, startOrder } from '../helpers/concurrency-log.js';
 import { assertOsloMessaging, osloRpc, type OsloStep } from '../helpers/oslo-python.js';
 import { createGuest, guestWrite, makeQemuEnv, MiB, type QemuEnv } from '../helpers/qemu-guest.js';
 import { createRabbitVhost, deleteRabbitVhost, ensureRabbit } from '../helpers/rabbitmq.js';
@@ -148,19 +148,7 @@ describe('20 concurrent snapshots over 4 real guests, hard reboots interleaved, 
 
     // Never more than 2 snapshots at once, and 2 reached (with one waiting for a slot): from the
     // manager's slot lines, and independently from the engine's snapshot start/end lines.
-    const slots = slotSweep(lines);
-    expect(slots.errors).toEqual([]);
-    expect(slots.open).toEqual([]);
-    expect(slots.opened).toBe(20);
-    expect(slots.limits).toEqual([MAX_CONCURRENT]);
-    expect(slots.max).toBe(MAX_CONCURRENT);
-    expect(slots.maxRunningField).toBe(MAX_CONCURRENT);
-    expect(waitedForSlot(lines, MAX_CONCURRENT).length).toBeGreaterThanOrEqual(1);
-    const inEngine = engineSweep(lines);
-    expect(inEngine.errors).toEqual([]);
-    expect(inEngine.open).toEqual([]);
-    expect(inEngine.opened).toBe(20);
-    expect(inEngine.max).toBe(MAX_CONCURRENT);
+    expectConcurrencyBound(lines, MAX_CONCURRENT, 20);
 
     // All 20 images active, verified by the CLI, each holding its guest's data; none left internally.
     for (const m of snapshots) {

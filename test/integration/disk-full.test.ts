@@ -17,7 +17,6 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { connect, type Channel, type ChannelModel, type ConsumeMessage } from 'amqplib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rabbitOptionsSchema, type StrategyName } from '../../src/config/schema.js';
 import { ImageStore } from '../../src/image-store/image-store.js';
@@ -30,7 +29,8 @@ import { runProgram } from '../../src/util/exec.js';
 import { novaInstance, rawHasPattern, startAgentProcess, writeAgentConfig, type AgentProcess } from '../helpers/agent.js';
 import { cliJson, runCli } from '../helpers/cli.js';
 import { createGuest, guestFlush, guestPid, killQemuUnder, makeQemuEnv, MiB, QEMU_IMG, QEMU_IO, type QemuEnv } from '../helpers/qemu-guest.js';
-import { createRabbitVhost, deleteRabbitVhost, ensureRabbit, RABBIT_HOST, RABBIT_PORT } from '../helpers/rabbitmq.js';
+import { createRabbitVhost, deleteRabbitVhost, ensureRabbit } from '../helpers/rabbitmq.js';
+import { faultOf, NotificationTap } from '../helpers/notification-tap.js';
 import { TestRpcClient } from '../helpers/rpc-client.js';
 import { fillUntilFree, mountSmallFs, type SmallFs } from '../helpers/small-fs.js';
 
@@ -67,64 +67,6 @@ let tap: NotificationTap | undefined;
 let agent: AgentProcess | undefined;
 let conf: string;
 
-/** Notifications seen on the control exchange, through a queue of our own bound before any request. */
-class NotificationTap {
-  readonly seen: { routingKey: string; message: Record<string, unknown> }[] = [];
-  private waiters = new Set<() => void>();
-  private constructor(private readonly conn: ChannelModel, private readonly ch: Channel) {}
-
-  static async open(vhost: string, queue: string): Promise<NotificationTap> {
-    const conn = await connect(`amqp://guest:guest@${RABBIT_HOST}:${RABBIT_PORT}/${encodeURIComponent(vhost)}`);
-    const ch = await conn.createChannel();
-    // The agent declared the control exchange when it started serving; bind to whatever it is.
-    await ch.checkExchange('nova');
-    await ch.assertQueue(queue, { exclusive: true, durable: false, autoDelete: true });
-    // versioned_notifications.info (start, end) and versioned_notifications.error (error).
-    await ch.bindQueue(queue, 'nova', 'versioned_notifications.*');
-    const t = new NotificationTap(conn, ch);
-    await ch.consume(queue, (m) => m && t.onMessage(m), { noAck: true });
-    return t;
-  }
-
-  private onMessage(m: ConsumeMessage): void {
-    const outer = JSON.parse(m.content.toString('utf8')) as Record<string, unknown>;
-    const message = typeof outer['oslo.message'] === 'string' ? (JSON.parse(outer['oslo.message']) as Record<string, unknown>) : outer;
-    this.seen.push({ routingKey: m.fields.routingKey, message });
-    for (const w of [...this.waiters]) w();
-  }
-
-  /** The notification `eventType` for image `imageId` (its payload's snapshot_image_id). */
-  find(eventType: string, imageId: string) {
-    return this.seen.filter((n) => n.message.event_type === eventType && payloadData(n.message).snapshot_image_id === imageId);
-  }
-
-  waitFor(eventType: string, imageId: string, timeoutMs = 30_000): Promise<{ routingKey: string; message: Record<string, unknown> }> {
-    return new Promise((resolve, reject) => {
-      const check = () => {
-        const found = this.find(eventType, imageId)[0];
-        if (!found) return;
-        clearTimeout(timer);
-        this.waiters.delete(check);
-        resolve(found);
-      };
-      const timer = setTimeout(() => {
-        this.waiters.delete(check);
-        reject(new Error(`no ${eventType} notification for image ${imageId} within ${timeoutMs} ms; seen: ${JSON.stringify(this.seen.map((n) => n.message.event_type))}`));
-      }, timeoutMs);
-      this.waiters.add(check);
-      check();
-    });
-  }
-
-  async close(): Promise<void> {
-    await this.conn.close().catch(() => undefined);
-  }
-}
-
-function payloadData(message: Record<string, unknown>): Record<string, unknown> {
-  const payload = message.payload as Record<string, unknown> | undefined;
-  return (payload?.['nova_object.data'] as Record<string, unknown> | undefined) ?? {};
-}
 
 function instanceArg(): Record<string, unknown> {
   return novaInstance({ uuid, display_name: GUEST_NAME, user_id: 'df-user', project_id: 'df-project' });
@@ -249,7 +191,7 @@ describe.each(STRATEGIES)('image store runs out of space: strategy %s (real QEMU
     const note = await tap!.waitFor('instance.snapshot.error', image);
     expect(note.routingKey).toBe('versioned_notifications.error');
     expect(note.message).toMatchObject({ priority: 'ERROR', publisher_id: `nova-compute:${HOST}` });
-    const fault = (payloadData(note.message).fault as Record<string, unknown>)['nova_object.data'] as Record<string, unknown>;
+    const fault = faultOf(note.message);
     expect(fault).toMatchObject({ exception: 'InsufficientSpace' });
     expect(String(fault.exception_message)).toMatch(/not enough free space/);
     expect(tap!.find('instance.snapshot.end', image)).toEqual([]);
@@ -276,7 +218,7 @@ describe.each(STRATEGIES)('image store runs out of space: strategy %s (real QEMU
 
       const note = await tap!.waitFor('instance.snapshot.error', image);
       expect(note.routingKey).toBe('versioned_notifications.error');
-      const fault = (payloadData(note.message).fault as Record<string, unknown>)['nova_object.data'] as Record<string, unknown>;
+      const fault = faultOf(note.message);
       expect(String(fault.exception_message)).toMatch(NO_SPACE);
       expect(tap!.find('instance.snapshot.start', image)).toHaveLength(1);
       expect(tap!.find('instance.snapshot.end', image)).toEqual([]);
@@ -307,7 +249,7 @@ describe.each(STRATEGIES)('image store runs out of space: strategy %s (real QEMU
       expect(failure).toMatchObject({ class: 'SnapshotFailed' });
       expect(failure!.message).toMatch(NO_SPACE);
       const note = await tap!.waitFor('instance.snapshot.error', image);
-      const fault = (payloadData(note.message).fault as Record<string, unknown>)['nova_object.data'] as Record<string, unknown>;
+      const fault = faultOf(note.message);
       expect(String(fault.exception_message)).toMatch(NO_SPACE);
       // The export itself completed: it was the commit that ran out of space.
       expect(agent!.find(/^step .* failed/, { image_id: image })).toEqual([]);

@@ -14,7 +14,6 @@
 import { randomFillSync, randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { connect, type Channel, type ChannelModel, type ConsumeMessage } from 'amqplib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rabbitOptionsSchema, type StrategyName } from '../../src/config/schema.js';
 import { InstanceLayout } from '../../src/hypervisor/qemu/layout.js';
@@ -38,7 +37,8 @@ import {
   QEMU_IMG,
   type QemuEnv,
 } from '../helpers/qemu-guest.js';
-import { createRabbitVhost, deleteRabbitVhost, ensureRabbit, RABBIT_HOST, RABBIT_PORT } from '../helpers/rabbitmq.js';
+import { createRabbitVhost, deleteRabbitVhost, ensureRabbit } from '../helpers/rabbitmq.js';
+import { faultOf, NotificationTap } from '../helpers/notification-tap.js';
 import { TestRpcClient } from '../helpers/rpc-client.js';
 
 const VHOST = `sd-guestfail-${process.pid}`;
@@ -68,67 +68,7 @@ let bigGuest: string;
 /** 128 MiB of RAM: for the qemu-img failures. */
 let smallGuest: string;
 
-/** Notifications seen on the control exchange, through a queue of our own bound before any request. */
-class NotificationTap {
-  readonly seen: { routingKey: string; message: Record<string, unknown> }[] = [];
-  private waiters = new Set<() => void>();
-  private constructor(private readonly conn: ChannelModel, private readonly ch: Channel) {}
 
-  static async open(vhost: string, queue: string): Promise<NotificationTap> {
-    const conn = await connect(`amqp://guest:guest@${RABBIT_HOST}:${RABBIT_PORT}/${encodeURIComponent(vhost)}`);
-    const ch = await conn.createChannel();
-    // The agent declared the control exchange when it started serving.
-    await ch.checkExchange('nova');
-    await ch.assertQueue(queue, { exclusive: true, durable: false, autoDelete: true });
-    // versioned_notifications.info (start, end) and versioned_notifications.error (error).
-    await ch.bindQueue(queue, 'nova', 'versioned_notifications.*');
-    const t = new NotificationTap(conn, ch);
-    await ch.consume(queue, (m) => m && t.onMessage(m), { noAck: true });
-    return t;
-  }
-
-  private onMessage(m: ConsumeMessage): void {
-    const outer = JSON.parse(m.content.toString('utf8')) as Record<string, unknown>;
-    const message = typeof outer['oslo.message'] === 'string' ? (JSON.parse(outer['oslo.message']) as Record<string, unknown>) : outer;
-    this.seen.push({ routingKey: m.fields.routingKey, message });
-    for (const w of [...this.waiters]) w();
-  }
-
-  find(eventType: string, imageId: string) {
-    return this.seen.filter((n) => n.message.event_type === eventType && payloadData(n.message).snapshot_image_id === imageId);
-  }
-
-  waitFor(eventType: string, imageId: string, timeoutMs = 30_000): Promise<{ routingKey: string; message: Record<string, unknown> }> {
-    return new Promise((resolve, reject) => {
-      const check = () => {
-        const found = this.find(eventType, imageId)[0];
-        if (!found) return;
-        clearTimeout(timer);
-        this.waiters.delete(check);
-        resolve(found);
-      };
-      const timer = setTimeout(() => {
-        this.waiters.delete(check);
-        reject(new Error(`no ${eventType} notification for image ${imageId} within ${timeoutMs} ms; seen: ${JSON.stringify(this.seen.map((n) => n.message.event_type))}`));
-      }, timeoutMs);
-      this.waiters.add(check);
-      check();
-    });
-  }
-
-  async close(): Promise<void> {
-    await this.conn.close().catch(() => undefined);
-  }
-}
-
-function payloadData(message: Record<string, unknown>): Record<string, unknown> {
-  const payload = message.payload as Record<string, unknown> | undefined;
-  return (payload?.['nova_object.data'] as Record<string, unknown> | undefined) ?? {};
-}
-
-function faultOf(message: Record<string, unknown>): Record<string, unknown> {
-  return (payloadData(message).fault as Record<string, unknown>)['nova_object.data'] as Record<string, unknown>;
-}
 
 async function snapshotCall(uuid: string, imageId: string): Promise<{ result: unknown; failure: OsloFailure | null }> {
   const instance = novaInstance({ uuid, display_name: `guest-${uuid.slice(0, 8)}`, user_id: 'gf-user', project_id: 'gf-project' });

@@ -29,7 +29,7 @@ import { DEFAULT_QUIESCE } from '../../src/snapshot/guest-freeze.js';
 import { OperationJournal } from '../../src/snapshot/operation-journal.js';
 import { PendingSnapshots } from '../../src/snapshot/pending.js';
 import { SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
-import { engineSweep, operationsByInstance, serialProblems, slotSweep, startOrder, waitedForSlot } from '../helpers/concurrency-log.js';
+import { expectConcurrencyBound, operationsByInstance, serialProblems, startOrder } from '../helpers/concurrency-log.js';
 import { allowedLeft, PREFIX } from '../helpers/fake-env.js';
 import { captureLogger, type CapturedLine } from '../helpers/log-capture.js';
 import { TestRpcClient } from '../helpers/rpc-client.js';
@@ -221,19 +221,7 @@ describe('20 concurrent snapshot casts over 4 guests, hard reboots interleaved, 
 
     // Never more than 3 at once, from the manager's slot lines and, independently, the engine's
     // snapshot start/end lines; and the limit was reached (with a snapshot waiting for a slot).
-    const slots = slotSweep(e.lines);
-    expect(slots.errors).toEqual([]);
-    expect(slots.open).toEqual([]);
-    expect(slots.opened).toBe(20);
-    expect(slots.limits).toEqual([MAX_CONCURRENT]);
-    expect(slots.max).toBe(MAX_CONCURRENT);
-    expect(slots.maxRunningField).toBe(MAX_CONCURRENT);
-    expect(waitedForSlot(e.lines, MAX_CONCURRENT).length).toBeGreaterThanOrEqual(1);
-    const inEngine = engineSweep(e.lines);
-    expect(inEngine.errors).toEqual([]);
-    expect(inEngine.open).toEqual([]);
-    expect(inEngine.opened).toBe(20);
-    expect(inEngine.max).toBe(MAX_CONCURRENT);
+    expectConcurrencyBound(e.lines, MAX_CONCURRENT, 20);
 
     // The hypervisor's own call log agrees: 3 guests at most, and at some moment 3, inside a snapshot.
     expect(maxGuestsInSnapshot(e.hv.calls)).toBe(MAX_CONCURRENT);
