@@ -144,6 +144,9 @@ export class GuestLost extends SnapshotDriverError {}
 /** Another agent (`serve`) already runs on the same state_path. */
 export class AgentAlreadyRunning extends SnapshotDriverError {}
 
+/** Another process (the agent, a command) is working on the instance. */
+export class InstanceBusy extends SnapshotDriverError {}
+
 export function errorName(err: unknown): string {
   return err instanceof Error ? err.name : 'Error';
 }

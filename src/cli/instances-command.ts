@@ -106,7 +106,8 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
       .action(async (uuid: string, opts: Record<string, unknown>) => {
         checkUuid(uuid);
         const rt = await runtime();
-        await act(rt, uuid, opts);
+        await rt.hv.info(uuid); // an unknown instance is refused before its lock (a file) is taken
+        await rt.locks.hold(uuid, `instances ${name} command`, { waitMs: 0 }, () => act(rt, uuid, opts));
         process.stdout.write(`${uuid} ${(await rt.hv.info(uuid)).state}\n`);
       });
 
@@ -128,6 +129,7 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
     .action(async (uuid: string) => {
       checkUuid(uuid);
       const rt = await runtime();
-      await rt.hv.deleteInstance(uuid);
+      await rt.hv.info(uuid);
+      await rt.locks.hold(uuid, 'instances delete command', { waitMs: 0 }, () => rt.hv.deleteInstance(uuid));
     });
 }

@@ -46,6 +46,7 @@ export async function buildServer(rt: Runtime, bus: Bus): Promise<{ journal: Fil
     maxConcurrentSnapshots: config.DEFAULT.max_concurrent_snapshots,
     defaultStrategy: config.snapshot.strategy,
     notifier,
+    locks: rt.locks,
   });
   const rpc = new RpcServer({ bus, target: manager, journal, controlExchange, host, rabbit, log });
   return { journal, manager, rpc };

@@ -6,6 +6,7 @@ import type { RpcContext, RpcTarget } from '../messaging/rpc-types.js';
 import type { SnapshotEngine, SnapshotRequest, SnapshotResult } from '../snapshot/engine.js';
 import { rotateBackups } from './backup-rotation.js';
 import { FifoSemaphore } from './fifo-semaphore.js';
+import type { InstanceLocks } from './instance-locks.js';
 import { KeyedQueue } from './keyed-queue.js';
 import type { Lifecycle } from './lifecycle.js';
 import { parseCall, SERVED_METHODS, type InstanceRef, type ParsedCall } from './rpc-args.js';
@@ -35,6 +36,8 @@ export interface SnapshotNotifier {
   snapshotError(info: SnapshotInfo, err: unknown): void | Promise<void>;
 }
 
+const DEFAULT_LOCK_WAIT_MS = 15 * 60 * 1000;
+
 export interface ComputeManagerDeps {
   engine: Pick<SnapshotEngine, 'take'>;
   lifecycle: Lifecycle;
@@ -46,6 +49,10 @@ export interface ComputeManagerDeps {
   notifier?: SnapshotNotifier;
   /** `[snapshot] strategy`, only to fill SnapshotInfo.strategy. */
   defaultStrategy?: string;
+  /** Held for each operation, so that no other process (a command) works on the instance meanwhile. */
+  locks?: InstanceLocks;
+  /** How long an operation waits for another process to finish with its instance (default 15 min). */
+  lockWaitMs?: number;
 }
 
 /**
@@ -93,7 +100,12 @@ export class ComputeManager implements RpcTarget {
     const log = operationLogger(this.deps.log, ctx.requestId, call.instance.uuid).child({ method: call.method });
     log.info('operation start');
     try {
-      const result = await this.dispatch(call, ctx, log);
+      const locks = this.deps.locks;
+      const result = locks
+        ? await locks.hold(call.instance.uuid, `${call.method} request ${ctx.requestId}`, { waitMs: this.deps.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS }, () =>
+            this.dispatch(call, ctx, log),
+          )
+        : await this.dispatch(call, ctx, log);
       log.info('operation end');
       return result;
     } catch (err) {

@@ -10,6 +10,7 @@ import type { BeforeStep } from '../snapshot/run-steps.js';
 import { OperationJournal } from '../snapshot/operation-journal.js';
 import { PendingSnapshots } from '../snapshot/pending.js';
 import { faultPoint } from '../util/fault.js';
+import { InstanceLocks } from './instance-locks.js';
 import { Lifecycle } from './lifecycle.js';
 
 /** The agent's parts, wired from a config: what the CLI and the RPC server act through. */
@@ -22,6 +23,8 @@ export interface Runtime {
   pending: PendingSnapshots;
   lifecycle: Lifecycle;
   operations: OperationJournal;
+  /** One process at a time per instance (the agent, a command, recovery). */
+  locks: InstanceLocks;
   engine: SnapshotEngine;
 }
 
@@ -36,6 +39,7 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
   const pending = new PendingSnapshots(path.join(config.DEFAULT.state_path, 'pending'));
   const lifecycle = new Lifecycle(hv, pending, log);
   const operations = new OperationJournal(path.join(config.DEFAULT.state_path, 'operations'), log);
+  const locks = new InstanceLocks(path.join(config.DEFAULT.state_path, 'locks'), log);
   const engine = new SnapshotEngine({
     hv,
     store,
@@ -52,5 +56,5 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
       await opts.beforeStep?.(step, index);
     },
   });
-  return { config, log, hv, qemuImg, store, pending, lifecycle, operations, engine };
+  return { config, log, hv, qemuImg, store, pending, lifecycle, operations, locks, engine };
 }

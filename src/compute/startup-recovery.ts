@@ -21,6 +21,7 @@ export function recoveryDeps(rt: Runtime): RecoveryDeps {
     namePrefix: rt.config.snapshot.name_prefix,
     strategy: rt.config.snapshot.strategy,
     agentTimeoutMs: rt.config.snapshot.guest_agent_timeout * 1000,
+    locks: rt.locks,
   };
 }
 
@@ -37,7 +38,8 @@ export async function recoverAtStart(rt: Runtime, uuid?: string): Promise<Recove
   const instances = uuid !== undefined ? [await rt.hv.info(uuid)] : await rt.hv.list();
   for (const inst of instances) {
     try {
-      const snapshots = await rt.lifecycle.deletePendingIfOffline(inst.uuid);
+      const held = await rt.locks.tryHold(inst.uuid, 'pending snapshot deletion', () => rt.lifecycle.deletePendingIfOffline(inst.uuid));
+      const snapshots = held?.value ?? [];
       if (snapshots.length > 0) pendingDeleted.push({ instance_uuid: inst.uuid, snapshots });
     } catch (err) {
       rt.log.error({ instance_uuid: inst.uuid, err }, `cannot delete pending snapshots: ${errorMessage(err)}`);

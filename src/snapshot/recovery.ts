@@ -9,6 +9,7 @@ import { isRunning, type ProcessIdentity } from '../util/process-identity.js';
 import { isUuid } from '../util/uuid.js';
 import type { OperationJournal, OperationRecord } from './operation-journal.js';
 import type { PendingSnapshots } from './pending.js';
+import type { InstanceLocks } from '../compute/instance-locks.js';
 import { startAgain } from './steps.js';
 
 /**
@@ -34,6 +35,8 @@ export interface RecoveryDeps {
   agentTimeoutMs: number;
   /** Whether the writer of a record still runs (default: /proc). Tests. */
   ownerRunning?: (owner: ProcessIdentity) => Promise<boolean>;
+  /** Instance locks: an instance another process is working on is left for the next time. */
+  locks?: InstanceLocks;
 }
 
 /** What became of one interrupted operation. */
@@ -73,7 +76,14 @@ export async function recoverOperations(deps: RecoveryDeps, uuid?: string): Prom
       deps.log.info({ image_id: rec.image_id, owner_pid: rec.owner.pid }, 'operation under way in another process: left alone');
       continue;
     }
-    out.push(await recoverOne(deps, rec));
+    const recovered = deps.locks
+      ? (await deps.locks.tryHold(rec.instance_uuid, 'recovery', () => recoverOne(deps, rec)))?.value
+      : await recoverOne(deps, rec);
+    if (recovered === undefined) {
+      deps.log.warn({ image_id: rec.image_id, instance_uuid: rec.instance_uuid }, 'interrupted snapshot left for later: another process is working on its instance');
+      continue;
+    }
+    out.push(recovered);
   }
   return out;
 }
@@ -232,40 +242,47 @@ async function recoverImage(deps: RecoveryDeps, rec: OperationRecord, reason: st
  * Internal snapshots carrying our prefix that nothing explains — not pending, not the snapshot of an
  * operation in the journal — are removed: with qemu-img when no process holds the disk; on a running
  * guest recorded as pending under deferred-delete, else deleted through its monitor. Snapshots
- * without our prefix are never touched.
+ * without our prefix are never touched, nor instances another process is working on.
  */
 export async function scanOrphans(deps: RecoveryDeps, uuid?: string): Promise<OrphanAction[]> {
-  const { hv, pending, operations, namePrefix, log } = deps;
+  const { hv, log } = deps;
   const out: OrphanAction[] = [];
   const instances = uuid !== undefined ? [await hv.info(uuid)] : await hv.list();
   for (const inst of instances) {
     try {
-      const ours = (await hv.listInternalSnapshots(inst.uuid)).map((s) => s.name).filter((n) => n.startsWith(namePrefix));
-      if (ours.length === 0) continue;
-      const known = new Set(await pending.list(inst.uuid));
-      for (const name of ours) {
-        if (known.has(name)) continue;
-        const imageId = name.slice(namePrefix.length);
-        // An operation's record is written before its snapshot is made: checked now, not listed earlier.
-        if (isUuid(imageId) && (await operations.has(imageId))) continue;
-        const { state } = await hv.info(inst.uuid);
-        let action: OrphanAction['action'];
-        if (!processHoldsDisk(state)) {
-          await hv.offlineSnapshotDelete(inst.uuid, name);
-          action = 'deleted';
-        } else if (deps.strategy === 'deferred-delete') {
-          await pending.add(inst.uuid, name);
-          action = 'pending';
-        } else {
-          await hv.liveSnapshotDelete(inst.uuid, name);
-          action = 'deleted';
-        }
-        log.warn({ instance_uuid: inst.uuid, snapshot: name, action, state }, 'orphaned internal snapshot of ours');
-        out.push({ instance_uuid: inst.uuid, snapshot: name, action });
-      }
+      const scan = () => scanInstance(deps, inst.uuid, out);
+      if (deps.locks) await deps.locks.tryHold(inst.uuid, 'orphan scan', scan);
+      else await scan();
     } catch (err) {
       log.error({ instance_uuid: inst.uuid, err }, `orphan scan failed for this instance: ${errorMessage(err)}`);
     }
   }
   return out;
+}
+
+async function scanInstance(deps: RecoveryDeps, uuid: string, out: OrphanAction[]): Promise<void> {
+  const { hv, pending, operations, namePrefix, log } = deps;
+  const ours = (await hv.listInternalSnapshots(uuid)).map((s) => s.name).filter((n) => n.startsWith(namePrefix));
+  if (ours.length === 0) return;
+  const known = new Set(await pending.list(uuid));
+  for (const name of ours) {
+    if (known.has(name)) continue;
+    const imageId = name.slice(namePrefix.length);
+    // An operation's record is written before its snapshot is made: checked now, not listed earlier.
+    if (isUuid(imageId) && (await operations.has(imageId))) continue;
+    const { state } = await hv.info(uuid);
+    let action: OrphanAction['action'];
+    if (!processHoldsDisk(state)) {
+      await hv.offlineSnapshotDelete(uuid, name);
+      action = 'deleted';
+    } else if (deps.strategy === 'deferred-delete') {
+      await pending.add(uuid, name);
+      action = 'pending';
+    } else {
+      await hv.liveSnapshotDelete(uuid, name);
+      action = 'deleted';
+    }
+    log.warn({ instance_uuid: uuid, snapshot: name, action, state }, 'orphaned internal snapshot of ours');
+    out.push({ instance_uuid: uuid, snapshot: name, action });
+  }
 }

@@ -6,6 +6,8 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { InstanceLocks } from '../../src/compute/instance-locks.js';
+import { silentLogger } from '../../src/log.js';
 import { spawnAgent, startAgentProcess } from '../helpers/agent.js';
 import { cliJson, runCli } from '../helpers/cli.js';
 import { castSnapshot, expectStoreConsistent, journalEntries, makeCrashBench, type CrashBench } from '../helpers/crash-matrix.js';
@@ -148,5 +150,38 @@ describe('one agent per state_path', () => {
     bench.agents.push(next);
     expect(await next.stop()).toEqual({ code: 0, signal: null });
     await expect(fs.access(path.join(bench.stateDir, 'agent.lock'))).rejects.toThrow();
+  });
+});
+
+describe('one process per instance', () => {
+  it('a command is refused while another process works on the instance; the agent waits for it instead', async () => {
+    const conf = bench.confs.get(SCRE)!;
+    const uuid = await bench.guest(SCRE, 'running');
+    // This test process holds the instance, as a long `snapshot` command would.
+    const locks = new InstanceLocks(path.join(bench.stateDir, 'locks'), silentLogger());
+    let release!: () => void;
+    const released = new Promise<void>((r) => (release = r));
+    const holding = locks.hold(uuid, 'test hold', { waitMs: 0 }, () => released);
+
+    const refused = await runCli(['--config-file', conf, 'instances', 'stop', '--force', uuid]);
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toContain(`InstanceBusy: instance ${uuid} is busy: process ${process.pid} is working on it (test hold)`);
+    const snap = await runCli(['--config-file', conf, 'snapshot', uuid]);
+    expect(snap.code).toBe(1);
+    expect(snap.stderr).toContain('InstanceBusy');
+    expect(await stateOf(uuid)).toBe('running');
+
+    const agent = await startAgentProcess(conf);
+    bench.agents.push(agent);
+    const imageId = randomUUID();
+    await castSnapshot(bench, uuid, imageId);
+    await agent.waitForLog('waiting for another process to finish with the instance', { instance_uuid: uuid, holder_pid: process.pid, holder_what: 'test hold' });
+    expect(agent.find('snapshot start', { image_id: imageId })).toEqual([]);
+    release();
+    await holding;
+    await bench.tap.waitFor('instance.snapshot.end', imageId);
+    await agent.stop();
+    expect(await cliJson(conf, ['images', 'show', imageId])).toMatchObject({ status: 'active' });
+    expect(await stateOf(uuid)).toBe('running');
   });
 });
