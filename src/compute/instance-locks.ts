@@ -22,10 +22,11 @@ export class InstanceLocks {
 
   /**
    * Runs `fn` holding the instance's lock. If another running process holds it, waits for it up to
-   * `waitMs` (0: not at all), then throws InstanceBusy naming that process and what it does.
+   * `waitMs` (0: not at all), then throws InstanceBusy naming that process and what it does. The wait
+   * is logged on `opts.log` (the operation's logger) if given.
    */
-  async hold<T>(uuid: string, what: string, opts: { waitMs: number }, fn: () => Promise<T>): Promise<T> {
-    const lock = await this.acquire(uuid, what, opts.waitMs);
+  async hold<T>(uuid: string, what: string, opts: { waitMs: number; log?: Logger }, fn: () => Promise<T>): Promise<T> {
+    const lock = await this.acquire(uuid, what, opts.waitMs, opts.log ?? this.log);
     try {
       return await fn();
     } finally {
@@ -37,7 +38,7 @@ export class InstanceLocks {
   async tryHold<T>(uuid: string, what: string, fn: () => Promise<T>): Promise<{ value: T } | undefined> {
     let lock: PidLock;
     try {
-      lock = await this.acquire(uuid, what, 0);
+      lock = await this.acquire(uuid, what, 0, this.log);
     } catch (err) {
       if (err instanceof InstanceBusy) return undefined;
       throw err;
@@ -49,7 +50,7 @@ export class InstanceLocks {
     }
   }
 
-  private async acquire(uuid: string, what: string, waitMs: number): Promise<PidLock> {
+  private async acquire(uuid: string, what: string, waitMs: number, log: Logger): Promise<PidLock> {
     if (!isUuid(uuid)) throw new InvalidInstanceId(uuid);
     const lock = new PidLock(path.join(this.dir, `${uuid.toLowerCase()}.lock`), what);
     const deadline = Date.now() + waitMs;
@@ -60,7 +61,7 @@ export class InstanceLocks {
       if (Date.now() >= deadline) throw busy(uuid, holder);
       if (Date.now() - loggedAt >= LOG_EVERY_MS) {
         loggedAt = Date.now();
-        this.log.info({ instance_uuid: uuid, holder_pid: holder.pid, holder_what: holder.what }, 'waiting for another process to finish with the instance');
+        log.info({ instance_uuid: uuid, holder_pid: holder.pid, holder_what: holder.what }, 'waiting for another process to finish with the instance');
       }
       await new Promise((r) => setTimeout(r, POLL_MS));
     }

@@ -102,7 +102,7 @@ export class ComputeManager implements RpcTarget {
     try {
       const locks = this.deps.locks;
       const result = locks
-        ? await locks.hold(call.instance.uuid, `${call.method} request ${ctx.requestId}`, { waitMs: this.deps.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS }, () =>
+        ? await locks.hold(call.instance.uuid, `${call.method} request ${ctx.requestId}`, { waitMs: this.deps.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, log }, () =>
             this.dispatch(call, ctx, log),
           )
         : await this.dispatch(call, ctx, log);

@@ -4,9 +4,12 @@
  * on a real running guest over real RabbitMQ; the restarted agent recovers (test/helpers/crash-matrix.ts
  * lists every check).
  */
+import fs from 'node:fs/promises';
+import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
-import { killPoints, makeCrashBench, runCrashCase, type CrashBench } from '../helpers/crash-matrix.js';
+import { cliJson, runCli } from '../helpers/cli.js';
+import { expectStoreConsistent, killPoints, makeCrashBench, runCrashCase, type CrashBench } from '../helpers/crash-matrix.js';
 
 const STRATEGIES: StrategyName[] = ['cold', 'suspend-create-resume-extract', 'double-suspend'];
 const CASES = STRATEGIES.flatMap((strategy) => killPoints(strategy).map((point) => ({ strategy, point, guest: 'running' as const })));
@@ -29,5 +32,20 @@ describe('SIGKILL at every step boundary, then restart (real QEMU, real RabbitMQ
   it.each(CASES)('$strategy, killed at $point, $guest guest', async (c) => {
     const { outcome } = await runCrashCase(bench, c);
     expect(outcome).toBe('error');
+  });
+});
+
+describe('the fault switch, fail mode', () => {
+  it('fail:<point> makes the step fail in the process: undone at once, guest back, image killed, nothing to recover', async () => {
+    const conf = bench.confs.get('double-suspend')!;
+    const uuid = await bench.guest('double-suspend', 'running');
+    const res = await runCli(['--config-file', conf, 'snapshot', uuid, '--json'], { SNAPSHOT_DRIVER_FAULT: 'fail:step:5:delete-snapshot' });
+    expect(res.code).toBe(1);
+    expect(res.stderr).toContain('SnapshotFailed: step 6 (delete-snapshot) failed: injected failure at step:5:delete-snapshot (SNAPSHOT_DRIVER_FAULT)');
+    const list = (await cliJson(conf, ['instances', 'list'])) as { uuid: string; state: string }[];
+    expect(list.find((i) => i.uuid === uuid)?.state).toBe('running');
+    expect((await bench.env.qemuImg.snapshotList(path.join(bench.env.instancesPath, uuid, 'disk'))).map((s) => s.name)).toEqual([]);
+    expect(await fs.readdir(path.join(bench.stateDir, 'operations'))).toEqual([]);
+    await expectStoreConsistent(bench);
   });
 });
