@@ -1,10 +1,19 @@
 import { errorMessage } from '../errors.js';
-import { recoverOperations, scanOrphans, type OrphanAction, type RecoveredOperation, type RecoveryDeps } from '../snapshot/recovery.js';
+import {
+  recoverOperations,
+  scanOrphans,
+  sweepStore,
+  type OrphanAction,
+  type RecoveredOperation,
+  type RecoveryDeps,
+  type StoreSweep,
+} from '../snapshot/recovery.js';
 import type { Runtime } from './runtime.js';
 
 /** What start-up (serve) or `cleanup` found and did. */
 export interface RecoveryReport {
   operations: RecoveredOperation[];
+  store: StoreSweep;
   orphans: OrphanAction[];
   /** Pending snapshots deleted because their guest has no QEMU process now. */
   pendingDeleted: { instance_uuid: string; snapshots: string[] }[];
@@ -33,6 +42,8 @@ export function recoveryDeps(rt: Runtime): RecoveryDeps {
 export async function recoverAtStart(rt: Runtime, uuid?: string): Promise<RecoveryReport> {
   const deps = recoveryDeps(rt);
   const operations = await recoverOperations(deps, uuid);
+  // The store is swept for every instance's images; `cleanup <uuid>` leaves other instances' alone.
+  const store = uuid === undefined ? await sweepStore(deps) : { partialsRemoved: [], tempsRemoved: [], imagesKilled: [] };
   const orphans = await scanOrphans(deps, uuid);
   const pendingDeleted: RecoveryReport['pendingDeleted'] = [];
   const instances = uuid !== undefined ? [await rt.hv.info(uuid)] : await rt.hv.list();
@@ -51,5 +62,5 @@ export async function recoverAtStart(rt: Runtime, uuid?: string): Promise<Recove
       'start-up recovery done',
     );
   }
-  return { operations, orphans, pendingDeleted };
+  return { operations, store, orphans, pendingDeleted };
 }

@@ -194,6 +194,20 @@ export class ImageStore {
     });
   }
 
+  /**
+   * Leftovers on disk, for start-up recovery: the names in `.partial/`, and the temp files of metadata
+   * writes (`.<id>.json.tmp-<pid>-<hex>`) in the store's folder, with the pid that wrote each.
+   */
+  async leftovers(): Promise<{ partials: string[]; temps: { file: string; pid: number }[] }> {
+    const names = async (dir: string) => readdir(dir).catch((err: unknown) => (isErrno(err, 'ENOENT') ? [] : Promise.reject(err)));
+    const temps: { file: string; pid: number }[] = [];
+    for (const name of await names(this.paths.root)) {
+      const m = /^\.[^/]+\.tmp-(\d+)-[0-9a-f]+$/.exec(name);
+      if (m) temps.push({ file: path.join(this.paths.root, name), pid: Number(m[1]) });
+    }
+    return { partials: await names(this.paths.partialDir), temps };
+  }
+
   /** Every image with metadata in the store, oldest first (created_at, then id). */
   async list(): Promise<ImageMeta[]> {
     let names: string[];

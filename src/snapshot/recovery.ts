@@ -1,4 +1,5 @@
 import fs from 'node:fs/promises';
+import path from 'node:path';
 import type { StrategyName } from '../config/schema.js';
 import type { Lifecycle } from '../compute/lifecycle.js';
 import { errorMessage, ImageNotFound, InstanceNotFound } from '../errors.js';
@@ -55,6 +56,16 @@ export interface RecoveredOperation {
   image: 'active' | 'killed' | 'discarded' | 'deleted' | 'missing';
   /** Set when recovery failed; the record is kept for the next start. */
   error?: string;
+}
+
+/** What the store sweep removed or killed. */
+export interface StoreSweep {
+  /** Files in `.partial/` that no operation in the journal is writing. */
+  partialsRemoved: string[];
+  /** Temp files of metadata writes whose process is gone. */
+  tempsRemoved: string[];
+  /** Images left queued or saving with no operation in the journal. */
+  imagesKilled: string[];
 }
 
 export interface OrphanAction {
@@ -236,6 +247,36 @@ async function recoverImage(deps: RecoveryDeps, rec: OperationRecord, reason: st
   }
   await store.kill(rec.image_id, reason);
   return 'killed';
+}
+
+/**
+ * After the operations are recovered: partial data that no operation in the journal is writing is
+ * removed, and so are temp files of metadata writes whose process is gone; an image left queued or
+ * saving that no operation explains (its record lost) is killed. An operation's record is written
+ * before its image and its partial data exist, so a live operation's files are never touched.
+ */
+export async function sweepStore(deps: RecoveryDeps): Promise<StoreSweep> {
+  const { store, operations, log } = deps;
+  const out: StoreSweep = { partialsRemoved: [], tempsRemoved: [], imagesKilled: [] };
+  for (const img of await store.list()) {
+    if ((img.status === 'queued' || img.status === 'saving') && !(await operations.has(img.id))) {
+      await store.kill(img.id, 'interrupted: found unfinished at start-up, with no operation in the journal');
+      out.imagesKilled.push(img.id);
+    }
+  }
+  const { partials, temps } = await store.leftovers();
+  for (const name of partials) {
+    if (isUuid(name) && (await operations.has(name))) continue;
+    await fs.rm(path.join(store.paths.partialDir, name), { force: true, recursive: true });
+    out.partialsRemoved.push(name);
+  }
+  for (const t of temps) {
+    if (await isRunning({ pid: t.pid, start: null, boot: null })) continue;
+    await fs.rm(t.file, { force: true });
+    out.tempsRemoved.push(path.basename(t.file));
+  }
+  if (out.partialsRemoved.length + out.tempsRemoved.length + out.imagesKilled.length > 0) log.warn({ ...out }, 'image store swept');
+  return out;
 }
 
 /**
