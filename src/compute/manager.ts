@@ -246,7 +246,8 @@ export class ComputeManager implements RpcTarget {
 
 /**
  * The result of a snapshot that completed before a crash, from its image: timings of that run were
- * not kept (0), internal snapshots are not looked at (0: recovery has dealt with them).
+ * not kept (0), internal snapshots are not looked at (0: recovery has dealt with them), and the
+ * strategy is the configured one (the image does not record which strategy made it).
  */
 function resultOfImage(meta: ImageMeta, strategy: string | undefined): SnapshotResult {
   return {
