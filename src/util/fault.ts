@@ -10,7 +10,9 @@ export const FAULT_ENV = 'SNAPSHOT_DRIVER_FAULT';
  * - `step:<name>` and `step:<index>:<name>` (index from 0 in the strategy's list): right before a
  *   step acts, its journal record written;
  * - `commit`: every step done, the image not yet committed;
- * - `managed-save:migrating` (qemu backend): the guest's state is being written out.
+ * - `managed-save:migrating` (qemu backend): the guest's state is being written out;
+ * - `resume:loading` (qemu backend): the new QEMU waits for the saved state, none of it sent yet;
+ * - `resume:loaded` (qemu backend): the state is loaded and its file removed, the vCPUs not yet running.
  */
 export function faultPoint(point: string): void {
   const spec = process.env[FAULT_ENV];

@@ -9,10 +9,14 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
 import { cliJson, runCli } from '../helpers/cli.js';
-import { expectStoreConsistent, killPoints, makeCrashBench, runCrashCase, type CrashBench } from '../helpers/crash-matrix.js';
+import { expectStoreConsistent, killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
 
 const STRATEGIES: StrategyName[] = ['cold', 'suspend-create-resume-extract', 'double-suspend'];
-const CASES = STRATEGIES.flatMap((strategy) => killPoints(strategy).map((point) => ({ strategy, point, guest: 'running' as const })));
+const CASES: CrashCase[] = STRATEGIES.flatMap((strategy) => killPoints(strategy).map((point) => ({ strategy, point, guest: 'running' as const })));
+/** Kills inside the resume from the managed save: before any state is sent, and once it is loaded. */
+const IN_RESUME: CrashCase[] = (['resume:loading', 'resume:loaded'] as const).flatMap((point) =>
+  (['running', 'paused'] as const).map((guest) => ({ strategy: 'suspend-create-resume-extract' as const, point, guest })),
+);
 
 let bench: CrashBench;
 
@@ -32,6 +36,23 @@ describe('SIGKILL at every step boundary, then restart (real QEMU, real RabbitMQ
   it.each(CASES)('$strategy, killed at $point, $guest guest', async (c) => {
     const { outcome } = await runCrashCase(bench, c);
     expect(outcome).toBe('error');
+  });
+
+  it.each(IN_RESUME)('$strategy, killed at $point, $guest guest', async (c) => {
+    const { outcome, recovered } = await runCrashCase(bench, c);
+    expect(outcome).toBe('error');
+    const actions = (recovered as { actions: string[] }).actions;
+    if (c.point === 'resume:loading') {
+      // The new QEMU was still waiting for the state: ended, and the guest resumed from the kept file.
+      expect(actions).toEqual(
+        expect.arrayContaining(['ended a resume that had not finished loading the saved state (the state is kept)', 'resumed the guest from our managed save']),
+      );
+    } else if (c.guest === 'running') {
+      // Loaded, its file gone, vCPUs not yet running: they are started, nothing is loaded twice.
+      expect(actions).toContain('let the guest run again (stopped for a save that did not complete)');
+    } else {
+      expect(actions.filter((a) => /resumed|run again|started/.test(a))).toEqual([]);
+    }
   });
 });
 

@@ -16,7 +16,7 @@ import {
 import type { Logger } from '../../log.js';
 import { QemuImg } from '../../qemu-img/qemu-img.js';
 import { isUuid } from '../../util/uuid.js';
-import { faultPointAfterOutput } from '../../util/fault.js';
+import { faultPoint, faultPointAfterOutput } from '../../util/fault.js';
 import type {
   DiskInfo,
   ExportOptions,
@@ -328,8 +328,15 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     const log = this.log.child({ instance_uuid: layout.uuid });
     const done: string[] = [];
     let quitSent = false;
+    let unfinishedResume = false;
     if (p.pid !== undefined) {
       await this.withQmp(layout, async (qmp) => {
+        // A process still waiting for (or loading) the saved state is a resume that never finished:
+        // the state file is kept until a load completes, so ending the process leaves the guest saved.
+        if ((await qmp.execute<{ status: string }>('query-status')).status === 'inmigrate') {
+          unfinishedResume = true;
+          return;
+        }
         const mig = await qmp.execute<MigrateInfo>('query-migrate');
         if (mig.status === 'completed' && (await pathExists(layout.saveState))) {
           // The save was complete and in place; only the process had not gone yet.
@@ -348,6 +355,11 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
         if (jobs.length > 0) done.push(`cancelled backup job(s) ${jobs.join(', ')}`);
       });
       if (quitSent) await this.endProcess(layout, p.pid, 'quit-sent');
+      if (unfinishedResume) {
+        await this.endProcess(layout, p.pid, 'kill');
+        await removeFiles([layout.restoreSocket]);
+        done.push('ended a resume that had not finished loading the saved state (the state is kept)');
+      }
     }
     if (!(await pathExists(layout.saveState))) {
       // A state file is valid only once renamed into place (with its record written first).
@@ -376,6 +388,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     try {
       state = await this.withQmp(layout, async (qmp) => {
         await qmp.execute('migrate-incoming', { uri: `unix:${layout.restoreSocket}` });
+        faultPoint('resume:loading');
         await sendMigrationStream(layout.restoreSocket, layout.saveState);
         await this.waitForMigration(qmp, 'restore');
         loaded = true;
@@ -383,6 +396,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
         // state file older than the disk must never be resumed later.
         await removeFiles([layout.saveState, layout.saveMeta, layout.restoreSocket]);
         await fsyncDir(layout.dir);
+        faultPoint('resume:loaded');
         if (saved.prior_state === 'running') vcpusResumedAt = await this.continueVcpus(qmp, log);
         return this.queryPowerState(qmp);
       });
