@@ -14,11 +14,11 @@
  */
 import { randomFill, randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
-import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { buildRuntime } from '../src/compute/runtime.js';
-import { defaultConfig, QUIESCE_MODES, STRATEGIES, type QuiesceMode, type StrategyName } from '../src/config/schema.js';
+import { benchConfig } from './bench-config.js';
+import { QUIESCE_MODES, STRATEGIES, type QuiesceMode, type StrategyName } from '../src/config/schema.js';
 import { DISK_QOM_PATH } from '../src/hypervisor/qemu/launch.js';
 import { silentLogger } from '../src/log.js';
 
@@ -71,13 +71,7 @@ interface Figures {
 }
 
 async function main(): Promise<void> {
-  const base = await fs.mkdtemp(path.join(os.tmpdir(), 'sdd-'));
-  const config = defaultConfig();
-  config.DEFAULT.instances_path = path.join(base, 'i');
-  config.DEFAULT.state_path = path.join(base, 's');
-  config.image_store.path = path.join(base, 'images');
-  config.image_store.reserved_space_mb = 0;
-  config.snapshot.quiesce = quiesce;
+  const { base, config } = await benchConfig('sdd-', quiesce);
   const rt = buildRuntime(config, silentLogger());
   const hv = rt.hv;
   const uuid = randomUUID();

@@ -9,11 +9,11 @@
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
-import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { buildRuntime } from '../src/compute/runtime.js';
-import { defaultConfig, STRATEGIES, type StrategyName } from '../src/config/schema.js';
+import { benchConfig } from './bench-config.js';
+import { STRATEGIES, type StrategyName } from '../src/config/schema.js';
 import { DISK_QOM_PATH } from '../src/hypervisor/qemu/launch.js';
 import { silentLogger } from '../src/log.js';
 import { SnapshotEngine } from '../src/snapshot/engine.js';
@@ -47,13 +47,7 @@ class NullJournal extends OperationJournal {
 }
 
 async function main(): Promise<void> {
-  const base = await fs.mkdtemp(path.join(os.tmpdir(), 'sdj-'));
-  const config = defaultConfig();
-  config.DEFAULT.instances_path = path.join(base, 'i');
-  config.DEFAULT.state_path = path.join(base, 's');
-  config.image_store.path = path.join(base, 'images');
-  config.image_store.reserved_space_mb = 0;
-  config.snapshot.quiesce = 'off';
+  const { base, config } = await benchConfig('sdj-', 'off');
   const log = silentLogger();
   const rt = buildRuntime(config, log);
   const engineWithout = new SnapshotEngine({

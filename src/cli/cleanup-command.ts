@@ -1,7 +1,5 @@
-import path from 'node:path';
 import type { Command } from 'commander';
-import { agentLock, buildServer } from '../compute/agent.js';
-import { FileJournal } from '../compute/journal.js';
+import { agentLock, buildServer, requestJournal } from '../compute/agent.js';
 import type { Runtime } from '../compute/runtime.js';
 import { recoverAtStart, type RecoveryReport } from '../compute/startup-recovery.js';
 import { AgentAlreadyRunning, errorMessage, ImageNotFound, InvalidInstanceId } from '../errors.js';
@@ -82,7 +80,7 @@ async function settleRequests(rt: Runtime, uuid: string | undefined): Promise<Pi
       },
     );
   };
-  const journal = new FileJournal({ dir: path.join(config.DEFAULT.state_path, 'journal'), log });
+  const journal = requestJournal(rt);
   let candidates = 0;
   for (const entry of await journal.unfinished()) if (await interrupted(entry)) candidates += 1;
   if (candidates === 0) return { requestsSettled: 0 }; // no need to reach the broker
@@ -94,7 +92,7 @@ async function settleRequests(rt: Runtime, uuid: string | undefined): Promise<Pi
     return { requestsSettled: 0, requestsLeft: `message broker unreachable (${errorMessage(err)}): the next serve settles them` };
   }
   try {
-    const { rpc } = await buildServer(rt, bus);
+    const { rpc } = await buildServer(rt, bus, journal);
     return { requestsSettled: await rpc.runJournaled(interrupted) };
   } finally {
     await bus.close().catch(() => undefined);

@@ -22,12 +22,21 @@ export interface Agent {
   stop(): Promise<void>;
 }
 
-/** The request journal, the notifier, the compute manager and the RPC server, on an open bus. */
-export async function buildServer(rt: Runtime, bus: Bus): Promise<{ journal: FileJournal; manager: ComputeManager; rpc: RpcServer }> {
+/** The agent's request journal, under `<state_path>/journal`. */
+export function requestJournal(rt: Runtime): FileJournal {
+  return new FileJournal({ dir: path.join(rt.config.DEFAULT.state_path, 'journal'), log: rt.log });
+}
+
+/** The request journal (one given, or the agent's), the notifier, the compute manager and the RPC server, on an open bus. */
+export async function buildServer(
+  rt: Runtime,
+  bus: Bus,
+  given?: FileJournal,
+): Promise<{ journal: FileJournal; manager: ComputeManager; rpc: RpcServer }> {
   const { config, log } = rt;
   const rabbit = rabbitTopologyFromConfig(config.oslo_messaging_rabbit);
   const { host, control_exchange: controlExchange } = config.DEFAULT;
-  const journal = await new FileJournal({ dir: path.join(config.DEFAULT.state_path, 'journal'), log }).open();
+  const journal = await (given ?? requestJournal(rt)).open();
   const notifier = new OsloNotifier({
     bus,
     controlExchange,
