@@ -18,6 +18,12 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 # oslo.messaging that the wire-compatibility tests talk to.
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 installed python3-oslo.messaging || missing+=(python3-oslo.messaging)
+# The real Linux test guest (scripts/guest-image.sh): its root filesystem is made and checked with
+# e2fsprogs, its initramfs packed with cpio, its writer and probe compiled statically.
+command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || missing+=(e2fsprogs)
+command -v cpio >/dev/null || missing+=(cpio)
+command -v gcc >/dev/null || missing+=(gcc)
+installed libc6-dev || missing+=(libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   # Keep the packages' maintainer scripts from starting services (no init system here):
@@ -42,3 +48,5 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   npm ci --no-audit --no-fund
 fi
 npm run --silent build
+# The test guest (kernel, initramfs, ext4 root): cached, a rerun takes under a second.
+bash scripts/guest-image.sh >/dev/null

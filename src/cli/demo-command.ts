@@ -11,12 +11,15 @@ import type { Bus } from '../messaging/bus.js';
 import { unwrap } from '../messaging/envelope.js';
 import { RpcClient } from '../messaging/rpc-client.js';
 import { openBus } from '../messaging/transport/open-bus.js';
-import { DISK_QOM_PATH } from '../hypervisor/qemu/launch.js';
 import { SnapshotFailed } from '../errors.js';
+import { GuestConsole } from '../guest-check/console.js';
+import { checkGuestImage, type GuestImageReport } from '../guest-check/ext4.js';
+import { defaultGuestDir, readGuestImage } from '../guest-check/guest-image.js';
+import { observeRunningGuest } from '../guest-check/observe.js';
+import { waitForGuestReady } from '../guest-check/ready.js';
 import { createLogger, type Logger } from '../log.js';
 import { printTable } from './output.js';
 
-const MiB = 2 ** 20;
 const END_TIMEOUT_MS = 300_000;
 
 interface SnapshotEvent {
@@ -66,17 +69,26 @@ function demoConfig(config: Config, base: string): Config {
   return config;
 }
 
+/** How the image's filesystem looks: mountable as it is, after a journal replay, or damaged. */
+function fsVerdict(r: GuestImageReport): string {
+  if (r.cleanWithoutReplay) return 'clean';
+  return r.cleanAfterReplay ? 'clean after replay' : 'DAMAGED';
+}
+
 /**
- * The whole path on the embedded broker: a throw-away real QEMU guest, the agent serving on memory://,
- * one `snapshot_instance` cast per strategy (the agent restarted with that strategy), each end
- * notification awaited, every image verified, a table printed.
+ * The whole path on the embedded broker: a throw-away real Linux guest (scripts/guest-image.sh) whose
+ * writer appends fsynced records, the agent serving on memory://, one `snapshot_instance` cast per
+ * strategy (the agent restarted with that strategy), each end notification awaited, every image
+ * verified, its filesystem and records checked, and a table printed beside the pause the guest saw.
  */
 export function registerDemoCommand(program: Command): void {
   program
     .command('demo')
-    .description('the whole path on the embedded broker: a demo guest snapshotted with every strategy over RPC')
+    .description('the whole path on the embedded broker: a real Linux guest snapshotted with every strategy over RPC')
+    .option('--guest-dir <dir>', 'the test guest built by scripts/guest-image.sh', defaultGuestDir())
     .option('--keep', 'keep the temporary folder (guest stopped, images kept)')
-    .action(async (opts: { keep?: boolean }) => {
+    .action(async (opts: { guestDir: string; keep?: boolean }) => {
+      const guest = await readGuestImage(opts.guestDir);
       const base = await fs.mkdtemp(path.join(os.tmpdir(), 'snapdrv-demo-'));
       const config = demoConfig(await loadConfig(program.opts<{ configFile: string[] }>().configFile), base);
       const log: Logger = createLogger({ level: config.DEFAULT.debug ? 'debug' : 'warn' });
@@ -85,12 +97,24 @@ export function registerDemoCommand(program: Command): void {
       const uuid = randomUUID();
       const bus = await openBus(config.DEFAULT.transport_url, config.oslo_messaging_rabbit, log);
       try {
-        process.stderr.write(`demo: creating guest ${uuid} (128 MiB RAM, 1 GiB qcow2) in ${base}\n`);
-        await hv.createInstance({ uuid, name: 'demo', memoryMb: 128, vcpus: 1, machine: 'pc', diskSizeBytes: 1024 * MiB });
+        process.stderr.write(`demo: booting Linux guest ${uuid} (kernel ${guest.kernelVersion}, 128 MiB RAM, ext4 root) in ${base}\n`);
+        await hv.createInstance({
+          uuid,
+          name: 'demo',
+          memoryMb: 128,
+          vcpus: 1,
+          machine: 'pc',
+          baseImage: guest.rootDisk,
+          baseImageFormat: guest.rootDiskFormat,
+          kernel: guest.kernel,
+          initrd: guest.initrd,
+          cmdline: guest.cmdline,
+        });
+        const guestConsole = new GuestConsole(path.join(config.DEFAULT.instances_path, uuid, 'console.log'));
+        const bootStart = performance.now();
         await rt.lifecycle.start(uuid);
-        for (const [i, offsetMiB] of [0, 100, 500].entries()) {
-          await hv.hmp(uuid, `qemu-io -d ${DISK_QOM_PATH} "write -P 0x${(0x41 + i).toString(16)} ${offsetMiB}M 8M"`);
-        }
+        await waitForGuestReady(hv, uuid, guestConsole);
+        process.stderr.write(`demo: guest up, its agent answering, after ${Math.round(performance.now() - bootStart)} ms; its writer is running\n`);
         const client = await new RpcClient(bus, { exchange: config.DEFAULT.control_exchange, server: config.DEFAULT.host }).open();
         const instance = {
           'nova_object.name': 'Instance',
@@ -108,21 +132,29 @@ export function registerDemoCommand(program: Command): void {
             const imageId = randomUUID();
             process.stderr.write(`demo: cast snapshot_instance (${strategy})\n`);
             const castAt = performance.now();
-            await client.cast('snapshot_instance', { instance, image_id: imageId });
-            const end = await waitForEnd(imageId);
+            const waitEnd = waitForEnd;
+            const { result: end, guest: seen, fsyncedBefore } = await observeRunningGuest(guestConsole, async () => {
+              await client.cast('snapshot_instance', { instance, image_id: imageId });
+              return waitEnd(imageId);
+            });
             const durationMs = Math.round(performance.now() - castAt);
             if (end.eventType !== 'instance.snapshot.end') throw new SnapshotFailed(`${strategy}: ${end.eventType}`);
             const image = await rt.store.show(imageId);
             const verified = await rt.store.verify(imageId);
-            if (!verified.ok) process.exitCode = 1;
+            const fsReport = await checkGuestImage(rt.store.dataPath(imageId), path.join(base, 'check', imageId));
+            const recordsOk = fsReport.records.problems.length === 0 && Number(fsReport.records.last) >= fsyncedBefore;
+            if (!verified.ok || !fsReport.cleanAfterReplay || !recordsOk) process.exitCode = 1;
             rows.push([
               strategy,
               end.data.downtime_ms,
+              Math.round(seen.stoppedMs),
               durationMs,
               imageId,
               image.size,
               `${(image.os_hash_value ?? '').slice(0, 16)}…`,
               verified.ok ? 'ok' : 'MISMATCH',
+              fsVerdict(fsReport),
+              recordsOk ? String(fsReport.records.last) : `BAD: ${fsReport.records.problems[0] ?? 'before the snapshot'}`,
               (await hv.info(uuid)).state,
             ]);
           } finally {
@@ -130,7 +162,10 @@ export function registerDemoCommand(program: Command): void {
           }
         }
         await client.close();
-        printTable(['strategy', 'downtime_ms', 'cast_to_end_ms', 'image_id', 'size', 'sha512', 'verify', 'guest'], rows);
+        printTable(
+          ['strategy', 'downtime_ms', 'guest_saw_ms', 'cast_to_end_ms', 'image_id', 'size', 'sha512', 'verify', 'filesystem', 'last_record', 'guest'],
+          rows,
+        );
       } finally {
         await bus.close().catch(() => undefined);
         await hv.stop(uuid, { graceful: false }).catch(() => undefined);

@@ -32,6 +32,10 @@ function checkUuid(uuid: string): string {
   return uuid;
 }
 
+/** A path given on the command line is relative to the working directory. */
+function absolute(file: string | undefined): string | undefined {
+  return file === undefined ? undefined : path.resolve(file);
+}
 
 export function registerInstancesCommands(program: Command, runtime: RuntimeFactory): void {
   const instances = program.command('instances').description('guests of the qemu backend');
@@ -58,6 +62,9 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
     .option('--base-image <file>', 'create the disk on top of this image')
     .option('--base-format <fmt>', 'format of the base image: qcow2 or raw', 'qcow2')
     .option('--memory-file <file>', 'map the guest RAM privately from this file (its content is the initial RAM)')
+    .option('--kernel <file>', 'boot this kernel directly (-kernel), on every power on and resume')
+    .option('--initrd <file>', 'initial ramdisk of --kernel')
+    .option('--cmdline <string>', 'kernel command line of --kernel')
     .option('--start', 'start the guest after creating it')
     .option('--json', 'print JSON')
     .action(
@@ -71,6 +78,9 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
         baseImage?: string;
         baseFormat: string;
         memoryFile?: string;
+        kernel?: string;
+        initrd?: string;
+        cmdline?: string;
         start?: boolean;
         json?: boolean;
       }) => {
@@ -88,7 +98,10 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
           diskSizeBytes: opts.diskSize ?? (opts.baseImage ? undefined : 2 ** 30),
           baseImage: opts.baseImage,
           baseImageFormat: opts.baseFormat,
-          memoryFile: opts.memoryFile === undefined ? undefined : path.resolve(opts.memoryFile),
+          memoryFile: absolute(opts.memoryFile),
+          kernel: absolute(opts.kernel),
+          initrd: absolute(opts.initrd),
+          cmdline: opts.cmdline,
         });
         if (opts.start) {
           await rt.lifecycle.start(uuid);

@@ -36,6 +36,13 @@ export interface InstanceSpec {
    * writes never reach it). For benchmarks that need RAM that is not all zero pages.
    */
   memoryFile?: string;
+  /**
+   * Direct kernel boot (as nova's kernel_id/ramdisk_id images): kernel and initrd paths (absolute, or
+   * relative to the instance folder) and the kernel command line, used on every power on and resume.
+   */
+  kernel?: string;
+  initrd?: string;
+  cmdline?: string;
 }
 
 export interface InternalSnapshot {

@@ -25,14 +25,19 @@ export function quiesceOptions(
 }
 
 /**
- * One guest-agent filesystem freeze with a deadline: `maxFreezeMs` after the freeze was asked for,
- * a timer thaws the guest whatever the operation is doing. thaw() may be called any number of
- * times, also concurrently (one command at a time); after a failed thaw it tries again.
+ * One guest-agent filesystem freeze with a deadline: once the guest has run frozen for `maxFreezeMs`
+ * since the freeze was asked for, a timer thaws it whatever the operation is doing. The time the
+ * guest spends managed-saved does not count (guestStopped/guestRunning): it cannot run, nor be
+ * thawed, then. thaw() may be called any number of times, also concurrently (one command at a time);
+ * after a failed thaw it tries again.
  */
 export class GuestFreeze {
   private askedAt?: number;
   private thawedAt?: number;
   private timer?: NodeJS.Timeout;
+  /** Deadline time left while the guest is stopped (guestStopped), until it runs again. */
+  private heldMs?: number;
+  private deadlineAt?: number;
   private thawing?: Promise<void>;
   /** The freeze command answered success. */
   private froze = false;
@@ -51,7 +56,7 @@ export class GuestFreeze {
   /** Freezes; on failure the guest may still end up frozen (a freeze that timed out): thaw() then. */
   async freeze(): Promise<void> {
     this.askedAt = performance.now();
-    this.timer = setTimeout(() => this.onDeadline(), this.opts.maxFreezeMs);
+    this.armDeadline(this.opts.maxFreezeMs);
     let filesystems: number;
     try {
       filesystems = await this.hv.freezeFilesystems(this.uuid, this.opts.agentTimeoutMs);
@@ -80,6 +85,27 @@ export class GuestFreeze {
   get frozenMs(): number {
     if (this.askedAt === undefined) return 0;
     return (this.thawedAt ?? performance.now()) - this.askedAt;
+  }
+
+  /** The guest's vCPUs stopped (managed-saved frozen): the deadline waits until it runs again. */
+  guestStopped(): void {
+    if (this.askedAt === undefined || this.thawed || this.deadlineAt === undefined) return;
+    clearTimeout(this.timer);
+    this.heldMs = Math.max(0, this.deadlineAt - performance.now());
+  }
+
+  /** The guest runs again: the deadline goes on with the time it had left. */
+  guestRunning(): void {
+    if (this.heldMs === undefined) return;
+    const left = this.heldMs;
+    this.heldMs = undefined;
+    if (!this.thawed) this.armDeadline(left);
+  }
+
+  private armDeadline(ms: number): void {
+    clearTimeout(this.timer);
+    this.deadlineAt = performance.now() + ms;
+    this.timer = setTimeout(() => this.onDeadline(), ms);
   }
 
   thaw(): Promise<void> {

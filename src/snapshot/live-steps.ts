@@ -1,12 +1,10 @@
-import { errorMessage, GuestAgentError } from '../errors.js';
-import { processHoldsDisk } from '../hypervisor/types.js';
-import { GuestFreeze } from './guest-freeze.js';
+import { takePointInTime } from './quiesce-steps.js';
 import { holdsDisk, removePartial, type SnapshotContext, type Step } from './steps.js';
 
 /**
  * The `live` strategy's steps (SPEC §3): nothing is suspended and no internal snapshot is made; a
- * point-in-time backup job copies the running disk into the store. The filesystem freeze, if any,
- * lasts only while the job starts, and never longer than max_freeze_seconds.
+ * point-in-time backup job copies the running disk into the store. The filesystem freeze, if any
+ * (quiesce-steps.ts), lasts only while the job starts, and never longer than max_freeze_seconds.
  */
 
 /** queued → saving, before any freeze: the metadata write must not lengthen the freeze. */
@@ -14,43 +12,6 @@ export const markSaving: Step = {
   name: 'mark-saving',
   async run(ctx) {
     await ctx.store.markSaving(ctx.imageId);
-  },
-};
-
-/**
- * Freeze the guest's filesystems through its agent (quiesce = auto | required). Only a guest with a
- * running QEMU process has an agent that can answer; one with no process has its disk at rest.
- * `required` fails here, before the guest is touched, when the agent cannot freeze.
- */
-export const quiesce: Step = {
-  name: 'quiesce',
-  async run(ctx) {
-    const { mode, agentTimeoutMs } = ctx.quiesce;
-    if (mode === 'off') return;
-    const { state } = await ctx.hv.info(ctx.uuid);
-    if (!processHoldsDisk(state)) return;
-    const unquiesced = (why: string): void => {
-      if (mode === 'required') throw new GuestAgentError(`quiesce = required, but ${why}`);
-      ctx.log.info(`not quiesced: ${why}`);
-    };
-    if (state !== 'running') return unquiesced(`the guest is ${state}: its agent cannot answer`);
-    if (!(await ctx.hv.guestAgentAvailable(ctx.uuid, agentTimeoutMs))) {
-      return unquiesced(`no guest agent answered within ${agentTimeoutMs} ms`);
-    }
-    const freeze = new GuestFreeze(ctx.hv, ctx.uuid, ctx.quiesce, ctx.log);
-    ctx.freeze = freeze;
-    try {
-      await freeze.freeze();
-    } catch (err) {
-      if (mode === 'required') throw new GuestAgentError(`quiesce = required, but the freeze failed: ${errorMessage(err)}`, { cause: err });
-      ctx.log.warn({ err }, 'not quiesced: the freeze failed');
-      await freeze.thaw(); // it may have frozen some filesystems, or all of them late
-      return;
-    }
-    if (!freeze.holding) unquiesced('the freeze ran out (max_freeze_seconds) before the backup could start');
-  },
-  async undo(ctx) {
-    await ctx.freeze?.thaw();
   },
 };
 
@@ -68,11 +29,10 @@ export const startBackup: Step = {
       return;
     }
     ctx.backup = await ctx.hv.startLiveBackup(ctx.uuid, dest);
-    ctx.downtimeMs += ctx.backup.startPauseMs;
-    ctx.quiesced = ctx.freeze?.holding ?? false;
-    if (ctx.quiesce.mode === 'required' && !ctx.quiesced) {
-      throw new GuestAgentError('quiesce = required, but the freeze ran out (max_freeze_seconds) before the backup job started');
-    }
+    // A paused guest does no I/O: holding it costs the guest nothing (as a managed save of one).
+    if (ctx.priorState === 'running') ctx.downtimeMs += ctx.backup.startPauseMs;
+    // The point in time is the job's start: quiesced only if the freeze held until it returned.
+    takePointInTime(ctx);
   },
   async undo(ctx) {
     try {
@@ -81,14 +41,6 @@ export const startBackup: Step = {
       ctx.backup = undefined;
       await removePartial(ctx);
     }
-  },
-};
-
-/** End the freeze as soon as the job has started (quiesce's undo thaws on every failure path). */
-export const thaw: Step = {
-  name: 'thaw',
-  async run(ctx) {
-    await ctx.freeze?.thaw();
   },
 };
 

@@ -32,7 +32,7 @@ export interface RecoveryDeps {
   namePrefix: string;
   /** `[snapshot] strategy`: decides how an orphaned snapshot of ours on a running guest goes (scanOrphans). */
   strategy: StrategyName;
-  /** Guest-agent command timeout (thaw after an interrupted `live` freeze). */
+  /** Guest-agent command timeout (thaw after an interrupted freeze). */
   agentTimeoutMs: number;
   /** Whether the writer of a record still runs (default: /proc). Tests. */
   ownerRunning?: (owner: ProcessIdentity) => Promise<boolean>;
@@ -164,12 +164,6 @@ async function recoverGuest(deps: RecoveryDeps, rec: OperationRecord, out: Recov
   out.guest_found = state;
   if (state === 'missing') return;
 
-  if (rec.strategy === 'live' && state === 'running' && mayHaveFrozen(rec)) {
-    if (await hv.guestAgentAvailable(uuid, deps.agentTimeoutMs)) {
-      const n = await hv.thawFilesystems(uuid, deps.agentTimeoutMs);
-      out.actions.push(`thawed ${n} filesystem(s)`);
-    }
-  }
   // With no process on the disk, our snapshot goes now, before the guest is started again.
   if (!processHoldsDisk(state)) await removeOwnSnapshot(deps, rec, state, out);
 
@@ -188,11 +182,16 @@ async function recoverGuest(deps: RecoveryDeps, rec: OperationRecord, out: Recov
     }
     state = await stateOf();
   }
+  // A freeze travels with the guest's RAM through a managed save: thaw once it runs again.
+  if (state === 'running' && mayHaveFrozen(rec) && (await hv.guestAgentAvailable(uuid, deps.agentTimeoutMs))) {
+    const n = await hv.thawFilesystems(uuid, deps.agentTimeoutMs);
+    out.actions.push(`thawed ${n} filesystem(s)`);
+  }
   out.guest_now = state;
   if (state !== 'missing' && processHoldsDisk(state)) await removeOwnSnapshot(deps, rec, state, out);
 }
 
-/** live: the record says the freeze may have been asked for and not yet undone. */
+/** The record says a freeze may have been asked for and not yet undone. */
 function mayHaveFrozen(rec: OperationRecord): boolean {
   const quiesce = rec.steps.indexOf('quiesce');
   return quiesce >= 0 && rec.step_index >= quiesce && rec.phase !== 'commit';

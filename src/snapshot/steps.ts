@@ -7,6 +7,7 @@ import type { Lifecycle } from '../compute/lifecycle.js';
 import { windowDowntimeMs, type SuspendWindow } from './downtime.js';
 import type { GuestFreeze, QuiesceOptions } from './guest-freeze.js';
 import type { PendingSnapshots } from './pending.js';
+import { takePointInTime } from './quiesce-steps.js';
 
 /** What every step of one snapshot operation sees and updates. */
 export interface SnapshotContext {
@@ -29,11 +30,13 @@ export interface SnapshotContext {
   downtimeMs: number;
   /** This operation's managed save, until the guest is resumed. */
   suspendWindow?: SuspendWindow;
-  /** live: the guest-agent freeze, once one was asked for. */
+  /** The guest-agent freeze, once one was asked for. */
   freeze?: GuestFreeze;
   /** live: the backup job, once started. */
   backup?: BackupJob;
-  /** live: the backup job started while the guest's filesystems were frozen. */
+  /** The image's point in time was taken (the first managed save, or the backup job's start). */
+  pointInTimeTaken?: boolean;
+  /** The point in time was taken while the guest's filesystems were frozen. */
   quiesced: boolean;
   /** The guest's QEMU died during the operation and was booted again (its memory state was lost). */
   guestRestarted?: boolean;
@@ -61,6 +64,7 @@ async function resumeIfSuspended(ctx: SnapshotContext): Promise<void> {
   if (state === 'saved') resumed = await ctx.lifecycle.resume(ctx.uuid);
   else if (state === 'shutoff' || state === 'crashed') await startAgain(ctx, state);
   ctx.suspended = false;
+  ctx.freeze?.guestRunning();
   if (ctx.suspendWindow !== undefined) {
     ctx.downtimeMs += windowDowntimeMs(ctx.suspendWindow, ctx.priorState, resumed, performance.now());
     ctx.suspendWindow = undefined;
@@ -101,10 +105,13 @@ export const suspend: Step = {
   name: 'suspend',
   async run(ctx) {
     if (!(await holdsDisk(ctx))) return;
+    takePointInTime(ctx);
     const window: SuspendWindow = { wallStartedAt: performance.now() };
     ctx.suspendWindow = window;
     ctx.suspended = true; // before the save: a save that fails half-way is undone by a resume
     window.save = await ctx.lifecycle.suspend(ctx.uuid);
+    // Saved frozen: the guest's vCPUs do not run until the resume, which thaws it right after.
+    ctx.freeze?.guestStopped();
   },
   async undo(ctx) {
     await resumeIfSuspended(ctx);

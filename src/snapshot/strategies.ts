@@ -10,17 +10,20 @@ import {
   suspend,
   type Step,
 } from './steps.js';
-import { markSaving, quiesce, startBackup, thaw, waitBackup } from './live-steps.js';
+import { markSaving, startBackup, waitBackup } from './live-steps.js';
+import { quiesce, thaw } from './quiesce-steps.js';
 
 /**
  * Every strategy's whole sequence (SPEC §3). "suspend" is a managed save; on a guest with no QEMU
  * process it does nothing, and the same steps then work on the offline disk (`live` then exports it).
+ * A running guest is frozen (quiesce) right before the point in time (the first suspend, the backup
+ * start) and thawed as soon as it runs again; a guest that is not running is never frozen.
  */
 export const STRATEGY_STEPS: Readonly<Record<StrategyName, readonly Step[]>> = {
-  cold: [suspend, exportDisk, resume],
-  'suspend-create-resume-extract': [suspend, createSnapshot, resume, exportSnapshot, deleteSnapshot],
-  'double-suspend': [suspend, createSnapshot, resume, exportSnapshot, suspend, deleteSnapshot, resume],
-  'deferred-delete': [suspend, deletePending, createSnapshot, resume, exportSnapshot, keepAsPending],
+  cold: [quiesce, suspend, exportDisk, resume, thaw],
+  'suspend-create-resume-extract': [quiesce, suspend, createSnapshot, resume, thaw, exportSnapshot, deleteSnapshot],
+  'double-suspend': [quiesce, suspend, createSnapshot, resume, thaw, exportSnapshot, suspend, deleteSnapshot, resume],
+  'deferred-delete': [quiesce, suspend, deletePending, createSnapshot, resume, thaw, exportSnapshot, keepAsPending],
   live: [markSaving, quiesce, startBackup, thaw, waitBackup],
 };
 

@@ -44,14 +44,14 @@ describe('cleanup recovers what a crash interrupted', () => {
     const uuid = await bench.guest('double-suspend', 'running');
     const conf = bench.confs.get('double-suspend')!;
     const imageId = randomUUID();
-    const killed = await runCli(['--config-file', conf, 'snapshot', uuid, '--image-id', imageId], { SNAPSHOT_DRIVER_FAULT: 'kill:step:5:delete-snapshot' });
+    const killed = await runCli(['--config-file', conf, 'snapshot', uuid, '--image-id', imageId], { SNAPSHOT_DRIVER_FAULT: 'kill:step:7:delete-snapshot' });
     expect(killed.code).toBe(-1); // killed by a signal
     expect(await stateOf(uuid)).toBe('saved'); // the second managed save, left behind
     expect(await snapshotsOf(uuid)).toEqual([`snapdrv-${imageId}`]);
 
     const report = (await cliJson(conf, ['cleanup'])) as CleanupJson;
     expect(report.operations).toEqual([
-      expect.objectContaining({ image_id: imageId, image: 'killed', guest_found: 'saved', guest_now: 'running', stopped_at: 'step 6 (delete-snapshot)' }),
+      expect.objectContaining({ image_id: imageId, image: 'killed', guest_found: 'saved', guest_now: 'running', stopped_at: 'step 8 (delete-snapshot)' }),
     ]);
     expect(report.operations[0]!.actions).toEqual(
       expect.arrayContaining([`deleted internal snapshot snapdrv-${imageId}`, 'resumed the guest from our managed save']),
@@ -59,7 +59,7 @@ describe('cleanup recovers what a crash interrupted', () => {
     expect(report.requestsSettled).toBe(0); // not an RPC request: nobody to notify
     expect(await stateOf(uuid)).toBe('running');
     expect(await snapshotsOf(uuid)).toEqual([]);
-    expect(await cliJson(conf, ['images', 'show', imageId])).toMatchObject({ status: 'killed', properties: { kill_reason: expect.stringMatching(/^interrupted: the agent stopped at step 6 \(delete-snapshot\) of double-suspend/) } });
+    expect(await cliJson(conf, ['images', 'show', imageId])).toMatchObject({ status: 'killed', properties: { kill_reason: expect.stringMatching(/^interrupted: the agent stopped at step 8 \(delete-snapshot\) of double-suspend/) } });
     await expectStoreConsistent(bench);
     // Nothing is left to recover: a second cleanup finds nothing.
     expect(((await cliJson(conf, ['cleanup'])) as CleanupJson).operations).toEqual([]);
@@ -69,7 +69,7 @@ describe('cleanup recovers what a crash interrupted', () => {
     const uuid = await bench.guest(SCRE, 'running');
     const conf = bench.confs.get(SCRE)!;
     const imageId = randomUUID();
-    const crashing = spawnAgent(conf, { env: { SNAPSHOT_DRIVER_FAULT: 'kill:step:2:resume' } });
+    const crashing = spawnAgent(conf, { env: { SNAPSHOT_DRIVER_FAULT: 'kill:step:3:resume' } });
     bench.agents.push(crashing);
     await crashing.waitForLog('agent serving');
     await castSnapshot(bench, uuid, imageId);

@@ -30,7 +30,7 @@ afterAll(async () => {
 
 describe('SIGKILL at every step boundary, then restart (real QEMU, real RabbitMQ)', () => {
   it('covers every step of every strategy here', () => {
-    expect(CASES).toHaveLength(4 + 6 + 8);
+    expect(CASES).toHaveLength(6 + 8 + 10);
   });
 
   it.each(CASES)('$strategy, killed at $point, $guest guest', async (c) => {
@@ -60,9 +60,9 @@ describe('the fault switch, fail mode', () => {
   it('fail:<point> makes the step fail in the process: undone at once, guest back, image killed, nothing to recover', async () => {
     const conf = bench.confs.get('double-suspend')!;
     const uuid = await bench.guest('double-suspend', 'running');
-    const res = await runCli(['--config-file', conf, 'snapshot', uuid, '--json'], { SNAPSHOT_DRIVER_FAULT: 'fail:step:5:delete-snapshot' });
+    const res = await runCli(['--config-file', conf, 'snapshot', uuid, '--json'], { SNAPSHOT_DRIVER_FAULT: 'fail:step:7:delete-snapshot' });
     expect(res.code).toBe(1);
-    expect(res.stderr).toContain('SnapshotFailed: step 6 (delete-snapshot) failed: injected failure at step:5:delete-snapshot (SNAPSHOT_DRIVER_FAULT)');
+    expect(res.stderr).toContain('SnapshotFailed: step 8 (delete-snapshot) failed: injected failure at step:7:delete-snapshot (SNAPSHOT_DRIVER_FAULT)');
     const list = (await cliJson(conf, ['instances', 'list'])) as { uuid: string; state: string }[];
     expect(list.find((i) => i.uuid === uuid)?.state).toBe('running');
     expect((await bench.env.qemuImg.snapshotList(path.join(bench.env.instancesPath, uuid, 'disk'))).map((s) => s.name)).toEqual([]);

@@ -58,6 +58,30 @@ async function expectImageIsJobStart(e: FakeEnv, uuid: string, imageId: string) 
   expect((await e.store.verify(imageId)).ok).toBe(true);
 }
 
+/**
+ * The freeze deadline runs out while `op` is under way, whatever the machine's speed: with the
+ * deadline's timer faked, `op` is held, the clock advanced past max_freeze_seconds when `op` is
+ * reached, and released once the deadline's thaw has answered. Call useRealTimers afterwards.
+ */
+function deadlineDuring(e: FakeEnv, op: 'startLiveBackup' | 'freezeFilesystems', maxFreezeMs: number): void {
+  vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+  const thawed = onThaw(e);
+  let reached!: () => void;
+  const atCall = new Promise<void>((r) => (reached = r));
+  const original = e.hv[op].bind(e.hv) as (...args: unknown[]) => Promise<unknown>;
+  (e.hv as unknown as Record<string, unknown>)[op] = (...args: unknown[]) => {
+    reached();
+    return original(...args);
+  };
+  e.hv.holdCall({
+    op,
+    until: atCall.then(() => {
+      vi.advanceTimersByTime(maxFreezeMs);
+      return thawed;
+    }),
+  });
+}
+
 /** Resolves when thawFilesystems of the fake has answered (the wrapper leaves it a public call). */
 function onThaw(e: FakeEnv): Promise<void> {
   return new Promise((resolve) => {
@@ -201,9 +225,13 @@ describe('live: quiesce', () => {
 });
 
 describe('live: the freeze never outlasts max_freeze_seconds', () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
   it('auto: a job start slower than the limit is thawed by the timer; the image is unquiesced', async () => {
-    const { e, uuid, ops } = await liveGuest('running', { present: true }, { quiesce: { maxFreezeMs: 20 } });
-    e.hv.holdCall({ op: 'startLiveBackup', until: onThaw(e) });
+    const { e, uuid, ops } = await liveGuest('running', { present: true }, { quiesce: { maxFreezeMs: 60_000 } });
+    deadlineDuring(e, 'startLiveBackup', 60_000);
     const imageId = randomUUID();
     const result = await take(e, uuid, imageId);
     expect(result).toMatchObject({ status: 'active', quiesced: false });
@@ -220,8 +248,8 @@ describe('live: the freeze never outlasts max_freeze_seconds', () => {
   });
 
   it('required: the same run fails, the job is cancelled, the guest is thawed', async () => {
-    const { e, uuid } = await liveGuest('running', { present: true }, { quiesce: { mode: 'required', maxFreezeMs: 20 } });
-    e.hv.holdCall({ op: 'startLiveBackup', until: onThaw(e) });
+    const { e, uuid } = await liveGuest('running', { present: true }, { quiesce: { mode: 'required', maxFreezeMs: 60_000 } });
+    deadlineDuring(e, 'startLiveBackup', 60_000);
     const imageId = randomUUID();
     const err = await failure(take(e, uuid, imageId));
     expect(err.cause).toBeInstanceOf(GuestAgentError);
@@ -233,8 +261,8 @@ describe('live: the freeze never outlasts max_freeze_seconds', () => {
   });
 
   it('a freeze whose answer comes after the timer thawed is thawed again', async () => {
-    const { e, uuid, ops } = await liveGuest('running', { present: true }, { quiesce: { maxFreezeMs: 20 } });
-    e.hv.holdCall({ op: 'freezeFilesystems', until: onThaw(e) });
+    const { e, uuid, ops } = await liveGuest('running', { present: true }, { quiesce: { maxFreezeMs: 60_000 } });
+    deadlineDuring(e, 'freezeFilesystems', 60_000);
     const result = await take(e, uuid);
     expect(result).toMatchObject({ status: 'active', quiesced: false });
     expect(ops().filter((op) => /Filesystems/.test(op))).toEqual(['freezeFilesystems', 'thawFilesystems', 'thawFilesystems']);

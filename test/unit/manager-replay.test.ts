@@ -159,7 +159,7 @@ describe('ComputeManager: a replayed snapshot request', () => {
     const s = await setup();
     const imageId = randomUUID();
     await s.env.store.create({ id: imageId, name: 'x', instanceUuid: s.uuid, imageType: 'snapshot' });
-    const reason = 'interrupted: the agent stopped at step 3 (resume) of suspend-create-resume-extract';
+    const reason = 'interrupted: the agent stopped at step 4 (resume) of suspend-create-resume-extract';
     await s.env.store.kill(imageId, reason);
     mark(s);
     const err = await rejection(snapshot(s, imageId, REPLAYED));
@@ -269,7 +269,7 @@ describe('ComputeManager: a replayed snapshot request', () => {
   it('after a crash and start-up recovery: the replayed request ends with SnapshotInterrupted naming where it stopped', async () => {
     const s = await setup();
     const imageId = randomUUID();
-    await crashAtStep(s, imageId, 2); // before resuming the guest
+    await crashAtStep(s, imageId, 3); // before resuming the guest
     expect(s.env.hv.powerState(s.uuid)).toBe('saved');
     // A new agent: recovery first, then the journaled request is carried out again, by a new manager.
     const [rec] = await recover(s.env);
@@ -277,7 +277,7 @@ describe('ComputeManager: a replayed snapshot request', () => {
     const again = managerOver(s.env);
     const err = await rejection(again.manager.call('snapshot_instance', { instance: { uuid: s.uuid }, image_id: imageId }, REPLAYED));
     expect(err).toBeInstanceOf(SnapshotInterrupted);
-    expect((err as Error).message).toContain('stopped at step 3 (resume) of suspend-create-resume-extract');
+    expect((err as Error).message).toContain('stopped at step 4 (resume) of suspend-create-resume-extract');
     expect(again.takes).toEqual([]);
     expect(again.events.map((e) => e.kind)).toEqual(['error']);
     expect(s.env.hv.powerState(s.uuid)).toBe('running');

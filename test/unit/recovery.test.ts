@@ -338,7 +338,7 @@ describe('recoverOperations: which records, and failures', () => {
   });
 
   it('a record for an instance that no longer exists: image killed, record removed', async () => {
-    const r = await crashedAt('suspend-create-resume-extract', 'running', 3);
+    const r = await crashedAt('suspend-create-resume-extract', 'running', 5);
     const { e, uuid, imageId } = r;
     await e.hv.deleteInstance(uuid);
     const [res] = await recoverOperations(r.deps());
@@ -346,7 +346,7 @@ describe('recoverOperations: which records, and failures', () => {
     expect(res!.error).toBeUndefined();
     const image = await e.store.show(imageId);
     expect(image.status).toBe('killed');
-    expect(image.properties.kill_reason).toContain('step 4 (export-snapshot)');
+    expect(image.properties.kill_reason).toContain('step 6 (export-snapshot)');
     expect(await e.operations.list()).toEqual([]);
     expect(e.hv.violations).toEqual([]);
   });

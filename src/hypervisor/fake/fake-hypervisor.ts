@@ -203,8 +203,8 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
   managedSave(uuid: string): Promise<SaveResult> {
     return this.call('managedSave', uuid, [uuid], () => {
       const inst = this.get(uuid);
+      // A frozen guest may be saved (SPEC §3 freezes right before the save): the freeze is in its RAM.
       const prior = requireState(inst, 'managedSave', ['running', 'paused']);
-      this.requireThawed(inst, 'managedSave');
       inst.priorState = prior;
       inst.state = 'saved';
       const result: SaveResult = { priorState: prior, bytes: inst.memoryMb * 1024 * 1024 };
@@ -217,7 +217,6 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     return this.call('resume', uuid, [uuid, hooks], async () => {
       const inst = this.get(uuid);
       requireState(inst, 'resume', ['saved']);
-      this.requireThawed(inst, 'resume');
       await hooks?.beforeLaunch?.(uuid);
       const prior = inst.priorState ?? 'running';
       this.launch(inst, 'resume', ['saved'], prior);
@@ -588,7 +587,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     }
   }
 
-  /** Stopping or restarting the process of a frozen guest is our bug: the freeze must end first. */
+  /** Stopping the process of a frozen guest is our bug: the freeze must end first. */
   private requireThawed(inst: FakeInstance, op: string): void {
     if (inst.frozen) this.violation(`${op}(${inst.uuid}) while the guest's filesystems are frozen (quiesce must end first)`);
   }

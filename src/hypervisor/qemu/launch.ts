@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import { QemuProcessError } from '../../errors.js';
 import { escapeOptValue } from '../../qemu-img/qemu-img.js';
-import type { InstanceLayout, InstanceRecord } from './layout.js';
+import type { BootFields, InstanceLayout, InstanceRecord } from './layout.js';
 
 /**
  * The QEMU command line of an instance, and launching it daemonized.
@@ -18,10 +18,19 @@ export const DISK_NODE = 'disk0';
 export const DISK_QOM_PATH = '/machine/peripheral/virtio-disk0/virtio-backend';
 /** The virtio-serial port name qemu-ga looks for inside the guest. */
 export const GUEST_AGENT_PORT = 'org.qemu.guest_agent.0';
+/** The chardev behind the guest agent's port (`query-chardev` says whether the guest opened it). */
+export const GUEST_AGENT_CHARDEV = 'qga0';
 /** QOM id of the RAM backend of a guest whose RAM comes from a file. */
 const RAM_BACKEND_ID = 'ram0';
 
-export function qemuArgv(record: InstanceRecord, layout: InstanceLayout, accel: string): string[] {
+/** The chardev of the guest's serial console (a file, appended). */
+const CONSOLE_CHARDEV = 'console0';
+
+/**
+ * `boot` is the record's kernel/initrd/cmdline resolved to absolute paths (resolveBootFiles): the
+ * same on power on and on resume, since both build the command line from instance.json.
+ */
+export function qemuArgv(record: InstanceRecord, layout: InstanceLayout, accel: string, boot: BootFields = {}): string[] {
   const e = escapeOptValue;
   // RAM mapped privately from a file: the guest starts with its content, the file never changes.
   const ramBackend =
@@ -37,7 +46,13 @@ export function qemuArgv(record: InstanceRecord, layout: InstanceLayout, accel: 
     '-m', String(record.memory_mb),
     '-smp', String(record.vcpus),
     '-display', 'none',
-    '-serial', 'none',
+    // -kernel, -initrd and -append take plain values, not option lists: no escaping.
+    ...(boot.kernel === undefined ? [] : ['-kernel', boot.kernel]),
+    ...(boot.initrd === undefined ? [] : ['-initrd', boot.initrd]),
+    ...(boot.cmdline === undefined ? [] : ['-append', boot.cmdline]),
+    // The serial console, appended across processes (power on, resume): never truncated.
+    '-chardev', `file,id=${CONSOLE_CHARDEV},path=${e(layout.consoleLog)},append=on`,
+    '-serial', `chardev:${CONSOLE_CHARDEV}`,
     '-uuid', record.uuid,
     // `guest=` keeps a name holding "=" from being read as an option key.
     '-name', `guest=${e(record.name)}`,
@@ -47,9 +62,9 @@ export function qemuArgv(record: InstanceRecord, layout: InstanceLayout, accel: 
     // Guest agent channel, after the disk so that the disk keeps its PCI slot. A managed save
     // made without it still loads (QEMU 7.2 leaves the new device at reset; the guest sees it
     // after its next boot); no released version ever made such a save.
-    '-chardev', `socket,id=qga0,path=${e(layout.guestAgentSocket)},server=on,wait=off`,
+    '-chardev', `socket,id=${GUEST_AGENT_CHARDEV},path=${e(layout.guestAgentSocket)},server=on,wait=off`,
     '-device', 'virtio-serial-pci,id=virtio-serial0',
-    '-device', `virtserialport,bus=virtio-serial0.0,nr=1,chardev=qga0,id=channel0,name=${GUEST_AGENT_PORT}`,
+    '-device', `virtserialport,bus=virtio-serial0.0,nr=1,chardev=${GUEST_AGENT_CHARDEV},id=channel0,name=${GUEST_AGENT_PORT}`,
     '-qmp', `unix:${e(layout.qmpSocket)},server=on,wait=off`,
     // -pidfile takes a plain path, not an option list: no escaping.
     '-pidfile', layout.pidFile,

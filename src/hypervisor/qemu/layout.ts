@@ -54,6 +54,11 @@ export class InstanceLayout {
     return path.join(this.dir, 'restore.sock');
   }
 
+  /** The guest's serial console: appended by every process of the instance, never truncated. */
+  get consoleLog(): string {
+    return path.join(this.dir, 'console.log');
+  }
+
   /** The host end of the guest agent's virtio-serial channel (QEMU listens). */
   get guestAgentSocket(): string {
     return path.join(this.dir, 'qga.sock');
@@ -92,6 +97,66 @@ export interface InstanceRecord {
   machine: string;
   /** Absolute path of the file the guest RAM is mapped from (private), if any. */
   memory_file?: string;
+  /** Direct kernel boot: kernel and initrd (absolute, or relative to the instance folder) and command line. */
+  kernel?: string;
+  initrd?: string;
+  cmdline?: string;
+}
+
+/** The boot fields of instance.json (SPEC §4), checked by checkBootFields. */
+export type BootFields = Pick<InstanceRecord, 'kernel' | 'initrd' | 'cmdline'>;
+
+/** x86's COMMAND_LINE_SIZE is 2048 bytes, the terminating NUL included. */
+export const CMDLINE_MAX_BYTES = 2047;
+
+/**
+ * What is wrong with the boot fields' form (not the files), or undefined: strings, an initrd or
+ * cmdline only with a kernel, a relative path that stays inside the instance folder.
+ */
+export function bootFieldsProblem(b: BootFields): string | undefined {
+  for (const field of ['kernel', 'initrd'] as const) {
+    const v = b[field];
+    if (v === undefined) continue;
+    if (typeof v !== 'string' || v.length === 0 || v.includes('\0')) return `"${field}" must be a non-empty path`;
+    const rel = path.normalize(v);
+    if (!path.isAbsolute(v) && (rel === '..' || rel.startsWith('../'))) {
+      return `"${field}" ${JSON.stringify(v)} is relative and leaves the instance folder: give an absolute path or one inside the folder`;
+    }
+  }
+  if (b.cmdline !== undefined) {
+    if (typeof b.cmdline !== 'string' || /[\0\n\r]/.test(b.cmdline)) return '"cmdline" must be a string of one line';
+    if (Buffer.byteLength(b.cmdline) > CMDLINE_MAX_BYTES) return `"cmdline" is longer than ${CMDLINE_MAX_BYTES} bytes`;
+  }
+  if (b.kernel === undefined && (b.initrd !== undefined || b.cmdline !== undefined)) {
+    return '"initrd" and "cmdline" need a "kernel"';
+  }
+  return undefined;
+}
+
+/**
+ * Resolves the boot files against the instance folder and checks that each is a readable regular
+ * file; throws an Error naming the field and the path.
+ */
+export async function resolveBootFiles(dir: string, b: BootFields): Promise<BootFields> {
+  const out: BootFields = {};
+  for (const field of ['kernel', 'initrd'] as const) {
+    const v = b[field];
+    if (v === undefined) continue;
+    const file = path.resolve(dir, v);
+    let st;
+    try {
+      st = await fs.stat(file);
+      await fs.access(file, fs.constants.R_OK);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      const why = code === 'ENOENT' ? 'does not exist' : code === 'EACCES' ? 'is not readable' : `cannot be read (${code ?? 'error'})`;
+      throw new Error(`"${field}" ${JSON.stringify(file)} ${why}`);
+    }
+    if (!st.isFile()) throw new Error(`"${field}" ${JSON.stringify(file)} is not a regular file`);
+    out[field] = file;
+  }
+  if (b.cmdline !== undefined) out.cmdline = b.cmdline;
+  return out;
 }
 
 /** managed-save.json, beside managed-save.state. */
@@ -110,10 +175,17 @@ export async function readInstanceRecord(file: string): Promise<InstanceRecord> 
     typeof j.machine !== 'string' ||
     (j.memory_file !== undefined && (typeof j.memory_file !== 'string' || !path.isAbsolute(j.memory_file)))
   ) {
-    throw new Error(`${file}: expected {"uuid","name","memory_mb","vcpus","machine"} and optionally "memory_file" (an absolute path)`);
+    throw new Error(
+      `${file}: expected {"uuid","name","memory_mb","vcpus","machine"} and optionally "memory_file" (an absolute path), ` +
+        '"kernel", "initrd", "cmdline"',
+    );
   }
+  const boot: BootFields = { kernel: j.kernel, initrd: j.initrd, cmdline: j.cmdline };
+  const problem = bootFieldsProblem(boot);
+  if (problem !== undefined) throw new Error(`${file}: ${problem}`);
   const record: InstanceRecord = { uuid: j.uuid, name: j.name, memory_mb: j.memory_mb!, vcpus: j.vcpus!, machine: j.machine };
   if (j.memory_file !== undefined) record.memory_file = j.memory_file;
+  for (const field of ['kernel', 'initrd', 'cmdline'] as const) if (boot[field] !== undefined) record[field] = boot[field];
   return record;
 }
 

@@ -31,14 +31,17 @@ import type {
   SaveResult,
 } from '../types.js';
 import {
+  bootFieldsProblem,
   InstanceLayout,
+  type BootFields,
   type InstanceRecord,
   readInstanceRecord,
+  resolveBootFiles,
   readManagedSaveRecord,
   writeJsonAtomic,
 } from './layout.js';
 import { fsyncDir, pathExists } from '../../util/durable-fs.js';
-import { DISK_NODE, INCOMING_ARGS, launchDaemonized, qemuArgv } from './launch.js';
+import { DISK_NODE, GUEST_AGENT_CHARDEV, INCOMING_ARGS, launchDaemonized, qemuArgv } from './launch.js';
 import { MigrationReceiver, sendMigrationStream } from './migration-stream.js';
 import { findGuestProcess, killGuest, waitForGuestExit } from './qemu-process.js';
 import { fsCount, withGuestAgent } from './guest-agent.js';
@@ -120,6 +123,11 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     const layout = this.layoutOf(spec.uuid);
     validateSpec(spec);
     layout.assertSocketPathsFit();
+    const boot: BootFields = { kernel: spec.kernel, initrd: spec.initrd, cmdline: spec.cmdline };
+    // Relative boot files are relative to the instance folder, which does not exist yet.
+    await resolveBootFiles(layout.dir, boot).catch((err: unknown) => {
+      throw new UsageError(`invalid instance spec for ${spec.uuid}: ${errorMessage(err)}`);
+    });
     await fs.mkdir(this.instancesPath, { recursive: true });
     try {
       await fs.mkdir(layout.dir, { mode: 0o750 });
@@ -134,6 +142,9 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
       vcpus: spec.vcpus,
       machine: spec.machine,
       ...(spec.memoryFile !== undefined && { memory_file: spec.memoryFile }),
+      ...(spec.kernel !== undefined && { kernel: spec.kernel }),
+      ...(spec.initrd !== undefined && { initrd: spec.initrd }),
+      ...(spec.cmdline !== undefined && { cmdline: spec.cmdline }),
     };
     try {
       await this.qemuImg.create(layout.disk, {
@@ -494,6 +505,12 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
   async guestAgentAvailable(uuid: string, timeoutMs: number): Promise<boolean> {
     const { layout, pid } = await this.probeProcess(uuid);
     if (pid === undefined) return false;
+    // As libvirt does: no agent in the guest has the port open, so nothing can answer; asking would
+    // only wait out the timeout. (A test-provided agent socket has no such port to ask about.)
+    if (this.opts.guestAgentSocket === undefined && !(await this.guestAgentPortOpen(layout))) {
+      this.log.debug({ instance_uuid: layout.uuid }, 'no guest agent: the guest has not opened its channel');
+      return false;
+    }
     try {
       await withGuestAgent(this.guestAgentSocket(layout), timeoutMs, 'reach the guest agent', async () => undefined);
       return true;
@@ -531,6 +548,12 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     return withGuestAgent(this.guestAgentSocket(layout), timeoutMs, `thaw the filesystems of instance ${layout.uuid}`, async (agent) =>
       fsCount('guest-fsfreeze-thaw', await agent.execute('guest-fsfreeze-thaw', undefined, timeoutMs)),
     );
+  }
+
+  /** Whether the guest has opened the agent's virtio-serial port (QMP query-chardev `frontend-open`). */
+  private async guestAgentPortOpen(layout: InstanceLayout): Promise<boolean> {
+    const chardevs = await this.withQmp(layout, (qmp) => qmp.execute<{ label: string; 'frontend-open'?: boolean }[]>('query-chardev'));
+    return chardevs.find((c) => c.label === GUEST_AGENT_CHARDEV)?.['frontend-open'] === true;
   }
 
   private guestAgentSocket(layout: InstanceLayout): string {
@@ -638,8 +661,11 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
   /** Launches the guest's QEMU daemonized; resolves with its pid. */
   private async launch(layout: InstanceLayout, record: InstanceRecord, extraArgs: readonly string[]): Promise<number> {
     layout.assertSocketPathsFit();
+    const boot = await resolveBootFiles(layout.dir, record).catch((err: unknown) => {
+      throw new QemuProcessError(`cannot start instance ${layout.uuid}: ${layout.instanceJson}: ${errorMessage(err)}`);
+    });
     await removeFiles(layout.staleRuntimeFiles);
-    const argv = [...qemuArgv(record, layout, this.opts.accel), ...extraArgs];
+    const argv = [...qemuArgv(record, layout, this.opts.accel, boot), ...extraArgs];
     this.log.debug({ instance_uuid: layout.uuid, argv }, 'launching QEMU');
     await launchDaemonized(this.opts.qemuBinary, argv, layout.qemuLog, `QEMU of instance ${layout.uuid}`);
     const pid = await findGuestProcess(layout.pidFile, layout.uuid);
@@ -736,6 +762,8 @@ function validateSpec(spec: InstanceSpec): void {
   if (spec.memoryFile !== undefined && (typeof spec.memoryFile !== 'string' || !path.isAbsolute(spec.memoryFile))) {
     throw bad('memoryFile must be an absolute path');
   }
+  const bootProblem = bootFieldsProblem({ kernel: spec.kernel, initrd: spec.initrd, cmdline: spec.cmdline });
+  if (bootProblem !== undefined) throw bad(bootProblem);
   if (spec.baseImage === undefined) {
     if (spec.diskSizeBytes === undefined || !Number.isInteger(spec.diskSizeBytes) || spec.diskSizeBytes < 1) {
       throw bad('diskSizeBytes (a positive integer) or baseImage is required');

@@ -1,0 +1,168 @@
+import fs from 'node:fs/promises';
+
+/**
+ * What the test guest (scripts/guest-image.sh) says on its serial console, which the qemu backend
+ * appends to `<instance>/console.log`. One line per report:
+ *
+ *   WRITER start boot=B seq=S files=N     the writer started; S is the next record it writes
+ *   WRITER seq=S n=N max_us=U             once a second: S fsynced; N records since the last line
+ *   WRITER slow seq=S us=U                one write+fsync took longer than writer.slow_ms
+ *   WRITER error TEXT                     a write or fsync failed (the writer goes on)
+ *   PROBE start mode=uie|poll
+ *   PROBE tick rtc=T off=MS               every RTC second: the guest clock's offset from host time
+ *   PROBE stop ms=MS rtc=T                the vCPUs were stopped for MS (seen at RTC second T)
+ *   PROBE gap ms=MS                       CLOCK_MONOTONIC jumped by MS (the process or host stalled)
+ *   GUEST ready                           init has started the agent, the writer and the probe
+ *   INITRAMFS error: TEXT                 the boot failed
+ *
+ * Kernel messages may interleave; lines that match nothing are skipped.
+ */
+
+export type ConsoleReport =
+  | { kind: 'writer-start'; boot: number; seq: number; files: number }
+  | { kind: 'writer-progress'; seq: number; n: number; maxUs: number }
+  | { kind: 'writer-slow'; seq: number; us: number }
+  | { kind: 'writer-error'; text: string }
+  | { kind: 'probe-start'; mode: string }
+  | { kind: 'probe-tick'; rtc: number; offMs: number }
+  | { kind: 'probe-stop'; ms: number; rtc: number }
+  | { kind: 'probe-gap'; ms: number }
+  | { kind: 'guest-ready' }
+  | { kind: 'boot-error'; text: string };
+
+/** A report and the byte offset of its line in console.log. */
+export type ConsoleEvent = ConsoleReport & { offset: number };
+
+const NUM = '(-?\\d+(?:\\.\\d+)?)';
+const PATTERNS: ReadonlyArray<[RegExp, (m: RegExpExecArray) => ConsoleReport]> = [
+  [new RegExp(`^WRITER start boot=${NUM} seq=${NUM} files=${NUM}$`), (m) => ({ kind: 'writer-start', boot: +m[1]!, seq: +m[2]!, files: +m[3]! })],
+  [new RegExp(`^WRITER seq=${NUM} n=${NUM} max_us=${NUM}$`), (m) => ({ kind: 'writer-progress', seq: +m[1]!, n: +m[2]!, maxUs: +m[3]! })],
+  [new RegExp(`^WRITER slow seq=${NUM} us=${NUM}$`), (m) => ({ kind: 'writer-slow', seq: +m[1]!, us: +m[2]! })],
+  [/^WRITER error (.*)$/, (m) => ({ kind: 'writer-error', text: m[1]! })],
+  [/^PROBE start mode=(\w+)$/, (m) => ({ kind: 'probe-start', mode: m[1]! })],
+  [new RegExp(`^PROBE tick rtc=${NUM} off=${NUM}$`), (m) => ({ kind: 'probe-tick', rtc: +m[1]!, offMs: +m[2]! })],
+  [new RegExp(`^PROBE stop ms=${NUM} rtc=${NUM}$`), (m) => ({ kind: 'probe-stop', ms: +m[1]!, rtc: +m[2]! })],
+  [new RegExp(`^PROBE gap ms=${NUM}$`), (m) => ({ kind: 'probe-gap', ms: +m[1]! })],
+  [/^GUEST ready$/, () => ({ kind: 'guest-ready' })],
+  [/^INITRAMFS error: (.*)$/, (m) => ({ kind: 'boot-error', text: m[1]! })],
+];
+
+export function parseConsoleLine(line: string): ConsoleReport | undefined {
+  const text = line.replace(/\r$/, '');
+  for (const [re, make] of PATTERNS) {
+    const m = re.exec(text);
+    if (m) return make(m);
+  }
+  return undefined;
+}
+
+/** Parses whole lines of `text`, which starts at byte `base` of the file. */
+export function parseConsole(text: Buffer, base = 0): ConsoleEvent[] {
+  const out: ConsoleEvent[] = [];
+  let start = 0;
+  for (let nl = text.indexOf(0x0a); nl >= 0; nl = text.indexOf(0x0a, start)) {
+    const report = parseConsoleLine(text.subarray(start, nl).toString('latin1'));
+    if (report) out.push({ ...report, offset: base + start });
+    start = nl + 1;
+  }
+  return out;
+}
+
+const POLL_MS = 100;
+
+/** The console log of one instance, read as it grows. */
+export class GuestConsole {
+  constructor(readonly file: string) {}
+
+  /** The current end of the log: a mark to read from later. */
+  async mark(): Promise<number> {
+    return fs.stat(this.file).then(
+      (st) => st.size,
+      (err: NodeJS.ErrnoException) => {
+        if (err.code === 'ENOENT') return 0;
+        throw err;
+      },
+    );
+  }
+
+  /** The reports in whole lines from byte `from` (a mark) to the end, or to byte `to`. */
+  async events(from = 0, to?: number): Promise<ConsoleEvent[]> {
+    let fh;
+    try {
+      fh = await fs.open(this.file, 'r');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw err;
+    }
+    try {
+      const end = to ?? (await fh.stat()).size;
+      const buf = Buffer.alloc(Math.max(0, end - from));
+      const { bytesRead } = await fh.read(buf, 0, buf.length, from);
+      return parseConsole(buf.subarray(0, bytesRead), from);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /**
+   * Waits until `pick` returns something for the reports from `from` on (given them all, each
+   * time); rejects after `timeoutMs`, naming `what` and the last lines, or at once when the guest
+   * reported a boot error.
+   */
+  async waitFor<T>(from: number, what: string, timeoutMs: number, pick: (events: ConsoleEvent[]) => T | undefined): Promise<T> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const events = await this.events(from);
+      const found = pick(events);
+      if (found !== undefined) return found;
+      const bootError = events.find((e) => e.kind === 'boot-error');
+      if (bootError) throw new Error(`${this.file}: the guest failed to boot: ${(bootError as { text: string }).text}`);
+      if (Date.now() >= deadline) {
+        const tail = (await fs.readFile(this.file, 'latin1').catch(() => '')).split('\n').slice(-15).join('\n');
+        throw new Error(`${this.file}: no ${what} within ${timeoutMs} ms; last console lines:\n${tail}`);
+      }
+      await new Promise((r) => setTimeout(r, POLL_MS));
+    }
+  }
+
+  /** Waits for `count` probe ticks after `from`: by then the probe has reported every stop before `from`. */
+  waitForTicks(from: number, count: number, timeoutMs = 30_000): Promise<ConsoleEvent[]> {
+    return this.waitFor(from, `${count} probe ticks`, timeoutMs, (ev) => {
+      const ticks = ev.filter((e) => e.kind === 'probe-tick');
+      return ticks.length >= count ? ev : undefined;
+    });
+  }
+
+  /** Waits for a writer progress line after `from`; resolves with the seq it reports fsynced. */
+  async waitForFsynced(from: number, timeoutMs = 30_000): Promise<number> {
+    return this.waitFor(from, 'writer progress line', timeoutMs, (ev) => {
+      const p = ev.find((e) => e.kind === 'writer-progress');
+      return p?.kind === 'writer-progress' ? p.seq : undefined;
+    });
+  }
+}
+
+/** What the guest saw of one window of its console: its stops and stalls. */
+export interface GuestObserved {
+  /** Sum of the vCPU stops the probe reported (ms). */
+  stoppedMs: number;
+  stops: number[];
+  /** CLOCK_MONOTONIC gaps the probe reported (ms). */
+  gaps: number[];
+  /** The writer's longest write+fsync (ms): how long the guest's I/O was held (a freeze included). */
+  writerMaxMs: number;
+  writerErrors: string[];
+}
+
+export function observed(events: readonly ConsoleEvent[]): GuestObserved {
+  const out: GuestObserved = { stoppedMs: 0, stops: [], gaps: [], writerMaxMs: 0, writerErrors: [] };
+  for (const e of events) {
+    if (e.kind === 'probe-stop') out.stops.push(e.ms);
+    else if (e.kind === 'probe-gap') out.gaps.push(e.ms);
+    else if (e.kind === 'writer-slow') out.writerMaxMs = Math.max(out.writerMaxMs, e.us / 1000);
+    else if (e.kind === 'writer-progress') out.writerMaxMs = Math.max(out.writerMaxMs, e.maxUs / 1000);
+    else if (e.kind === 'writer-error') out.writerErrors.push(e.text);
+  }
+  out.stoppedMs = out.stops.reduce((a, b) => a + b, 0);
+  return out;
+}
