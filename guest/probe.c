@@ -14,7 +14,7 @@
  *     that spans a second boundary delivers the pending tick at resume, reading the RTC's whole
  *     second: that tick is "late" by the fraction of the second the stop ran into.
  *     Hence, robust to late ticks:
- *       - idle: ref = the highest off of the last idle ticks, leaving out the latest one (so that a
+ *       - idle: ref = the highest off of the last 30 idle ticks, leaving out the latest one (so that a
  *         stop whose first tick showed less than probe.stop_ms is counted whole). A tick with
  *         off - ref > probe.stop_ms (default 15) starts an event; others join the idle ticks.
  *       - event: level = the highest off seen since it began. The event ends at the first tick whose
@@ -160,7 +160,9 @@ int main(void) {
   int e = pthread_create(&th, NULL, gap_thread, NULL);
   if (e != 0) say("PROBE error pthread_create: %s", strerror(e));
 
-  enum { WINDOW = 6, EVENT_MAX_TICKS = 10 };
+  /* A long window: a false stop needs every tick of it read late (a loaded host), and the true
+   * offset never falls, so an old high mark is still right. */
+  enum { WINDOW = 30, EVENT_MAX_TICKS = 10 };
   double idle_off[WINDOW]; /* offsets of the last idle ticks, oldest first */
   int idle_n = 0;
   int have_first = 0, in_event = 0, event_ticks = 0;

@@ -253,7 +253,7 @@ describe.each(CASES)('failures under the agent: strategy $strategy (real QEMU, r
       const { outcome, killedPid } = await snapshotKillingQemuMidSave(bigGuest, image);
 
       await expectFailed(image, outcome, RESTARTED);
-      expect(outcome.failure!.message).toMatch(/^step 1 \(suspend\) failed/);
+      expect(outcome.failure!.message).toMatch(/^step 2 \(suspend\) failed/);
       // The save failed (its QEMU died under it), and the guest was booted again in a new process.
       expect(agent!.find(/^step suspend failed/, { image_id: image })).toHaveLength(1);
       expect(agent!.find("the guest's QEMU process died during the snapshot: starting it again (its memory state is lost)", { image_id: image })).toHaveLength(1);

@@ -292,13 +292,15 @@ describe('live backup, guest agent and downtime against real QEMU', () => {
     await hv.deleteInstance(off);
   });
 
-  it('guest agent: none in the guest (its channel answers nothing) → unavailable after the timeout; freeze fails', async () => {
+  it('guest agent: none in the guest (it never opened its channel) → unavailable without waiting; a freeze asked anyway times out', async () => {
     const t0 = performance.now();
-    expect(await hv.guestAgentAvailable(uuid, 500)).toBe(false);
+    // QEMU says the guest has not opened the port: no guest-sync is sent, so none can time out.
+    expect(await hv.guestAgentAvailable(uuid, 60_000)).toBe(false);
     figures.noAgentDetectMs = performance.now() - t0;
+    expect(figures.noAgentDetectMs).toBeLessThan(60_000);
     const err = await hv.freezeFilesystems(uuid, 300).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(GuestAgentError);
-    expect((err as Error).message).toContain('did not answer guest-sync-delimited within 300 ms');
+    expect((err as Error).message).toMatch(/did not answer guest-sync-delimited within \d+ ms/);
     await expect(hv.thawFilesystems(uuid, 300)).rejects.toBeInstanceOf(GuestAgentError);
     expect((await hv.info(uuid)).state).toBe('running');
   });

@@ -65,6 +65,7 @@ describe('guest console', () => {
       'PROBE stop ms=503.2 rtc=1764470003',
       'PROBE gap ms=61.0',
       'WRITER error write rec-000002.log: Input/output error',
+      'PROBE stop ms=17.2 rtc=1764470009',
       'WRITER seq=10',
       '',
     ].join('\r\n');
@@ -79,12 +80,13 @@ describe('guest console', () => {
       'probe-stop',
       'probe-gap',
       'writer-error',
+      'probe-stop',
     ]);
     expect(events[0]).toEqual({ kind: 'writer-start', boot: 2, seq: 1001, files: 1, offset: 100 + text.indexOf('WRITER start') });
     expect(events[6]).toMatchObject({ kind: 'probe-stop', ms: 503.2, rtc: 1764470003 });
     expect(observed(events)).toEqual({
-      stoppedMs: 503.2,
-      stops: [503.2],
+      stoppedMs: 503.2, // the 17.2 ms stop is under the probe's noise floor
+      stops: [503.2, 17.2],
       gaps: [61],
       writerMaxMs: 480,
       writerErrors: ['write rec-000002.log: Input/output error'],
