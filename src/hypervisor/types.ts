@@ -8,7 +8,7 @@
 
 export type PowerState = 'running' | 'paused' | 'shutoff' | 'saved' | 'crashed';
 
-/** States in which a QEMU process holds the disk open. */
+/** States in which the guest's process (its QEMU) holds the disk open. */
 export function processHoldsDisk(state: PowerState): boolean {
   return state === 'running' || state === 'paused';
 }
@@ -65,8 +65,9 @@ export interface SaveResult {
   /** Size of the saved state in bytes. */
   bytes: number;
   /**
-   * When the vCPUs stopped (epoch ms, from the QMP STOP event's timestamp), if this save stopped
-   * them (a paused guest's were stopped already). Guest downtime is measured from here.
+   * When the vCPUs stopped, in the hypervisor's own clock (epoch ms), if this save stopped them (a
+   * paused guest's were stopped already). Guest downtime is measured from here. (qemu: the QMP STOP
+   * event's timestamp.)
    */
   vcpusStoppedAt?: number;
 }
@@ -74,14 +75,17 @@ export interface SaveResult {
 export interface ResumeResult {
   /** The power state restored (the prior one). */
   state: PowerState;
-  /** When the vCPUs ran again (epoch ms, from the QMP RESUME event), if they did. */
+  /**
+   * When the vCPUs ran again, in the hypervisor's own clock (epoch ms), if they did. (qemu: the QMP
+   * RESUME event's timestamp.)
+   */
   vcpusResumedAt?: number;
 }
 
 export interface LaunchHooks {
   /**
-   * Runs when no QEMU process holds the disk, right before a new process for the instance is
-   * started (power on, hard reboot, resume from managed save). Used for deferred deletion.
+   * Runs when no process of the instance holds the disk, right before a new one is started (power
+   * on, hard reboot, resume from managed save). Used for deferred deletion.
    */
   beforeLaunch?: (uuid: string) => Promise<void>;
 }
@@ -95,11 +99,14 @@ export interface ExportOptions {
   onProgress?: (fraction: number) => void;
 }
 
-/** A point-in-time backup job of a running disk (QMP blockdev-backup sync=full). */
+/**
+ * A point-in-time backup job of a running guest's disk, run by the process that holds the disk
+ * (qemu: QMP blockdev-backup).
+ */
 export interface BackupJob {
   /** When the job started (epoch ms): the image is the disk as of this moment. */
   readonly startedAt: number;
-  /** How long the command that started it held the guest's disk I/O (ms): the guest-visible pause. */
+  /** How long starting it held the guest's disk I/O (ms): the guest-visible pause. */
   readonly startPauseMs: number;
   /** Resolves when everything is copied and the target is released; rejects if the job failed. */
   wait(onProgress?: (fraction: number) => void): Promise<void>;
@@ -107,6 +114,10 @@ export interface BackupJob {
   cancel(): Promise<void>;
 }
 
+/**
+ * What a backend does with a guest. The contract holds for every backend; where a comment names a
+ * mechanism (QMP, qemu-img), it is how the qemu backend does it, an example.
+ */
 export interface Hypervisor {
   readonly driver: 'qemu' | 'libvirt' | 'fake';
   /** Whether startLiveBackup works on this backend (the `live` strategy needs it). */
@@ -134,37 +145,48 @@ export interface Hypervisor {
 
   /** Read-only listing of the disk's internal snapshots; allowed in any state. */
   listInternalSnapshots(uuid: string): Promise<InternalSnapshot[]>;
-  /** qemu-img snapshot -c. Throws SafetyViolation if a QEMU process holds the disk. */
+  /**
+   * Creates an internal snapshot in the disk of a guest that no process holds (e.g. qemu-img
+   * snapshot -c). Throws SafetyViolation if a process holds the disk.
+   */
   offlineSnapshotCreate(uuid: string, name: string): Promise<void>;
-  /** qemu-img snapshot -d. Throws SafetyViolation if a QEMU process holds the disk. */
+  /** Deletes one the same way (e.g. qemu-img snapshot -d). Throws SafetyViolation if a process holds the disk. */
   offlineSnapshotDelete(uuid: string, name: string): Promise<void>;
-  /** Through the guest's own monitor. Throws InstanceInvalidState if no process holds the disk. */
+  /**
+   * Creates an internal snapshot of the open disk by the very process that holds it, never by
+   * another program (through the guest's own monitor, e.g. QMP blockdev-snapshot-internal-sync).
+   * Throws InstanceInvalidState if no process holds the disk.
+   */
   liveSnapshotCreate(uuid: string, name: string): Promise<void>;
+  /** Deletes one the same way. Throws InstanceInvalidState if no process holds the disk. */
   liveSnapshotDelete(uuid: string, name: string): Promise<void>;
 
   /**
-   * Exports a raw image: of an internal snapshot (allowed while the disk is open, read with -U), or
-   * of the active layer (only when no process holds the disk; else SafetyViolation).
+   * Exports a raw image: of an internal snapshot (allowed while the disk is open: its data never
+   * changes, it is read without taking the disk's lock, e.g. qemu-img convert -U), or of the active
+   * layer (only when no process holds the disk; else SafetyViolation).
    */
   exportDisk(uuid: string, opts: ExportOptions): Promise<void>;
 
   /**
    * Starts a point-in-time full backup of a running or paused guest's disk into `dest` (a raw file it
-   * creates, sparse where the disk is): no metadata change to the qcow2, no pause of the vCPUs.
+   * creates, sparse where the disk is), by the process that holds the disk: no metadata change to
+   * the qcow2, no pause of the vCPUs.
    * Throws InstanceInvalidState if no process holds the disk.
    */
   startLiveBackup(uuid: string, dest: string): Promise<BackupJob>;
 
   /**
    * After an agent died in the middle of an operation on this instance (never while another process
-   * works on it): ends what it left going. A managed save under way is cancelled (the guest is left
-   * paused, its partial state removed); one that had completed has its process ended (the guest is
-   * `saved`); our backup jobs are cancelled and their target files let go. Resolves with what was
-   * done, for the log (empty: nothing was left).
+   * works on it): ends what it left going in the hypervisor. A managed save under way is cancelled
+   * (the guest is left paused, its partial state removed); one that had completed has its process
+   * ended (the guest is `saved`); our backup jobs are cancelled and their target files let go; a
+   * resume that never finished loading the saved state is ended (the guest stays `saved`, its state
+   * kept). Resolves with what was done, for the log (empty: nothing was left).
    */
-  settleAfterCrash(uuid: string): Promise<string[]>;
+  endInterruptedWork(uuid: string): Promise<string[]>;
 
-  /** Whether a guest agent answers (guest-sync) within the timeout. */
+  /** Whether a guest agent answers within the timeout (qemu: guest-sync on its channel). */
   guestAgentAvailable(uuid: string, timeoutMs: number): Promise<boolean>;
   /** Guest agent: freeze the guest's filesystems; resolves with how many were frozen. */
   freezeFilesystems(uuid: string, timeoutMs: number): Promise<number>;

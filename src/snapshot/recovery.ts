@@ -159,7 +159,7 @@ async function recoverGuest(deps: RecoveryDeps, rec: OperationRecord, out: Recov
       },
     );
   if ((await stateOf()) === 'missing') return;
-  out.actions.push(...(await hv.settleAfterCrash(uuid)));
+  out.actions.push(...(await hv.endInterruptedWork(uuid)));
   let state = await stateOf();
   out.guest_found = state;
   if (state === 'missing') return;

@@ -382,8 +382,8 @@ describe('recoverOperations: which records, and failures', () => {
     expect(e.hv.liveBackups(uuid).map((b) => b.status)).toEqual(['running']);
     await fs.stat(partial); // the job's target
     let partialAtSettle: boolean | undefined;
-    const settle = e.hv.settleAfterCrash.bind(e.hv);
-    e.hv.settleAfterCrash = async (id) => {
+    const settle = e.hv.endInterruptedWork.bind(e.hv);
+    e.hv.endInterruptedWork = async (id) => {
       partialAtSettle = await fs.stat(partial).then(() => true, () => false);
       return settle(id);
     };
@@ -411,7 +411,7 @@ describe('recoverOperations: which records, and failures', () => {
   it('a guest left paused by a save the dead agent did not finish runs again', async () => {
     const r = await crashedAt('suspend-create-resume-extract', 'running', 0);
     const { e, uuid } = r;
-    await e.hv.pause(uuid); // what settleAfterCrash leaves of a managed save under way (qemu backend)
+    await e.hv.pause(uuid); // what endInterruptedWork leaves of a managed save under way (qemu backend)
     const [res] = await recoverOperations(r.deps());
     expect(res).toMatchObject({ guest_found: 'paused', guest_now: 'running' });
     expect(e.hv.powerState(uuid)).toBe('running');

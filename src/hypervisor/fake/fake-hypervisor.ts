@@ -293,8 +293,8 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
   }
 
   /** The fake's managed save is atomic: only backup jobs can be left going by a dead agent. */
-  settleAfterCrash(uuid: string): Promise<string[]> {
-    return this.call('settleAfterCrash', uuid, [uuid], () => {
+  endInterruptedWork(uuid: string): Promise<string[]> {
+    return this.call('endInterruptedWork', uuid, [uuid], () => {
       this.get(uuid);
       const running = this.backups.filter((b) => b.uuid === uuid && b.status === 'running');
       for (const b of running) b.status = 'cancelled';

@@ -1,0 +1,83 @@
+import { InstanceInvalidState } from '../../errors.js';
+import type { DiskInfo, ExportOptions, InternalSnapshot } from '../types.js';
+import type { QemuGuests } from './guests.js';
+import { DISK_NODE } from './launch.js';
+import { type QemuBackupJob, startLiveBackup as startBackupJob } from './live-backup.js';
+import { findGuestProcess } from './qemu-process.js';
+
+/**
+ * The guest's disk in the qemu backend: its size, its internal snapshots (with qemu-img while no QEMU
+ * process has the disk open, through the guest's own QMP monitor while one has: SPEC §2), raw
+ * exports and live backups (the job itself: live-backup.ts).
+ */
+
+export async function diskInfo(g: QemuGuests, uuid: string): Promise<DiskInfo> {
+  const { layout } = await g.probeProcess(uuid);
+  const i = await g.qemuImg.info(layout.disk, { forceShare: true });
+  return { path: layout.disk, virtualSize: i.virtualSize, actualSize: i.actualSize };
+}
+
+export async function listInternalSnapshots(g: QemuGuests, uuid: string): Promise<InternalSnapshot[]> {
+  const { layout } = await g.probeProcess(uuid);
+  return g.qemuImg.snapshotList(layout.disk);
+}
+
+export async function offlineSnapshotCreate(g: QemuGuests, uuid: string, name: string): Promise<void> {
+  const { layout } = await g.requireNoProcess(uuid, `qemu-img snapshot -c ${name}`);
+  await g.qemuImg.snapshotCreate(layout.disk, name);
+}
+
+export async function offlineSnapshotDelete(g: QemuGuests, uuid: string, name: string): Promise<void> {
+  const { layout } = await g.requireNoProcess(uuid, `qemu-img snapshot -d ${name}`);
+  await g.qemuImg.snapshotDelete(layout.disk, name);
+}
+
+export async function liveSnapshotCreate(g: QemuGuests, uuid: string, name: string): Promise<void> {
+  const p = await g.requireProcess(uuid, 'create an internal snapshot through QMP');
+  await g.withQmp(p.layout, (qmp) => qmp.execute('blockdev-snapshot-internal-sync', { device: DISK_NODE, name }));
+}
+
+export async function liveSnapshotDelete(g: QemuGuests, uuid: string, name: string): Promise<void> {
+  const p = await g.requireProcess(uuid, 'delete an internal snapshot through QMP');
+  await g.withQmp(p.layout, (qmp) => qmp.execute('blockdev-snapshot-delete-internal-sync', { device: DISK_NODE, name }));
+}
+
+export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOptions): Promise<void> {
+  if (opts.snapshotName === undefined) {
+    const { layout } = await g.requireNoProcess(uuid, 'export the active layer of the disk');
+    await g.qemuImg.convertToRaw(layout.disk, opts.dest, { onProgress: opts.onProgress });
+    return;
+  }
+  // An internal snapshot's clusters are never rewritten while it exists: safe to read with -U.
+  const p = await g.probeProcess(uuid);
+  await g.qemuImg.convertToRaw(p.layout.disk, opts.dest, {
+    snapshotName: opts.snapshotName,
+    forceShare: p.pid !== undefined,
+    onProgress: opts.onProgress,
+  });
+}
+
+/**
+ * Starts a live backup of the disk in the guest's QEMU process, which must be there; the job works
+ * only with that process. `speed`: copy rate limit in bytes/s; unset or 0: unlimited.
+ */
+export async function startLiveBackup(g: QemuGuests, uuid: string, dest: string, speed?: number): Promise<QemuBackupJob> {
+  const { layout, pid } = await g.requireProcess(uuid, 'start a live backup');
+  const alive = async () => (await findGuestProcess(layout.pidFile, layout.uuid)) === pid;
+  return startBackupJob(
+    {
+      withQmp: async (fn) => {
+        if (!(await alive())) {
+          throw new InstanceInvalidState(`live backup of instance ${layout.uuid}: its QEMU process ${pid} is gone`);
+        }
+        return g.withQmp(layout, fn);
+      },
+      alive,
+      qemuImg: g.qemuImg,
+      log: g.log.child({ instance_uuid: layout.uuid }),
+      timeoutMs: g.qmpTimeoutMs,
+      speed,
+    },
+    dest,
+  );
+}
