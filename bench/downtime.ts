@@ -81,7 +81,7 @@ interface Figures {
 async function main(): Promise<void> {
   const { base, config } = await benchConfig('sdd-', quiesce);
   const rt = buildRuntime(config, silentLogger());
-  const hv = rt.hv;
+  const hv = rt.qemu!;
   const uuid = randomUUID();
   const guest = await buildGuestImage(path.resolve(import.meta.dirname, '../scripts/guest-image.sh'));
   try {

@@ -61,9 +61,9 @@ async function main(): Promise<void> {
   });
   const uuid = randomUUID();
   try {
-    await rt.hv.createInstance({ uuid, name: 'bench', memoryMb: ramMb, vcpus: 1, machine: 'pc', diskSizeBytes: 4 * dataMb * MiB });
+    await rt.qemu!.createInstance({ uuid, name: 'bench', memoryMb: ramMb, vcpus: 1, machine: 'pc', diskSizeBytes: 4 * dataMb * MiB });
     await rt.lifecycle.start(uuid);
-    const out = await rt.hv.hmp(uuid, `qemu-io -d ${DISK_QOM_PATH} "write -P 0x5a 0 ${dataMb}M"`);
+    const out = await rt.qemu!.hmp(uuid, `qemu-io -d ${DISK_QOM_PATH} "write -P 0x5a 0 ${dataMb}M"`);
     if (out.trim() !== '') throw new Error(`HMP qemu-io write failed: ${out.trim()}`);
     const figures = { journal: { down: [] as number[], dur: [] as number[] }, none: { down: [] as number[], dur: [] as number[] } };
     for (let r = 0; r < runs; r++) {
@@ -74,7 +74,7 @@ async function main(): Promise<void> {
         figures[which].dur.push(res.duration_ms);
       }
     }
-    const kvm = await rt.hv.qmp<{ enabled: boolean }>(uuid, 'query-kvm');
+    const kvm = await rt.qemu!.qmp<{ enabled: boolean }>(uuid, 'query-kvm');
     const ratio = (a: number, b: number) => (b > 0 ? (a / b).toFixed(3) : 'n/a');
     const [dj, dn, tj, tn] = [median(figures.journal.down), median(figures.none.down), median(figures.journal.dur), median(figures.none.dur)];
     console.log(`${strategy}; guest ${ramMb} MiB RAM (empty), ${dataMb} MiB of data; accel=${kvm.enabled ? 'kvm' : 'tcg'}; ${runs} runs each, alternating; medians`);

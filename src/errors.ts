@@ -187,3 +187,21 @@ export class BrokerError extends SnapshotDriverError {
 
 /** No guest agent answered (quiesce = required), or it failed to freeze or thaw. */
 export class GuestAgentError extends SnapshotDriverError {}
+
+/** libvirt (through virsh) refused or failed a command; the message is virsh's, with the command. */
+export class LibvirtError extends SnapshotDriverError {
+  constructor(
+    message: string,
+    /** The virsh arguments (the command and the domain), for logs. */
+    readonly command: readonly string[],
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+/**
+ * An instance the backend cannot snapshot as it is defined (a libvirt domain with no qcow2 root disk,
+ * a transient domain for a strategy that needs a managed save): refused before it is touched.
+ */
+export class UnsupportedInstance extends SnapshotDriverError {}

@@ -66,6 +66,8 @@ function demoConfig(config: Config, base: string): Config {
   config.image_store.path = path.join(base, 'images');
   config.image_store.reserved_space_mb = 0;
   config.hypervisor.shutdown_timeout = 1;
+  // The demo guest is made on the spot: the qemu backend's own instance, whatever the config says.
+  config.hypervisor.driver = 'qemu';
   return config;
 }
 
@@ -93,7 +95,7 @@ export function registerDemoCommand(program: Command): void {
       const config = demoConfig(await loadConfig(program.opts<{ configFile: string[] }>().configFile), base);
       const log: Logger = createLogger({ level: config.DEFAULT.debug ? 'debug' : 'warn' });
       const rt = buildRuntime(config, log);
-      const hv = rt.hv;
+      const hv = rt.qemu!;
       const uuid = randomUUID();
       const bus = await openBus(config.DEFAULT.transport_url, config.oslo_messaging_rabbit, log);
       try {

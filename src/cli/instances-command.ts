@@ -4,6 +4,7 @@ import { InvalidArgumentError, type Command } from 'commander';
 import { InvalidInstanceId, UsageError } from '../errors.js';
 import { isUuid } from '../util/uuid.js';
 import type { Runtime } from '../compute/runtime.js';
+import type { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
 import type { RuntimeFactory } from './main.js';
 import { printJson, printTable } from './output.js';
 
@@ -30,6 +31,16 @@ function parsePositiveInt(s: string): number {
 function checkUuid(uuid: string): string {
   if (!isUuid(uuid)) throw new InvalidInstanceId(uuid);
   return uuid;
+}
+
+/** `instances create|delete` manage the qemu backend's own instances; libvirt's are the operator's domains. */
+function qemuBackend(rt: Runtime, command: string): QemuHypervisor {
+  if (rt.qemu === undefined) {
+    throw new UsageError(
+      `instances ${command} works with [hypervisor] driver = qemu only: the ${rt.hv.driver} backend's instances are defined by the operator (e.g. virsh define, virsh undefine)`,
+    );
+  }
+  return rt.qemu;
 }
 
 /** A path given on the command line is relative to the working directory. */
@@ -89,7 +100,7 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
         }
         const uuid = checkUuid(opts.uuid ?? randomUUID());
         const rt = await runtime();
-        let info = await rt.hv.createInstance({
+        let info = await qemuBackend(rt, 'create').createInstance({
           uuid,
           name: opts.name,
           memoryMb: opts.memoryMb,
@@ -143,6 +154,7 @@ export function registerInstancesCommands(program: Command, runtime: RuntimeFact
       checkUuid(uuid);
       const rt = await runtime();
       await rt.hv.info(uuid);
-      await rt.locks.hold(uuid, 'instances delete command', { waitMs: 0 }, () => rt.hv.deleteInstance(uuid));
+      const qemu = qemuBackend(rt, 'delete');
+      await rt.locks.hold(uuid, 'instances delete command', { waitMs: 0 }, () => qemu.deleteInstance(uuid));
     });
 }

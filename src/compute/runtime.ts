@@ -1,7 +1,9 @@
 import path from 'node:path';
 import type { Config } from '../config/schema.js';
 import { ImageStore } from '../image-store/image-store.js';
-import { fromConfig, type QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
+import { hypervisorFromConfig } from '../hypervisor/from-config.js';
+import type { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
+import type { Hypervisor } from '../hypervisor/types.js';
 import type { Logger } from '../log.js';
 import { QemuImg } from '../qemu-img/qemu-img.js';
 import { SnapshotEngine } from '../snapshot/engine.js';
@@ -17,7 +19,9 @@ import { Lifecycle } from './lifecycle.js';
 export interface Runtime {
   config: Config;
   log: Logger;
-  hv: QemuHypervisor;
+  hv: Hypervisor;
+  /** The qemu backend, when `[hypervisor] driver = qemu`: it also creates and deletes instances. */
+  qemu?: QemuHypervisor;
   qemuImg: QemuImg;
   store: ImageStore;
   pending: PendingSnapshots;
@@ -30,7 +34,7 @@ export interface Runtime {
 
 export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: BeforeStep } = {}): Runtime {
   const qemuImg = new QemuImg(config.hypervisor.qemu_img);
-  const hv = fromConfig(config, log);
+  const { hv, qemu } = hypervisorFromConfig(config, log);
   const store = new ImageStore({
     path: config.image_store.path,
     reservedSpaceMb: config.image_store.reserved_space_mb,
@@ -56,5 +60,5 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
       await opts.beforeStep?.(step, index);
     },
   });
-  return { config, log, hv, qemuImg, store, pending, lifecycle, operations, locks, engine };
+  return { config, log, hv, ...(qemu && { qemu }), qemuImg, store, pending, lifecycle, operations, locks, engine };
 }

@@ -21,7 +21,11 @@ export const STRATEGIES = [
 ] as const;
 export type StrategyName = (typeof STRATEGIES)[number];
 
-/** Guest-agent filesystem freeze around a live backup's start (SPEC §3). */
+/** `[hypervisor] driver` (SPEC §4). */
+export const HYPERVISOR_DRIVERS = ['qemu', 'libvirt'] as const;
+export type HypervisorDriver = (typeof HYPERVISOR_DRIVERS)[number];
+
+/** Guest-agent filesystem freeze before a strategy's point in time (SPEC §3). */
 export const QUIESCE_MODES = ['off', 'auto', 'required'] as const;
 export type QuiesceMode = (typeof QUIESCE_MODES)[number];
 
@@ -128,7 +132,14 @@ export const schema = z
       .prefault({}),
     hypervisor: z
       .object({
-        driver: z.enum(['qemu']).default('qemu'),
+        driver: z.enum(HYPERVISOR_DRIVERS).default('qemu'),
+        libvirt_uri: z
+          .string()
+          .trim()
+          .regex(/^[a-z][a-z0-9+]*:\/\/\S*$/, 'a libvirt connection URI such as qemu:///system')
+          .default('qemu:///system'),
+        virsh: nonEmpty.default('virsh'),
+        job_timeout: num(1).default(600),
         qemu_binary: nonEmpty.default('qemu-system-x86_64'),
         qemu_img: nonEmpty.default('qemu-img'),
         accel: z

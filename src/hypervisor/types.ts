@@ -126,7 +126,14 @@ export interface Hypervisor {
   list(): Promise<InstanceInfo[]>;
   /** Throws InstanceNotFound. */
   info(uuid: string): Promise<InstanceInfo>;
+  /** The root disk; UnsupportedInstance when the instance has none the agent can snapshot. */
   diskInfo(uuid: string): Promise<DiskInfo>;
+  /**
+   * Refuses (UnsupportedInstance), before anything is touched, an instance a snapshot cannot be taken
+   * of as it is defined: e.g. a transient libvirt domain when the strategy needs a managed save.
+   * Backends whose every instance can be snapshotted leave it out.
+   */
+  checkSnapshottable?(uuid: string, needs: { managedSave: boolean }): Promise<void>;
 
   /** shutoff | crashed → running. beforeLaunch runs first. */
   start(uuid: string, hooks?: LaunchHooks): Promise<void>;

@@ -37,6 +37,14 @@ export interface ConvertOptions {
   onProgress?: (fraction: number) => void;
 }
 
+/** A qemu-img -p output reader: it prints "    (12.34/100%)\r" repeatedly. */
+function progressParser(onProgress: ((fraction: number) => void) | undefined): ((chunk: string) => void) | undefined {
+  if (!onProgress) return undefined;
+  return (chunk) => {
+    for (const m of chunk.matchAll(/\((\d+(?:\.\d+)?)\/100%\)/g)) onProgress(Number(m[1]) / 100);
+  };
+}
+
 /** Escapes a value for qemu's comma-separated option syntax (`,` → `,,`). */
 export function escapeOptValue(v: string): string {
   return v.replace(/,/g, ',,');
@@ -45,13 +53,14 @@ export function escapeOptValue(v: string): string {
 export class QemuImg {
   constructor(readonly binary = 'qemu-img') {}
 
-  private async run(args: string[], onStdout?: (c: string) => void): Promise<string> {
+  private async run(args: string[], onStdout?: (c: string) => void, signal?: AbortSignal): Promise<string> {
     let res;
     try {
-      res = await runProgram(this.binary, args, { onStdout });
+      res = await runProgram(this.binary, args, { onStdout, signal });
     } catch (err) {
       throw new QemuImgError(`cannot run ${this.binary}: ${(err as Error).message}`, args, '', { cause: err });
     }
+    if (signal?.aborted) throw new QemuImgError(`qemu-img ${args[0]} was cancelled`, args, res.stderr);
     if (res.code !== 0) {
       const msg = res.stderr.trim() || res.stdout.trim() || `exit code ${res.code}`;
       throw new QemuImgError(`qemu-img ${args[0]} failed: ${msg}`, args, res.stderr);
@@ -123,16 +132,18 @@ export class QemuImg {
     if (opts.snapshotName !== undefined) args.push('-l', `snapshot.name=${escapeOptValue(opts.snapshotName)}`);
     if (opts.onProgress) args.push('-p');
     args.push(src, dest);
-    const onProgress = opts.onProgress;
-    await this.run(
-      args,
-      onProgress
-        ? (chunk) => {
-            // qemu-img -p prints "    (12.34/100%)\r" repeatedly.
-            for (const m of chunk.matchAll(/\((\d+(?:\.\d+)?)\/100%\)/g)) onProgress(Number(m[1]) / 100);
-          }
-        : undefined,
-    );
+    await this.run(args, progressParser(opts.onProgress));
+  }
+
+  /**
+   * Copies what an NBD server exports (e.g. libvirt's pull backup, `nbd+unix:///vda?socket=…`) into a
+   * sparse raw file: the export's holes are asked for (block status), not read. `signal` stops it.
+   */
+  async convertNbdToRaw(uri: string, dest: string, opts: { onProgress?: (fraction: number) => void; signal?: AbortSignal } = {}): Promise<void> {
+    const args = ['convert', '-f', 'raw', '-O', 'raw'];
+    if (opts.onProgress) args.push('-p');
+    args.push(uri, dest);
+    await this.run(args, progressParser(opts.onProgress), opts.signal);
   }
 
   /** `qemu-img check --output=json -f qcow2`. Exit codes 2/3 (errors/leaks) are results, not failures. */

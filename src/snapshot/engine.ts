@@ -106,6 +106,7 @@ export class SnapshotEngine {
 
     const started = performance.now();
     const instance = await hv.info(req.instanceUuid);
+    await hv.checkSnapshottable?.(req.instanceUuid, { managedSave: strategy !== 'live' });
     const disk = await hv.diskInfo(req.instanceUuid);
     await store.ensureSpace(req.imageId, disk.actualSize);
     const snapshotName = `${this.deps.namePrefix}${req.imageId}`;

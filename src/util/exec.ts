@@ -11,6 +11,8 @@ export interface RunOptions {
   onStdout?: (chunk: string) => void;
   /** Kill the program (SIGKILL) after this many milliseconds. */
   timeoutMs?: number;
+  /** Kill the program (SIGKILL) when this is aborted; it then resolves with the code it had. */
+  signal?: AbortSignal;
   env?: NodeJS.ProcessEnv;
 }
 
@@ -31,6 +33,9 @@ export function runProgram(file: string, args: readonly string[], opts: RunOptio
         child.kill('SIGKILL');
       }, opts.timeoutMs);
     }
+    const onAbort = () => child.kill('SIGKILL');
+    if (opts.signal?.aborted) onAbort();
+    opts.signal?.addEventListener('abort', onAbort, { once: true });
     child.stdout.setEncoding('utf8');
     child.stderr.setEncoding('utf8');
     child.stdout.on('data', (c: string) => {
@@ -42,10 +47,12 @@ export function runProgram(file: string, args: readonly string[], opts: RunOptio
     });
     child.on('error', (err) => {
       if (timer) clearTimeout(timer);
+      opts.signal?.removeEventListener('abort', onAbort);
       reject(err);
     });
     child.on('close', (code, signal) => {
       if (timer) clearTimeout(timer);
+      opts.signal?.removeEventListener('abort', onAbort);
       if (timedOut) stderr += `\n(killed after ${opts.timeoutMs} ms)`;
       resolve({ stdout, stderr, code: code ?? (signal ? 128 : 1) });
     });

@@ -126,7 +126,7 @@ export async function makeLinuxBench(snapshot: Partial<Config['snapshot']> = {})
   return {
     base,
     rt,
-    hv: rt.hv,
+    hv: rt.qemu!,
     runtimeWith,
     async configFile(snapshot) {
       const file = path.join(base, `agent-${randomUUID().slice(0, 8)}.conf`);

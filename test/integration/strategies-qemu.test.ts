@@ -49,7 +49,7 @@ beforeAll(async () => {
     await fs.rm(out);
   };
   rt = buildRuntime(config, silentLogger(), { beforeStep });
-  hv = rt.hv;
+  hv = rt.qemu!;
 });
 
 afterAll(async () => {

@@ -1,0 +1,282 @@
+import type { Config } from '../../config/schema.js';
+import { InstanceInvalidState, QmpError } from '../../errors.js';
+import type { Logger } from '../../log.js';
+import { QemuImg } from '../../qemu-img/qemu-img.js';
+import { isUuid } from '../../util/uuid.js';
+import type {
+  BackupJob,
+  DiskInfo,
+  ExportOptions,
+  Hypervisor,
+  InstanceInfo,
+  InternalSnapshot,
+  LaunchHooks,
+  ResumeResult,
+  SaveResult,
+} from '../types.js';
+import { startPullBackup } from './backup.js';
+import { formatNodeName } from './domain-xml.js';
+import { LibvirtDomains, parseDomInfo, powerStateOf, type DomainInfo } from './domains.js';
+import { abortJob, managedSave, resume, type SaveRestoreContext } from './managed-save.js';
+import type { DomainEventWatch } from './monitor-events.js';
+import { freezeFilesystems, guestAgentAvailable, thawFilesystems, type AgentContext } from './quiesce.js';
+import { Virsh } from './virsh.js';
+
+export interface LibvirtHypervisorOptions {
+  virsh: string;
+  uri: string;
+  qemuImg: QemuImg;
+  /** Bound of a quick virsh command. */
+  commandTimeoutMs: number;
+  /** Bound of a managed save or a restore. */
+  jobTimeoutMs: number;
+  /** How long a graceful stop waits for the guest to power off before destroying it. */
+  shutdownTimeoutMs: number;
+  log: Logger;
+}
+
+const STATE_POLL_MS = 200;
+
+/**
+ * The `libvirt` backend (SPEC §4): the operator's domains of a local libvirtd, driven through virsh.
+ * Instances are domains (instance uuid = domain uuid); the root disk is the first qcow2 file disk.
+ * Managed save and restore, backup jobs and the guest agent are libvirt's own; the domain's QEMU
+ * monitor is used only for internal snapshots of a running domain (`virsh qemu-monitor-command`).
+ */
+export class LibvirtHypervisor implements Hypervisor {
+  readonly driver = 'libvirt' as const;
+  readonly supportsLiveBackup = true;
+  private readonly virsh: Virsh;
+  private readonly domains: LibvirtDomains;
+  private readonly qemuImg: QemuImg;
+  private readonly log: Logger;
+  private readonly saves: SaveRestoreContext;
+  private readonly agent: AgentContext;
+
+  constructor(private readonly opts: LibvirtHypervisorOptions) {
+    this.log = opts.log;
+    this.qemuImg = opts.qemuImg;
+    this.virsh = new Virsh({ binary: opts.virsh, uri: opts.uri, commandTimeoutMs: opts.commandTimeoutMs });
+    this.domains = new LibvirtDomains(this.virsh, this.log);
+    this.saves = {
+      domains: this.domains,
+      virsh: this.virsh,
+      log: this.log,
+      jobTimeoutMs: opts.jobTimeoutMs,
+      commandTimeoutMs: opts.commandTimeoutMs,
+      watches: new Map<string, DomainEventWatch>(),
+    };
+    this.agent = { domains: this.domains, virsh: this.virsh, log: this.log };
+  }
+
+  // ---- instances ------------------------------------------------------------------------------
+
+  async list(): Promise<InstanceInfo[]> {
+    const uuids = (await this.virsh.run(['list', '--all', '--uuid'])).split('\n').map((l) => l.trim()).filter(isUuid);
+    if (uuids.length === 0) return [];
+    // One virsh process for all of them (each costs 60–120 ms to start).
+    const out = await this.virsh.run([uuids.map((u) => `dominfo ${u}`).join('; ')]);
+    const infos = out
+      .split(/^(?=Id:)/m)
+      .filter((block) => block.trim() !== '')
+      .map((block) => {
+        const i = parseDomInfo(block);
+        const active = i.libvirtState !== 'shut off' && i.libvirtState !== 'crashed';
+        return { uuid: i.uuid, name: i.name, state: powerStateOf(i.libvirtState, i.managedSave && !active) };
+      });
+    return infos.sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  async info(uuid: string): Promise<InstanceInfo> {
+    const d = await this.domains.probe(uuid);
+    return { uuid: d.uuid, name: d.name, state: d.state };
+  }
+
+  /** The root disk (UnsupportedInstance for a domain without a qcow2 file disk). */
+  async diskInfo(uuid: string): Promise<DiskInfo> {
+    const d = await this.domains.probe(uuid);
+    const { rootDisk } = await this.domains.xml(d.uuid);
+    const i = await this.qemuImg.info(rootDisk.path, { forceShare: true });
+    return { path: rootDisk.path, virtualSize: i.virtualSize, actualSize: i.actualSize };
+  }
+
+  /** A transient domain cannot be managed-saved: refused before anything is touched. */
+  async checkSnapshottable(uuid: string, needs: { managedSave: boolean }): Promise<void> {
+    const d = await this.domains.probe(uuid);
+    await this.domains.xml(d.uuid);
+    if (needs.managedSave && (d.state === 'running' || d.state === 'paused')) this.domains.requirePersistent(d, 'take this snapshot, which needs a managed save');
+  }
+
+  // ---- power ----------------------------------------------------------------------------------
+
+  async start(uuid: string, hooks: LaunchHooks = {}): Promise<void> {
+    const d = await this.domains.probe(uuid);
+    if (d.state !== 'shutoff' && d.state !== 'crashed') throw invalidState(d, 'start');
+    if (d.state === 'crashed') await this.virsh.run(['destroy', d.uuid], { uuid: d.uuid }).catch(() => undefined);
+    await hooks.beforeLaunch?.(d.uuid);
+    await this.virsh.run(['start', d.uuid], { uuid: d.uuid, timeoutMs: this.opts.jobTimeoutMs });
+    this.log.info({ instance_uuid: d.uuid }, 'domain started');
+  }
+
+  async stop(uuid: string, opts: { graceful: boolean }): Promise<void> {
+    const d = await this.domains.probe(uuid);
+    if (d.state === 'shutoff' || d.state === 'saved') throw invalidState(d, 'stop');
+    const log = this.log.child({ instance_uuid: d.uuid });
+    if (opts.graceful && d.state === 'running') {
+      await this.virsh.run(['shutdown', d.uuid], { uuid: d.uuid });
+      const deadline = Date.now() + this.opts.shutdownTimeoutMs;
+      while (Date.now() < deadline) {
+        if ((await this.domains.probe(d.uuid)).state === 'shutoff') {
+          log.info('domain powered off by the guest');
+          return;
+        }
+        await new Promise((r) => setTimeout(r, STATE_POLL_MS));
+      }
+      log.warn({ timeout_ms: this.opts.shutdownTimeoutMs }, 'guest did not power off in time: destroying the domain');
+    }
+    await this.virsh.run(['destroy', d.uuid], { uuid: d.uuid, timeoutMs: this.opts.jobTimeoutMs });
+    log.info('domain stopped');
+  }
+
+  /** libvirt's reboot of a QEMU domain is guest-cooperative (ACPI), its QEMU process kept. */
+  async softReboot(uuid: string): Promise<void> {
+    const d = await this.domains.requireActive(uuid, 'reboot');
+    await this.virsh.run(['reboot', d.uuid], { uuid: d.uuid });
+  }
+
+  async pause(uuid: string): Promise<void> {
+    const d = await this.domains.probe(uuid);
+    if (d.state !== 'running') throw invalidState(d, 'pause');
+    await this.virsh.run(['suspend', d.uuid], { uuid: d.uuid });
+  }
+
+  async unpause(uuid: string): Promise<void> {
+    const d = await this.domains.probe(uuid);
+    if (d.state !== 'paused') throw invalidState(d, 'unpause');
+    await this.virsh.run(['resume', d.uuid], { uuid: d.uuid });
+  }
+
+  managedSave(uuid: string): Promise<SaveResult> {
+    return managedSave(this.saves, uuid);
+  }
+
+  resume(uuid: string, hooks?: LaunchHooks): Promise<ResumeResult> {
+    return resume(this.saves, uuid, hooks);
+  }
+
+  /**
+   * A libvirt job the dead agent left (a managed save under way, our backup job) is aborted; libvirt
+   * then resumes a guest whose save was cancelled, and removes a pull backup's socket and scratch
+   * file. A stale managed-save image of an active domain is removed on sight (LibvirtDomains.probe).
+   */
+  async endInterruptedWork(uuid: string): Promise<string[]> {
+    const d = await this.domains.probe(uuid);
+    const log = this.log.child({ instance_uuid: d.uuid });
+    const done: string[] = [];
+    if (d.state === 'running' || d.state === 'paused') {
+      const operation = await abortJob(this.saves, d.uuid, log);
+      if (operation !== undefined) done.push(`aborted a libvirt ${operation} job left running`);
+    }
+    if (done.length > 0) log.warn({ actions: done }, 'settled what an interrupted operation left');
+    return done;
+  }
+
+  // ---- internal snapshots and export ----------------------------------------------------------
+
+  async listInternalSnapshots(uuid: string): Promise<InternalSnapshot[]> {
+    const { rootDisk } = await this.domains.xml(uuid);
+    return this.qemuImg.snapshotList(rootDisk.path);
+  }
+
+  async offlineSnapshotCreate(uuid: string, name: string): Promise<void> {
+    const d = await this.domains.requireInactive(uuid, `qemu-img snapshot -c ${name}`);
+    await this.qemuImg.snapshotCreate((await this.domains.xml(d.uuid)).rootDisk.path, name);
+  }
+
+  async offlineSnapshotDelete(uuid: string, name: string): Promise<void> {
+    const d = await this.domains.requireInactive(uuid, `qemu-img snapshot -d ${name}`);
+    await this.qemuImg.snapshotDelete((await this.domains.xml(d.uuid)).rootDisk.path, name);
+  }
+
+  liveSnapshotCreate(uuid: string, name: string): Promise<void> {
+    return this.monitorSnapshot(uuid, 'blockdev-snapshot-internal-sync', name);
+  }
+
+  liveSnapshotDelete(uuid: string, name: string): Promise<void> {
+    return this.monitorSnapshot(uuid, 'blockdev-snapshot-delete-internal-sync', name);
+  }
+
+  /** Through the domain's QEMU monitor; virsh exits 0 even when QMP answers an error, so the reply is read. */
+  private async monitorSnapshot(uuid: string, command: string, name: string): Promise<void> {
+    const d = await this.domains.requireActive(uuid, `${command} through the monitor`);
+    const device = formatNodeName((await this.domains.xml(d.uuid)).rootDisk);
+    const out = await this.virsh.run(['qemu-monitor-command', d.uuid, JSON.stringify({ execute: command, arguments: { device, name } })], {
+      uuid: d.uuid,
+      timeoutMs: this.opts.jobTimeoutMs,
+    });
+    qmpReply(command, out);
+  }
+
+  async exportDisk(uuid: string, opts: ExportOptions): Promise<void> {
+    if (opts.snapshotName === undefined) {
+      const d = await this.domains.requireInactive(uuid, 'export the active layer of the disk');
+      await this.qemuImg.convertToRaw((await this.domains.xml(d.uuid)).rootDisk.path, opts.dest, { onProgress: opts.onProgress });
+      return;
+    }
+    // An internal snapshot's clusters are never rewritten while it exists: safe to read with -U.
+    const d = await this.domains.probe(uuid);
+    await this.qemuImg.convertToRaw((await this.domains.xml(d.uuid)).rootDisk.path, opts.dest, {
+      snapshotName: opts.snapshotName,
+      forceShare: d.state === 'running' || d.state === 'paused',
+      onProgress: opts.onProgress,
+    });
+  }
+
+  async startLiveBackup(uuid: string, dest: string): Promise<BackupJob> {
+    const d = await this.domains.requireActive(uuid, 'start a live backup');
+    return startPullBackup({ virsh: this.virsh, qemuImg: this.qemuImg, log: this.log }, await this.domains.xml(d.uuid), dest);
+  }
+
+  // ---- guest agent ----------------------------------------------------------------------------
+
+  guestAgentAvailable(uuid: string, timeoutMs: number): Promise<boolean> {
+    return guestAgentAvailable(this.agent, uuid, timeoutMs);
+  }
+
+  freezeFilesystems(uuid: string, timeoutMs: number): Promise<number> {
+    return freezeFilesystems(this.agent, uuid, timeoutMs);
+  }
+
+  thawFilesystems(uuid: string, timeoutMs: number): Promise<number> {
+    return thawFilesystems(this.agent, uuid, timeoutMs);
+  }
+}
+
+/** A QMP reply printed by `virsh qemu-monitor-command`: its `return`, or a QmpError. */
+export function qmpReply(command: string, out: string): unknown {
+  let reply: { return?: unknown; error?: { class?: string; desc?: string } };
+  try {
+    reply = JSON.parse(out) as typeof reply;
+  } catch {
+    throw new QmpError(command, 'UnparseableReply', out.trim().slice(0, 200));
+  }
+  if (reply.error !== undefined) throw new QmpError(command, reply.error.class ?? 'GenericError', reply.error.desc ?? '');
+  return reply.return;
+}
+
+function invalidState(d: DomainInfo, action: string): InstanceInvalidState {
+  return new InstanceInvalidState(`cannot ${action} domain ${d.name} (${d.uuid}): it is ${d.state}`);
+}
+
+/** The libvirt backend as configured (`[hypervisor]`). */
+export function fromConfig(config: Config, log: Logger): LibvirtHypervisor {
+  return new LibvirtHypervisor({
+    virsh: config.hypervisor.virsh,
+    uri: config.hypervisor.libvirt_uri,
+    qemuImg: new QemuImg(config.hypervisor.qemu_img),
+    commandTimeoutMs: config.hypervisor.qmp_timeout * 1000,
+    jobTimeoutMs: config.hypervisor.job_timeout * 1000,
+    shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,
+    log,
+  });
+}
