@@ -24,6 +24,12 @@ command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || missing+=(e2
 command -v cpio >/dev/null || missing+=(cpio)
 command -v gcc >/dev/null || missing+=(gcc)
 installed libc6-dev || missing+=(libc6-dev)
+# The libvirt backend's tests: Debian 12's monolithic libvirtd, started by scripts/libvirtd.sh under
+# tini (no systemd). The -sysv flavour is named so that apt does not pick the systemd one, which
+# would pull systemd-container and upgrade the (unused) systemd packages.
+for p in libvirt-daemon-system libvirt-daemon-system-sysv libvirt-clients libvirt-daemon-driver-qemu tini; do
+  installed "$p" || missing+=("$p")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   # Keep the packages' maintainer scripts from starting services (no init system here):

@@ -10,7 +10,8 @@ export const FAULT_ENV = 'SNAPSHOT_DRIVER_FAULT';
  * - `step:<name>` and `step:<index>:<name>` (index from 0 in the strategy's list): right before a
  *   step acts, its journal record written;
  * - `commit`: every step done, the image not yet committed;
- * - `managed-save:migrating` (qemu backend): the guest's state is being written out;
+ * - `managed-save:migrating`: the guest's state is being written out (libvirt: the domain is
+ *   `paused (saving)`, its save carried on by libvirtd);
  * - `resume:loading` (qemu backend): the new QEMU waits for the saved state, none of it sent yet;
  * - `resume:loaded` (qemu backend): the state is loaded and its file removed, the vCPUs not yet running.
  */
@@ -19,6 +20,12 @@ export function faultPoint(point: string): void {
   if (spec === undefined || spec === '') return;
   if (spec === `kill:${point}`) process.kill(process.pid, 'SIGKILL');
   if (spec === `fail:${point}`) throw new InjectedFault(`injected failure at ${point} (${FAULT_ENV})`);
+}
+
+/** Whether the switch names this point (to look for a moment that only a test needs to find). */
+export function faultArmed(point: string): boolean {
+  const spec = process.env[FAULT_ENV];
+  return spec === `kill:${point}` || spec === `fail:${point}`;
 }
 
 /**

@@ -7,7 +7,10 @@ import type { StrategyName } from '../../src/config/schema.js';
 import { STRATEGY_STEPS, SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
 import { novaInstance, spawnAgent, startAgentProcess, writeAgentConfig, type AgentProcess } from './agent.js';
 import { cliJson } from './cli.js';
-import { createGuest, guestWrite, makeQemuEnv, MiB, type QemuEnv } from './qemu-guest.js';
+import { DISK_QOM_PATH } from '../../src/hypervisor/qemu/launch.js';
+import { QemuImg } from '../../src/qemu-img/qemu-img.js';
+import { makeLibvirtBench, virsh } from './libvirt.js';
+import { createGuest, guestWrite, makeQemuEnv, MiB, QEMU_IMG, type QemuEnv } from './qemu-guest.js';
 import { faultOf, NotificationTap } from './notification-tap.js';
 import { createRabbitVhost, deleteRabbitVhost, ensureRabbit } from './rabbitmq.js';
 
@@ -24,8 +27,60 @@ export function killPoints(strategy: StrategyName): string[] {
   return [...STRATEGY_STEPS[strategy].map((s, i) => `step:${i}:${s.name}`), 'commit'];
 }
 
+/** Where the guests of a crash bench live: QEMU processes of the qemu backend, or libvirt domains. */
+interface GuestSide {
+  /** The folder of the bench (configs, state, images). */
+  tmpPath: string;
+  qemuImg: QemuImg;
+  /** A small running guest with data on its disk (no OS); its uuid and its disk file. */
+  make(name: string): Promise<{ uuid: string; disk: string }>;
+  pause(uuid: string): Promise<void>;
+  cleanup(): Promise<void>;
+}
+
+async function qemuSide(): Promise<GuestSide & { env: QemuEnv }> {
+  const env = await makeQemuEnv({ accel: 'tcg' });
+  return {
+    env,
+    tmpPath: env.tmpPath,
+    qemuImg: env.qemuImg,
+    async make(name) {
+      const uuid = await createGuest(env.hv, { name, memoryMb: 64 });
+      await guestWrite(env.hv, uuid, 0x5a, 0, MiB);
+      await guestWrite(env.hv, uuid, 0xa5, 9 * MiB, MiB);
+      return { uuid, disk: path.join(env.instancesPath, uuid, 'disk') };
+    },
+    pause: (uuid) => env.hv.pause(uuid),
+    cleanup: () => env.cleanup(),
+  };
+}
+
+async function libvirtSide(): Promise<GuestSide> {
+  const lv = await makeLibvirtBench();
+  return {
+    tmpPath: lv.base,
+    qemuImg: new QemuImg(QEMU_IMG),
+    async make() {
+      const d = await lv.domain({ guest: 'bare', memoryMb: 64 });
+      // Data written as the guest would: through its own QEMU (libvirt names the device virtio-disk0).
+      for (const [pattern, offset] of [[0x5a, 0], [0xa5, 9]] as const) {
+        const out = await virsh('qemu-monitor-command', d.uuid, '--hmp', `qemu-io -d ${DISK_QOM_PATH} "write -P 0x${pattern.toString(16)} ${offset}M 1M"`);
+        if (out.trim() !== '') throw new Error(`HMP qemu-io failed: ${out.trim()}`);
+      }
+      return { uuid: d.uuid, disk: d.disk };
+    },
+    pause: async (uuid) => void (await virsh('suspend', uuid)),
+    cleanup: () => lv.cleanup(),
+  };
+}
+
 export interface CrashBench {
+  /** The qemu backend's guests (driver qemu only). */
   env: QemuEnv;
+  driver: 'qemu' | 'libvirt';
+  qemuImg: QemuImg;
+  /** The disk file of a bench guest. */
+  diskOf(uuid: string): string;
   url: string;
   host: string;
   imagesDir: string;
@@ -40,21 +95,25 @@ export interface CrashBench {
   close(): Promise<void>;
 }
 
-/** A vhost, an instances dir for guests (TCG, 64 MiB, made on first use), one config per strategy. */
-export async function makeCrashBench(name: string, strategies: readonly StrategyName[]): Promise<CrashBench> {
+/**
+ * A vhost, guests (TCG, 64 MiB, no OS, made on first use: QEMU processes of the qemu backend or
+ * libvirt domains), one config per strategy.
+ */
+export async function makeCrashBench(name: string, strategies: readonly StrategyName[], driver: 'qemu' | 'libvirt' = 'qemu'): Promise<CrashBench> {
   await ensureRabbit();
   const vhost = `sd-${name}-${process.pid}`;
   const host = `${name}-${process.pid}`;
   const url = await createRabbitVhost(vhost);
-  const env = await makeQemuEnv({ accel: 'tcg' });
+  const side = driver === 'qemu' ? await qemuSide() : await libvirtSide();
   const confs = new Map<StrategyName, string>();
   for (const strategy of strategies) {
-    const dir = path.join(env.tmpPath, `conf-${strategy}`);
+    const dir = path.join(side.tmpPath, `conf-${strategy}`);
     await fs.mkdir(dir);
     const file = await writeAgentConfig(dir, { host, transportUrl: url, strategy });
     // Every config works on the same instances, state and images (relative paths resolve per file).
     const text = (await fs.readFile(file, 'utf8'))
       .replace('[snapshot]\n', '[snapshot]\nguest_agent_timeout = 1\n')
+      .replace('[hypervisor]\n', `[hypervisor]\ndriver = ${driver}\n`)
       .replace('instances_path = instances', 'instances_path = ../instances')
       .replace('state_path = state', 'state_path = ../state')
       .replace('path = images', 'path = ../images');
@@ -62,11 +121,11 @@ export async function makeCrashBench(name: string, strategies: readonly Strategy
     confs.set(strategy, file);
   }
   const guests = new Map<string, Promise<string>>();
+  const disks = new Map<string, string>();
   const makeGuest = async (strategy: StrategyName, state: 'running' | 'paused'): Promise<string> => {
-    const uuid = await createGuest(env.hv, { name: `crash-${strategy}-${state}`, memoryMb: 64 });
-    await guestWrite(env.hv, uuid, 0x5a, 0, MiB);
-    await guestWrite(env.hv, uuid, 0xa5, 9 * MiB, MiB);
-    if (state === 'paused') await env.hv.pause(uuid);
+    const { uuid, disk } = await side.make(`crash-${strategy}-${state}`);
+    disks.set(uuid, disk);
+    if (state === 'paused') await side.pause(uuid);
     return uuid;
   };
   const agents: AgentProcess[] = [];
@@ -76,11 +135,18 @@ export async function makeCrashBench(name: string, strategies: readonly Strategy
   const tap = await NotificationTap.open(vhost, `${name}-tap-${process.pid}`);
   await first.stop();
   const bench: CrashBench = {
-    env,
+    env: 'env' in side ? (side as { env: QemuEnv }).env : (undefined as never),
+    driver,
+    qemuImg: side.qemuImg,
+    diskOf(uuid) {
+      const disk = disks.get(uuid);
+      if (disk === undefined) throw new Error(`no bench guest ${uuid}`);
+      return disk;
+    },
     url,
     host,
-    imagesDir: path.join(env.tmpPath, 'images'),
-    stateDir: path.join(env.tmpPath, 'state'),
+    imagesDir: path.join(side.tmpPath, 'images'),
+    stateDir: path.join(side.tmpPath, 'state'),
     confs,
     guest(strategy, state) {
       const key = `${strategy}/${state}`;
@@ -96,7 +162,7 @@ export async function makeCrashBench(name: string, strategies: readonly Strategy
     async close() {
       for (const a of agents) await a.kill();
       await tap.close();
-      await env.cleanup();
+      await side.cleanup();
       await deleteRabbitVhost(vhost);
     },
   };
@@ -201,9 +267,9 @@ export async function runCrashCase(bench: CrashBench, c: CrashCase): Promise<{ o
   // The guest is back in its power state, its disk clean, our snapshots within policy.
   const instances = (await cliJson(conf, ['instances', 'list'])) as { uuid: string; state: string }[];
   expect(instances.find((i) => i.uuid === uuid)?.state).toBe(c.guest);
-  const disk = path.join(bench.env.instancesPath, uuid, 'disk');
-  expect(await bench.env.qemuImg.check(disk, { forceShare: true })).toMatchObject({ clean: true, corruptions: 0 });
-  const ours = (await bench.env.qemuImg.snapshotList(disk)).filter((s) => s.name.startsWith('snapdrv-'));
+  const disk = bench.diskOf(uuid);
+  expect(await bench.qemuImg.check(disk, { forceShare: true })).toMatchObject({ clean: true, corruptions: 0 });
+  const ours = (await bench.qemuImg.snapshotList(disk)).filter((s) => s.name.startsWith('snapdrv-'));
   expect(ours.length).toBeLessThanOrEqual(SNAPSHOTS_LEFT_MAX[c.strategy]);
   // The image: active and verified (carried out again), or killed; never an incomplete active one.
   const image = JSON.parse(await fs.readFile(path.join(bench.imagesDir, `${imageId}.json`), 'utf8')) as Record<string, unknown>;

@@ -4,6 +4,7 @@ import type { LaunchHooks, ResumeResult, SaveResult } from '../types.js';
 import type { LibvirtDomains } from './domains.js';
 import { DomainEventWatch } from './monitor-events.js';
 import { parseKeyValues, type Virsh } from './virsh.js';
+import { faultArmed, faultPoint } from '../../util/fault.js';
 
 /**
  * Managed save and restore through libvirt (`virsh managedsave`, `virsh start`), with the vCPU stop
@@ -51,7 +52,14 @@ export async function managedSave(ctx: SaveRestoreContext, uuid: string): Promis
   const askedAt = Date.now();
   try {
     // libvirt restores the state the domain had (a paused domain comes back paused).
-    await ctx.virsh.run(['managedsave', d.uuid], { uuid: d.uuid, timeoutMs: ctx.jobTimeoutMs });
+    const saving = ctx.virsh.run(['managedsave', d.uuid], { uuid: d.uuid, timeoutMs: ctx.jobTimeoutMs });
+    saving.catch(() => undefined);
+    if (faultArmed('managed-save:migrating')) {
+      // QEMU announces the migration into the save file.
+      await watch.find('MIGRATION', askedAt - 1, ctx.jobTimeoutMs);
+      faultPoint('managed-save:migrating');
+    }
+    await saving;
   } catch (err) {
     dropWatch(ctx, d.uuid);
     await abortJob(ctx, d.uuid, log);
