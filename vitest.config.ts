@@ -1,7 +1,7 @@
 import { defineConfig } from 'vitest/config';
 
-/** Files that stop and start the shared RabbitMQ: they run last, one at a time, alone. */
-const BROKER_RESTARTS = ['test/integration/bus-contract.test.ts', 'test/integration/agent-crash.test.ts'];
+/** Files that stop and start the shared RabbitMQ or libvirtd: they run last, one at a time, alone. */
+const BROKER_RESTARTS = ['test/integration/bus-contract.test.ts', 'test/integration/agent-crash.test.ts', 'test/integration/libvirt-restart.test.ts'];
 
 export default defineConfig({
   test: {

@@ -125,6 +125,22 @@ ${d.dataDisk ? `    <disk type='file' device='disk'><driver name='qemu' type='qc
 `;
 }
 
+/** SIGKILLs every process whose command line holds one of the strings (not this one). */
+async function killProcessesNaming(needles: readonly string[]): Promise<void> {
+  if (needles.length === 0) return;
+  for (const entry of await fs.readdir('/proc')) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+    const cmdline = await fs.readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.includes('qemu-monitor-event') && needles.some((n) => cmdline.includes(n))) {
+      try {
+        process.kill(Number(entry), 'SIGKILL');
+      } catch {
+        // gone already
+      }
+    }
+  }
+}
+
 export async function makeLibvirtBench(snapshot: Partial<Config['snapshot']> = {}): Promise<LibvirtBench> {
   await libvirtdScript('start');
   const base = (await dir({ prefix: 'sdv-' })).path;
@@ -201,6 +217,8 @@ export async function makeLibvirtBench(snapshot: Partial<Config['snapshot']> = {
       return dom;
     },
     async cleanup() {
+      // Event listeners of agents the tests SIGKILLed (they end by themselves, later).
+      await killProcessesNaming(created);
       for (const uuid of created) {
         await runProgram('virsh', ['-q', '-c', LIBVIRT_URI, 'destroy', uuid], { timeoutMs: VIRSH_TIMEOUT_MS }).catch(() => undefined);
         await runProgram('virsh', ['-q', '-c', LIBVIRT_URI, 'undefine', uuid, '--managed-save', '--snapshots-metadata'], { timeoutMs: VIRSH_TIMEOUT_MS }).catch(() => undefined);

@@ -26,6 +26,8 @@ export interface MonitorEvent {
 const LINE = /^event (\S+) at (\d+)\.(\d{1,6}) for domain '.*': (.*)$/;
 const READY_POLL_MS = 5;
 const RESPAWN_DELAY_MS = 500;
+/** The longest one listener process lives (s); a watch still open then starts another. */
+const LISTENER_LIFETIME_S = 600;
 /** Events kept per watch (an operation's worth). */
 const KEEP = 500;
 
@@ -71,11 +73,22 @@ export class DomainEventWatch {
   }
 
   private async spawn(readyTimeoutMs: number): Promise<void> {
-    const child = spawn(this.virsh.binary, ['-q', '-c', this.virsh.uri, 'qemu-monitor-event', this.uuid, '--loop'], {
+    // Bounded: a listener whose agent was killed (SIGKILL leaves its children) ends by itself; an open
+    // watch starts a new one when it does.
+    const bound = String(LISTENER_LIFETIME_S);
+    const child = spawn(this.virsh.binary, ['-q', '-c', this.virsh.uri, 'qemu-monitor-event', this.uuid, '--loop', '--timeout', bound], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, LC_ALL: 'C' },
     });
     this.child = child;
+    // A watch kept for a restore that another process will do must not keep this one alive, nor
+    // outlive it.
+    child.unref();
+    (child.stdout as unknown as { unref(): void }).unref();
+    (child.stderr as unknown as { unref(): void }).unref();
+    const killAtExit = () => child.kill('SIGTERM');
+    process.once('exit', killAtExit);
+    child.once('exit', () => process.off('exit', killAtExit));
     let stderr = '';
     child.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr = (stderr + c).slice(-2000)));
     readline.createInterface({ input: child.stdout! }).on('line', (line) => {
@@ -88,7 +101,7 @@ export class DomainEventWatch {
     child.on('error', (err) => this.log.warn({ instance_uuid: this.uuid, err: err.message }, 'cannot run the QEMU event listener (virsh)'));
     child.on('exit', (code, signal) => {
       if (this.closed || this.child !== child) return;
-      this.log.warn({ instance_uuid: this.uuid, code, signal, stderr: stderr.trim() }, 'QEMU event listener ended: starting it again');
+      this.log.info({ instance_uuid: this.uuid, code, signal, stderr: stderr.trim() }, 'QEMU event listener ended: starting it again');
       setTimeout(() => {
         if (!this.closed) this.spawn(readyTimeoutMs).catch(() => undefined);
       }, RESPAWN_DELAY_MS).unref();

@@ -7,7 +7,10 @@ import { runProgram } from '../../util/exec.js';
  * monitor commands and events.) A process costs 60–120 ms to start here, so a step that holds the
  * guest runs one command, never several in a row.
  *
- * Each call opens its own connection: a libvirtd restarted between two calls is simply reached again.
+ * Each call opens its own connection: a libvirtd restarted between two calls is simply reached again,
+ * and a call that finds libvirtd gone (not answering: nothing was sent) is tried again until it is
+ * back, for up to the command's bound. A call cut in the middle is not repeated: it fails, and the
+ * caller looks at the domain to see what happened.
  */
 
 export interface VirshOptions {
@@ -19,6 +22,9 @@ export interface VirshOptions {
 
 /** What virsh says when the domain does not exist. */
 const NO_DOMAIN = /failed to get domain|Domain not found|no domain with matching/i;
+/** What virsh says when it could not reach libvirtd at all (so the command was never sent). */
+const NOT_REACHED = /failed to connect to the hypervisor/i;
+const RECONNECT_DELAY_MS = 250;
 
 export class Virsh {
   constructor(readonly opts: VirshOptions) {}
@@ -31,11 +37,16 @@ export class Virsh {
     const timeoutMs = opts.timeoutMs ?? this.opts.commandTimeoutMs;
     // -q drops virsh's informational lines ("Domain 'x' started"); `verbose` keeps them when they are the answer.
     const argv = [...(opts.verbose ? [] : ['-q']), '-c', this.opts.uri, ...args];
+    const reconnectUntil = Date.now() + this.opts.commandTimeoutMs;
     let res;
-    try {
-      res = await runProgram(this.opts.binary, argv, { timeoutMs, env: { ...process.env, LC_ALL: 'C' } });
-    } catch (err) {
-      throw new LibvirtError(`cannot run ${this.opts.binary}: ${(err as Error).message}`, args, { cause: err });
+    for (;;) {
+      try {
+        res = await runProgram(this.opts.binary, argv, { timeoutMs, env: { ...process.env, LC_ALL: 'C' } });
+      } catch (err) {
+        throw new LibvirtError(`cannot run ${this.opts.binary}: ${(err as Error).message}`, args, { cause: err });
+      }
+      if (res.code === 0 || !NOT_REACHED.test(res.stderr) || Date.now() > reconnectUntil) break;
+      await new Promise((r) => setTimeout(r, RECONNECT_DELAY_MS));
     }
     if (res.code !== 0) {
       const msg = virshMessage(res.stderr) || res.stdout.trim() || `exit code ${res.code}`;
