@@ -1,31 +1,37 @@
 /**
- * Benchmark: guest downtime of every strategy on one real Linux guest (scripts/guest-image.sh: its
- * writer appends fsynced records all along, its probe reports every pause it sees) whose RAM is not
- * empty (by default it is mapped from a file of random bytes, which Linux leaves in its free pages, so
- * a managed save writes all of it; `--ram-fill zero` leaves it empty, as `npm run bench:strategies`
- * does) and whose disk holds data beyond its root filesystem (written through its QEMU). Each strategy
- * runs several times; medians are reported with ratios against `cold` measured in the same run (these
- * machines are noisy), beside the pause the guest itself saw and its writer's longest write+fsync.
+ * Benchmark: guest downtime of every strategy on a real Linux guest (scripts/guest-image.sh: its
+ * writer appends fsynced records all along, its probe reports every pause it sees), run by the qemu
+ * backend, by the libvirt backend (a libvirt domain of the same guest), or both side by side. The
+ * guest's RAM is not empty: with `--ram-fill random` (default) the guest itself keeps three quarters
+ * of it full of random bytes (`guest.fill_mb`), so a managed save writes all of that on either
+ * backend; `--ram-fill zero` leaves it empty, as `npm run bench:strategies` does. Its disk holds data
+ * beyond its root filesystem (written through its QEMU). Each strategy runs several times; medians
+ * are reported with ratios against `cold` measured in the same run (these machines are noisy),
+ * beside the pause the guest itself saw and its writer's longest write+fsync; with both drivers, the
+ * libvirt figures against qemu's.
  *
- * Usage: npm run bench:downtime [-- --runs N --ram-mb M --data-mb D --disk-mb S --quiesce off|auto|required
- *        --ram-fill random|zero]
+ * Usage: npm run bench:downtime [-- --driver qemu|libvirt|both --runs N --ram-mb M --data-mb D
+ *        --disk-mb S --quiesce off|auto|required --ram-fill random|zero]
  */
-import { randomFill, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { buildRuntime } from '../src/compute/runtime.js';
+import { buildRuntime, type Runtime } from '../src/compute/runtime.js';
 import { benchConfig } from './bench-config.js';
 import { QUIESCE_MODES, STRATEGIES, type QuiesceMode, type StrategyName } from '../src/config/schema.js';
 import { DISK_QOM_PATH } from '../src/hypervisor/qemu/launch.js';
 import { GuestConsole } from '../src/guest-check/console.js';
-import { buildGuestImage } from '../src/guest-check/guest-image.js';
+import { testGuestDomainXml } from '../src/guest-check/domain-xml.js';
+import { buildGuestImage, type GuestImage } from '../src/guest-check/guest-image.js';
 import { observeRunningGuest } from '../src/guest-check/observe.js';
 import { waitForGuestReady } from '../src/guest-check/ready.js';
 import { silentLogger } from '../src/log.js';
+import { runProgram } from '../src/util/exec.js';
 
 const { values } = parseArgs({
   options: {
+    driver: { type: 'string', default: 'both' },
     runs: { type: 'string', default: '3' },
     'ram-mb': { type: 'string', default: '512' },
     'data-mb': { type: 'string', default: '1024' },
@@ -44,29 +50,16 @@ const quiesce = values.quiesce as QuiesceMode;
 const DATA_OFFSET_MB = 512;
 if (DATA_OFFSET_MB + dataMb > diskMb) throw new Error(`--disk-mb must be at least ${DATA_OFFSET_MB} + --data-mb`);
 if (values['ram-fill'] !== 'random' && values['ram-fill'] !== 'zero') throw new Error('--ram-fill: random or zero');
-const randomRam = values['ram-fill'] === 'random';
+const DRIVERS = { qemu: ['qemu'], libvirt: ['libvirt'], both: ['qemu', 'libvirt'] } as const;
+if (!(values.driver in DRIVERS)) throw new Error('--driver: qemu, libvirt or both');
+const drivers = DRIVERS[values.driver as keyof typeof DRIVERS];
+/** The guest fills this much of its RAM with random bytes (it needs the rest to run). */
+const fillMb = values['ram-fill'] === 'random' ? Math.floor((ramMb * 3) / 4) : 0;
 
 const CHUNK_MB = 16;
 const MiB = 2 ** 20;
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
-
-/** Writes `mb` MiB of random bytes to `file`, one chunk at a time. */
-async function writeRandomFile(file: string, mb: number): Promise<void> {
-  const fill = (buf: Buffer, offset: number, size: number) =>
-    new Promise<void>((resolve, reject) => randomFill(buf, offset, size, (err) => (err ? reject(err) : resolve())));
-  const chunk = Buffer.alloc(CHUNK_MB * MiB);
-  const fh = await fs.open(file, 'wx', 0o600);
-  try {
-    for (let done = 0; done < mb; done += CHUNK_MB) {
-      const len = Math.min(CHUNK_MB, mb - done) * MiB;
-      await fill(chunk, 0, len);
-      await fh.write(chunk, 0, len);
-    }
-  } finally {
-    await fh.close();
-  }
-}
 
 interface Figures {
   downtime: number[];
@@ -78,50 +71,98 @@ interface Figures {
   writerMax: number[];
 }
 
-async function main(): Promise<void> {
-  const { base, config } = await benchConfig('sdd-', quiesce);
-  const rt = buildRuntime(config, silentLogger());
+/** One bench guest on one backend: booted, its data written, and how to end it. */
+interface BenchGuest {
+  uuid: string;
+  console: GuestConsole;
+  /** Runs an HMP command line on its QEMU. */
+  hmp(command: string): Promise<string>;
+  close(): Promise<void>;
+}
+
+async function qemuGuest(rt: Runtime, guest: GuestImage, cmdline: string): Promise<BenchGuest> {
   const hv = rt.qemu!;
   const uuid = randomUUID();
-  const guest = await buildGuestImage(path.resolve(import.meta.dirname, '../scripts/guest-image.sh'));
+  await hv.createInstance({
+    uuid,
+    name: 'bench',
+    memoryMb: ramMb,
+    vcpus: 1,
+    machine: 'pc',
+    baseImage: guest.rootDisk,
+    baseImageFormat: guest.rootDiskFormat,
+    diskSizeBytes: diskMb * MiB,
+    kernel: guest.kernel,
+    initrd: guest.initrd,
+    cmdline,
+  });
+  await rt.lifecycle.start(uuid);
+  return {
+    uuid,
+    console: new GuestConsole(path.join(rt.config.DEFAULT.instances_path, uuid, 'console.log')),
+    hmp: (command) => hv.hmp(uuid, command),
+    close: () => hv.stop(uuid, { graceful: false }).catch(() => undefined),
+  };
+}
+
+async function virsh(...args: string[]): Promise<string> {
+  const res = await runProgram('virsh', ['-q', '-c', 'qemu:///system', ...args], { timeoutMs: 600_000 });
+  if (res.code !== 0) throw new Error(`virsh ${args[0]} failed: ${res.stderr.trim()}`);
+  return res.stdout;
+}
+
+async function libvirtGuest(base: string, guest: GuestImage, cmdline: string): Promise<BenchGuest> {
+  const start = await runProgram('bash', [path.resolve(import.meta.dirname, '../scripts/libvirtd.sh'), 'start'], { timeoutMs: 120_000 });
+  if (start.code !== 0) throw new Error(`scripts/libvirtd.sh start failed: ${start.stderr}`);
+  const uuid = randomUUID();
+  const dir = path.join(base, 'domain');
+  await fs.mkdir(dir);
+  const disk = path.join(dir, 'disk.qcow2');
+  const made = await runProgram('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', guest.rootDisk, '-F', 'qcow2', disk, `${diskMb}M`]);
+  if (made.code !== 0) throw new Error(`qemu-img create failed: ${made.stderr}`);
+  const consoleLog = path.join(dir, 'console.log');
+  const xml = path.join(dir, 'domain.xml');
+  const extra = cmdline.slice(guest.cmdline.length).trim();
+  await fs.writeFile(xml, testGuestDomainXml({ name: `bench-${uuid.slice(0, 8)}`, uuid, memoryMb: ramMb, disk, format: 'qcow2', console: consoleLog, guest, cmdlineExtra: extra }));
+  await virsh('define', xml);
+  await virsh('start', uuid);
+  return {
+    uuid,
+    console: new GuestConsole(consoleLog),
+    hmp: (command) => virsh('qemu-monitor-command', uuid, '--hmp', command),
+    async close() {
+      await virsh('destroy', uuid).catch(() => undefined);
+      await virsh('undefine', uuid, '--managed-save', '--snapshots-metadata').catch(() => undefined);
+    },
+  };
+}
+
+async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<Map<StrategyName, Figures>> {
+  const { base, config } = await benchConfig(`sdd-${driver}-`, quiesce);
+  config.hypervisor.driver = driver;
+  const rt = buildRuntime(config, silentLogger());
+  const cmdline = fillMb > 0 ? `${guest.cmdline} guest.fill_mb=${fillMb}` : guest.cmdline;
+  const g = driver === 'qemu' ? await qemuGuest(rt, guest, cmdline) : await libvirtGuest(base, guest, cmdline);
   try {
-    const memoryFile = randomRam ? path.join(base, 'ram.bin') : undefined;
-    if (memoryFile) await writeRandomFile(memoryFile, ramMb);
-    await hv.createInstance({
-      uuid,
-      name: 'bench',
-      memoryMb: ramMb,
-      vcpus: 1,
-      machine: 'pc',
-      baseImage: guest.rootDisk,
-      baseImageFormat: guest.rootDiskFormat,
-      diskSizeBytes: diskMb * MiB,
-      memoryFile,
-      kernel: guest.kernel,
-      initrd: guest.initrd,
-      cmdline: guest.cmdline,
-    });
-    const guestConsole = new GuestConsole(path.join(config.DEFAULT.instances_path, uuid, 'console.log'));
-    await rt.lifecycle.start(uuid);
-    await waitForGuestReady(hv, uuid, guestConsole);
+    // Filling the RAM happens before the guest says it is ready: minutes under TCG for GiBs.
+    await waitForGuestReady(rt.hv, g.uuid, g.console, 0, 30 * 60_000);
     for (let off = 0; off < dataMb; off += CHUNK_MB) {
       const len = Math.min(CHUNK_MB, dataMb - off);
-      const at = DATA_OFFSET_MB + off;
-      const out = await hv.hmp(uuid, `qemu-io -d ${DISK_QOM_PATH} "write -P 0x${(0x10 + ((off / CHUNK_MB) % 200)).toString(16)} ${at}M ${len}M"`);
+      const out = await g.hmp(`qemu-io -d ${DISK_QOM_PATH} "write -P 0x${(0x10 + ((off / CHUNK_MB) % 200)).toString(16)} ${DATA_OFFSET_MB + off}M ${len}M"`);
       if (out.trim() !== '') throw new Error(`HMP qemu-io write failed: ${out.trim()}`);
     }
-    const disk = await hv.diskInfo(uuid);
-    const kvm = await hv.qmp<{ enabled: boolean }>(uuid, 'query-kvm');
-
+    const disk = await rt.hv.diskInfo(g.uuid);
+    console.log(
+      `${driver}: guest Linux ${guest.kernelVersion}, ${ramMb} MiB RAM (${fillMb} MiB of it random bytes), ` +
+        `${diskMb} MiB qcow2 (ext4 root + ${dataMb} MiB of data; ${Math.round(disk.actualSize / MiB)} MiB on the host), writer running; quiesce=${quiesce}; TCG`,
+    );
     const figures = new Map<StrategyName, Figures>();
     for (let r = 0; r < runs; r++) {
       for (const strategy of STRATEGIES) {
-        const obs = await observeRunningGuest(guestConsole, () =>
-          rt.engine.take({ requestId: `bench-${r}`, instanceUuid: uuid, imageId: randomUUID(), strategy }),
-        );
+        const obs = await observeRunningGuest(g.console, () => rt.engine.take({ requestId: `bench-${r}`, instanceUuid: g.uuid, imageId: randomUUID(), strategy }));
         const res = obs.result;
         await rt.store.delete(res.image_id);
-        const state = (await hv.info(uuid)).state;
+        const state = (await rt.hv.info(g.uuid)).state;
         if (state !== 'running') throw new Error(`after ${strategy} the guest is ${state}, not running`);
         if (obs.guest.writerErrors.length > 0) throw new Error(`the guest's writer failed: ${obs.guest.writerErrors.join('; ')}`);
         const f = figures.get(strategy) ?? { downtime: [], seen: [], duration: [], freeze: [], writerMax: [] };
@@ -133,30 +174,46 @@ async function main(): Promise<void> {
         figures.set(strategy, f);
       }
     }
-
-    const cold = figures.get('cold')!;
-    const baseDown = median(cold.downtime);
-    const baseDur = median(cold.duration);
-    const ratio = (x: number, b: number) => (b > 0 ? (x / b).toFixed(2) : 'n/a').padStart(7);
-    console.log(
-      `guest: Linux ${guest.kernelVersion}, ${ramMb} MiB RAM ${randomRam ? 'from a file of random bytes' : '(empty)'}, ` +
-        `${diskMb} MiB qcow2 (ext4 root + ${dataMb} MiB of data; ${Math.round(disk.actualSize / MiB)} MiB on the host), writer running; ` +
-        `quiesce=${quiesce}; accel=${kvm.enabled ? 'kvm' : 'tcg'}; ${runs} runs each; medians`,
-    );
-    console.log('guest_saw_ms: the vCPU stops the probe inside the guest measured; writer_max_ms: its longest write+fsync');
-    console.log('strategy                       downtime_ms  guest_saw_ms  vs cold  duration_ms  vs cold  freeze_ms  writer_max_ms');
-    const col = (x: number, w: number) => String(x).padStart(w);
-    for (const [s, f] of figures) {
-      const d = median(f.downtime);
-      const t = median(f.duration);
-      console.log(
-        `${s.padEnd(31)}${col(d, 11)}  ${col(median(f.seen), 12)}  ${ratio(d, baseDown)}  ${col(t, 11)}  ${ratio(t, baseDur)}  ` +
-          `${col(median(f.freeze), 9)}  ${col(median(f.writerMax), 13)}`,
-      );
-    }
+    return figures;
   } finally {
-    await hv.stop(uuid, { graceful: false }).catch(() => undefined);
+    await g.close();
     await fs.rm(base, { recursive: true, force: true });
+  }
+}
+
+const col = (x: number | string, w: number) => String(x).padStart(w);
+const ratio = (x: number, b: number) => (b > 0 ? (x / b).toFixed(2) : 'n/a');
+
+function printDriver(driver: string, figures: Map<StrategyName, Figures>): void {
+  const cold = figures.get('cold')!;
+  const baseDown = median(cold.downtime);
+  const baseDur = median(cold.duration);
+  console.log(`\n${driver}: ${runs} runs each, medians; guest_saw_ms: the vCPU stops the probe inside the guest measured; writer_max_ms: its longest write+fsync`);
+  console.log('strategy                       downtime_ms  guest_saw_ms  vs cold  duration_ms  vs cold  freeze_ms  writer_max_ms');
+  for (const [s, f] of figures) {
+    const d = median(f.downtime);
+    const t = median(f.duration);
+    console.log(
+      `${s.padEnd(31)}${col(d, 11)}  ${col(median(f.seen), 12)}  ${col(ratio(d, baseDown), 7)}  ${col(t, 11)}  ${col(ratio(t, baseDur), 7)}  ` +
+        `${col(median(f.freeze), 9)}  ${col(median(f.writerMax), 13)}`,
+    );
+  }
+}
+
+async function main(): Promise<void> {
+  const guest = await buildGuestImage(path.resolve(import.meta.dirname, '../scripts/guest-image.sh'));
+  const results = new Map<string, Map<StrategyName, Figures>>();
+  for (const driver of drivers) results.set(driver, await measure(driver, guest));
+  for (const [driver, figures] of results) printDriver(driver, figures);
+  const q = results.get('qemu');
+  const l = results.get('libvirt');
+  if (q && l) {
+    console.log('\nlibvirt against qemu, same guest, same run (medians; ratio = libvirt / qemu)');
+    console.log('strategy                       qemu downtime  libvirt downtime  ratio  qemu duration  libvirt duration  ratio');
+    for (const s of STRATEGIES) {
+      const [qd, ld, qt, lt] = [median(q.get(s)!.downtime), median(l.get(s)!.downtime), median(q.get(s)!.duration), median(l.get(s)!.duration)];
+      console.log(`${s.padEnd(31)}${col(qd, 13)}  ${col(ld, 16)}  ${col(ratio(ld, qd), 5)}  ${col(qt, 13)}  ${col(lt, 16)}  ${col(ratio(lt, qt), 5)}`);
+    }
   }
 }
 

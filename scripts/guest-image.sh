@@ -6,9 +6,11 @@
 #   bash scripts/guest-image.sh [--force]
 #
 # Cache folder: $SNAPSHOT_DRIVER_GUEST_DIR, else ${XDG_CACHE_HOME:-$HOME/.cache}/snapshot-driver/guest.
-# It holds vmlinuz, initrd.img (gzip'd cpio newc), root.qcow2 (256 MiB ext4, label guestroot),
-# cmdline (one line) and manifest.json. A rerun whose inputs (this script and every file under
-# guest/) are unchanged, and whose outputs all exist, only prints the path (--force rebuilds).
+# It holds manifest.json, naming the current build's files in builds/<hash>/: vmlinuz, initrd.img
+# (gzip'd cpio newc), root.qcow2 (256 MiB ext4, label guestroot), cmdline (one line). A rerun whose
+# inputs (this script and every file under guest/) are unchanged, and whose outputs all exist, only
+# prints the path (--force rebuilds). A rebuild never touches an earlier build's files (guests may
+# still use them); the last 3 builds are kept.
 #
 # Boot: qemu-system-x86_64 -kernel vmlinuz -initrd initrd.img -append "$(cat cmdline)" with the
 # root disk as virtio-blk (/dev/vda), the serial console on ttyS0 and the guest agent on the
@@ -50,7 +52,11 @@ fi
 mkdir -p "$cache" || die "cannot create the cache folder $cache"
 cache=$(readlink -f "$cache")
 
-OUTPUTS=(vmlinuz initrd.img root.qcow2 cmdline manifest.json)
+# Each build goes into its own folder, builds/<source hash>/, which manifest.json names: a rebuild
+# never replaces the kernel, initrd or base image under guests that still use them (an overlay on
+# root.qcow2 opens it again at every start and resume). The last KEEP_BUILDS builds are kept.
+OUTPUTS=(manifest.json)
+KEEP_BUILDS=3
 STAMP="$cache/.source-hash"
 
 # The hash of what decides a rebuild: this script and every file under guest/ (names, contents,
@@ -71,6 +77,7 @@ source_hash() {
 outputs_present() {
   local f
   for f in "${OUTPUTS[@]}"; do [ -s "$cache/$f" ] || return 1; done
+  for f in vmlinuz initrd.img root.qcow2 cmdline; do [ -s "$cache/builds/$1/$f" ] || return 1; done
 }
 
 command -v flock >/dev/null || die "flock is missing (util-linux)"
@@ -83,7 +90,8 @@ fi
 src_hash=$(source_hash)
 stamp=
 if [ -f "$STAMP" ]; then read -r stamp <"$STAMP" || true; fi
-if [ "$force" = false ] && [ "$stamp" = "$src_hash" ] && outputs_present; then
+build_id=${src_hash:0:16}
+if [ "$force" = false ] && [ "$stamp" = "$src_hash" ] && outputs_present "$build_id"; then
   printf '%s\n' "$cache"
   exit 0
 fi
@@ -360,11 +368,12 @@ json_str() {
   s=${s//$'\n'/\\n}
   printf '"%s"' "$s"
 }
+build_dir=$cache/builds/$build_id
 {
   printf '{\n'
-  printf '  "kernel": %s,\n' "$(json_str "$cache/vmlinuz")"
-  printf '  "initrd": %s,\n' "$(json_str "$cache/initrd.img")"
-  printf '  "root_disk": %s,\n' "$(json_str "$cache/root.qcow2")"
+  printf '  "kernel": %s,\n' "$(json_str "$build_dir/vmlinuz")"
+  printf '  "initrd": %s,\n' "$(json_str "$build_dir/initrd.img")"
+  printf '  "root_disk": %s,\n' "$(json_str "$build_dir/root.qcow2")"
   printf '  "root_disk_format": "qcow2",\n'
   printf '  "cmdline": %s,\n' "$(json_str "$cmdline")"
   printf '  "kernel_version": %s,\n' "$(json_str "$kver")"
@@ -377,15 +386,22 @@ cp "$tmp/packages.txt" "$tmp/out/packages.txt"
 # --- into place --------------------------------------------------------------------------------
 sync "$tmp/out"/* 2>/dev/null || sync
 rm -f "$STAMP"
-for f in vmlinuz initrd.img root.qcow2 cmdline packages.txt manifest.json; do
-  mv -f "$tmp/out/$f" "$cache/$f"
+mkdir -p "$cache/builds"
+rm -rf "$build_dir"
+mkdir "$build_dir"
+for f in vmlinuz initrd.img root.qcow2 cmdline packages.txt; do
+  mv -f "$tmp/out/$f" "$build_dir/$f"
 done
+mv -f "$tmp/out/manifest.json" "$cache/manifest.json"
+# Files of the layout before builds/ (unversioned), and builds beyond the last KEEP_BUILDS.
+rm -f "$cache"/vmlinuz "$cache"/initrd.img "$cache"/root.qcow2 "$cache"/cmdline "$cache"/packages.txt
+ls -1dt "$cache"/builds/*/ 2>/dev/null | tail -n +$((KEEP_BUILDS + 1)) | xargs -r rm -rf
 printf '%s\n' "$src_hash" >"$tmp/stamp"
 sync "$tmp/stamp" 2>/dev/null || true
 mv -f "$tmp/stamp" "$STAMP"
 
-log "kernel $kver; initramfs $(du -k "$cache/initrd.img" | cut -f1) KiB; root fs data $(du -sk "$rootfs" | cut -f1) KiB; root.qcow2 $(du -k "$cache/root.qcow2" | cut -f1) KiB"
-log "packages: $(tr '\n' ';' <"$cache/packages.txt")"
+log "kernel $kver; initramfs $(du -k "$build_dir/initrd.img" | cut -f1) KiB; root fs data $(du -sk "$rootfs" | cut -f1) KiB; root.qcow2 $(du -k "$build_dir/root.qcow2" | cut -f1) KiB"
+log "packages: $(tr '\n' ';' <"$build_dir/packages.txt")"
 elapsed_ms=$(($(date +%s%3N) - start_ms))
 log "built in $((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000))) s"
 printf '%s\n' "$cache"

@@ -62,8 +62,8 @@ export interface DiskInfo {
 export interface SaveResult {
   /** The power state the guest had before the save; resume restores it. */
   priorState: 'running' | 'paused';
-  /** Size of the saved state in bytes. */
-  bytes: number;
+  /** Size of the saved state in bytes, when the backend knows it without asking again. */
+  bytes?: number;
   /**
    * When the vCPUs stopped, in the hypervisor's own clock (epoch ms), if this save stopped them (a
    * paused guest's were stopped already). Guest downtime is measured from here. (qemu: the QMP STOP

@@ -205,9 +205,14 @@ function mayHaveFrozen(rec: OperationRecord): boolean {
 async function removeOwnSnapshot(deps: RecoveryDeps, rec: OperationRecord, state: PowerState, out: RecoveredOperation): Promise<void> {
   const uuid = rec.instance_uuid;
   const name = rec.snapshot_name;
-  if (!(await deps.hv.listInternalSnapshots(uuid)).some((s) => s.name === name)) return;
+  const exists = async () => (await deps.hv.listInternalSnapshots(uuid)).some((s) => s.name === name);
+  if (!(await exists())) return;
   if (!processHoldsDisk(state)) {
-    await deps.hv.offlineSnapshotDelete(uuid, name);
+    await deps.hv.offlineSnapshotDelete(uuid, name).catch(async (err: unknown) => {
+      // Gone after all (seen once in the libvirt crash matrix): what recovery wants.
+      if (await exists()) throw err;
+      deps.log.warn({ instance_uuid: uuid, snapshot: name, err: errorMessage(err) }, 'internal snapshot already gone when recovery deleted it');
+    });
     await deps.pending.remove(uuid, name);
     out.actions.push(`deleted internal snapshot ${name}`);
   } else if (rec.strategy === 'deferred-delete') {

@@ -6,7 +6,9 @@ import { expect } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
 import { STRATEGY_STEPS, SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
 import { novaInstance, spawnAgent, startAgentProcess, writeAgentConfig, type AgentProcess } from './agent.js';
-import { cliJson } from './cli.js';
+import { buildRuntime, type Runtime } from '../../src/compute/runtime.js';
+import { loadConfig } from '../../src/config/load.js';
+import { silentLogger } from '../../src/log.js';
 import { DISK_QOM_PATH } from '../../src/hypervisor/qemu/launch.js';
 import { QemuImg } from '../../src/qemu-img/qemu-img.js';
 import { makeLibvirtBench, virsh } from './libvirt.js';
@@ -81,6 +83,8 @@ export interface CrashBench {
   qemuImg: QemuImg;
   /** The disk file of a bench guest. */
   diskOf(uuid: string): string;
+  /** The agent's parts, in this process, built from the bench's config (same instances, state, store). */
+  runtime(): Promise<Runtime>;
   url: string;
   host: string;
   imagesDir: string;
@@ -122,6 +126,7 @@ export async function makeCrashBench(name: string, strategies: readonly Strategy
   }
   const guests = new Map<string, Promise<string>>();
   const disks = new Map<string, string>();
+  let runtime: Runtime | undefined;
   const makeGuest = async (strategy: StrategyName, state: 'running' | 'paused'): Promise<string> => {
     const { uuid, disk } = await side.make(`crash-${strategy}-${state}`);
     disks.set(uuid, disk);
@@ -138,6 +143,10 @@ export async function makeCrashBench(name: string, strategies: readonly Strategy
     env: 'env' in side ? (side as { env: QemuEnv }).env : (undefined as never),
     driver,
     qemuImg: side.qemuImg,
+    async runtime() {
+      runtime ??= buildRuntime(await loadConfig([confs.get(strategies[0]!)!]), silentLogger());
+      return runtime;
+    },
     diskOf(uuid) {
       const disk = disks.get(uuid);
       if (disk === undefined) throw new Error(`no bench guest ${uuid}`);
@@ -265,8 +274,9 @@ export async function runCrashCase(bench: CrashBench, c: CrashCase): Promise<{ o
   await restarted.stop();
 
   // The guest is back in its power state, its disk clean, our snapshots within policy.
-  const instances = (await cliJson(conf, ['instances', 'list'])) as { uuid: string; state: string }[];
-  expect(instances.find((i) => i.uuid === uuid)?.state).toBe(c.guest);
+  // Read in this process, from the same config (a CLI process per check costs seconds per case).
+  const rt = await bench.runtime();
+  expect((await rt.hv.info(uuid)).state).toBe(c.guest);
   const disk = bench.diskOf(uuid);
   expect(await bench.qemuImg.check(disk, { forceShare: true })).toMatchObject({ clean: true, corruptions: 0 });
   const ours = (await bench.qemuImg.snapshotList(disk)).filter((s) => s.name.startsWith('snapdrv-'));
@@ -287,10 +297,9 @@ export async function journalEntries(bench: CrashBench): Promise<string[]> {
 
 /** Every active image verifies; nothing in .partial/. */
 export async function expectStoreConsistent(bench: CrashBench): Promise<void> {
-  const conf = [...bench.confs.values()][0]!;
-  const images = (await cliJson(conf, ['images', 'list'])) as { id: string; status: string }[];
-  for (const img of images.filter((i) => i.status === 'active')) {
-    expect(await cliJson(conf, ['images', 'verify', img.id]), `image ${img.id}`).toMatchObject({ ok: true });
+  const { store } = await bench.runtime();
+  for (const img of (await store.list()).filter((i) => i.status === 'active')) {
+    expect(await store.verify(img.id), `image ${img.id}`).toMatchObject({ ok: true });
   }
   expect(await fs.readdir(path.join(bench.imagesDir, '.partial')).catch(() => [])).toEqual([]);
 }

@@ -11,6 +11,7 @@ import { parseKeyValues } from '../../src/hypervisor/libvirt/virsh.js';
 import { silentLogger, type Logger } from '../../src/log.js';
 import type { BeforeStep } from '../../src/snapshot/run-steps.js';
 import { runProgram } from '../../src/util/exec.js';
+import { testGuestDomainXml } from '../../src/guest-check/domain-xml.js';
 import { linuxGuestImage } from './linux-guest.js';
 
 /**
@@ -84,45 +85,6 @@ export interface LibvirtBench {
   configFile(snapshot: Partial<Record<keyof Config['snapshot'], string | number>>, extra?: string[]): Promise<string>;
   domain(opts: DomainOptions): Promise<TestDomain>;
   cleanup(): Promise<void>;
-}
-
-function xmlText(s: string): string {
-  return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/'/g, '&apos;');
-}
-
-/**
- * The domain XML of a test guest: TCG, ACPI on (without it the guest has no PM timer, falls back to
- * jiffies and loses time), QEMU as root without relabelling (the guest's kernel and base image live
- * under /root/.cache, which libvirt-qemu cannot read), console to a file, the agent channel.
- */
-async function domainXml(name: string, uuid: string, d: { disk: string; format: string; dataDisk?: string; console: string; memoryMb: number; linux: boolean }): Promise<string> {
-  const img = d.linux ? await linuxGuestImage() : undefined;
-  return `<domain type='qemu'>
-  <name>${xmlText(name)}</name>
-  <uuid>${uuid}</uuid>
-  <memory unit='MiB'>${d.memoryMb}</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-${img ? `    <kernel>${xmlText(img.kernel)}</kernel>\n    <initrd>${xmlText(img.initrd)}</initrd>\n    <cmdline>${xmlText(img.cmdline)}</cmdline>` : "    <boot dev='hd'/>"}
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='${d.format}'/>
-      <source file='${xmlText(d.disk)}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-${d.dataDisk ? `    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${xmlText(d.dataDisk)}'/><target dev='vdb' bus='virtio'/></disk>\n` : ''}    <serial type='file'><source path='${xmlText(d.console)}' append='on'/><target port='0'/></serial>
-    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-    <memballoon model='none'/>
-  </devices>
-  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
-</domain>
-`;
 }
 
 /** SIGKILLs every process whose command line holds one of the strings (not this one). */
@@ -202,7 +164,10 @@ export async function makeLibvirtBench(snapshot: Partial<Config['snapshot']> = {
       if (dataDisk) await runProgram('qemu-img', ['create', '-q', '-f', 'qcow2', dataDisk, '16M']);
       const consoleLog = path.join(ddir, 'console.log');
       const xmlFile = path.join(ddir, 'domain.xml');
-      await fs.writeFile(xmlFile, await domainXml(name, uuid, { disk, format, dataDisk, console: consoleLog, memoryMb: opts.memoryMb ?? 128, linux }));
+      await fs.writeFile(
+        xmlFile,
+        testGuestDomainXml({ name, uuid, disk, format, dataDisk, console: consoleLog, memoryMb: opts.memoryMb ?? 128, guest: linux ? await linuxGuestImage() : undefined }),
+      );
       created.push(uuid);
       const persistent = opts.persistent ?? true;
       const start = opts.start ?? true;

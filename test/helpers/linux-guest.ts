@@ -8,7 +8,7 @@ import { silentLogger } from '../../src/log.js';
 import type { BeforeStep } from '../../src/snapshot/run-steps.js';
 import { assertQemuInstalled, killQemuUnder } from './qemu-guest.js';
 import { GuestConsole } from '../../src/guest-check/console.js';
-import { buildGuestImage, type GuestImage } from '../../src/guest-check/guest-image.js';
+import { readGuestImage, type GuestImage } from '../../src/guest-check/guest-image.js';
 import { waitForGuestReady } from '../../src/guest-check/ready.js';
 import { withGuestAgent } from '../../src/hypervisor/qemu/guest-agent.js';
 import type { QemuHypervisor } from '../../src/hypervisor/qemu/qemu-hypervisor.js';
@@ -19,12 +19,14 @@ import type { QemuHypervisor } from '../../src/hypervisor/qemu/qemu-hypervisor.j
  * checksummed records and a pause probe reporting on the serial console (<instance>/console.log).
  */
 
-const SCRIPT = path.resolve(import.meta.dirname, '../../scripts/guest-image.sh');
 let image: Promise<GuestImage> | undefined;
 
-/** Builds the guest (cached after the first time: under a second) once per test file. */
+/**
+ * The guest test/global-setup.ts built before the suite (read, never rebuilt here: a rebuild would
+ * replace the base image under the overlays of guests other test files are running).
+ */
 export function linuxGuestImage(): Promise<GuestImage> {
-  image ??= buildGuestImage(SCRIPT);
+  image ??= readGuestImage();
   return image;
 }
 

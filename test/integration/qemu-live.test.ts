@@ -118,7 +118,7 @@ describe('live backup, guest agent and downtime against real QEMU', () => {
     expect(resumed.state).toBe('running');
     expect(saved.vcpusStoppedAt).toBeLessThan(resumed.vcpusResumedAt!);
     figures.saveResumeDowntimeMs = resumed.vcpusResumedAt! - saved.vcpusStoppedAt!;
-    figures.savedStateBytes = saved.bytes;
+    figures.savedStateBytes = saved.bytes!;
 
     const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
     const watch = await watchQmpEvents(slow, uuid);

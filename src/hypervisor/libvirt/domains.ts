@@ -71,7 +71,23 @@ export class LibvirtDomains {
   /** The domain's state (InstanceNotFound if there is none); removes a stale managed-save image first. */
   async probe(uuid: string): Promise<DomainInfo> {
     const id = this.checkId(uuid);
-    const info = parseDomInfo(await this.virsh.run(['dominfo', id], { uuid: id }));
+    return this.settle(id, parseDomInfo(await this.virsh.run(['dominfo', id], { uuid: id })));
+  }
+
+  /**
+   * probe() and the domain's XML (live while it runs, else its definition) from one virsh process:
+   * each costs 60–120 ms to start, and this is asked for in steps that hold the guest down.
+   */
+  async probeWithXml(uuid: string): Promise<DomainInfo & { xml: DomainXml }> {
+    const id = this.checkId(uuid);
+    const out = await this.virsh.run([`dominfo ${id}; dumpxml ${id}`], { uuid: id });
+    const at = out.indexOf('<domain');
+    if (at < 0) throw new Error(`virsh dominfo; dumpxml printed no domain XML for ${id}`);
+    const info = await this.settle(id, parseDomInfo(out.slice(0, at)));
+    return { ...info, xml: parseDomainXml(out.slice(at)) };
+  }
+
+  private async settle(id: string, info: ReturnType<typeof parseDomInfo>): Promise<DomainInfo> {
     const active = info.libvirtState !== 'shut off' && info.libvirtState !== 'crashed';
     if (active && info.managedSave) await this.removeStaleSave(id, info.name);
     return { uuid: info.uuid, name: info.name, state: powerStateOf(info.libvirtState, info.managedSave && !active), persistent: info.persistent };
@@ -90,21 +106,21 @@ export class LibvirtDomains {
   }
 
   /** The domain's XML: live (node indexes) while it runs, else the persistent definition. */
-  async xml(uuid: string, opts: { inactive?: boolean } = {}): Promise<DomainXml> {
+  async xml(uuid: string): Promise<DomainXml> {
     const id = this.checkId(uuid);
-    return parseDomainXml(await this.virsh.run(['dumpxml', id, ...(opts.inactive ? ['--inactive'] : [])], { uuid: id }));
+    return parseDomainXml(await this.virsh.run(['dumpxml', id], { uuid: id }));
   }
 
   /** The domain must have a QEMU process holding its disk. */
-  async requireActive(uuid: string, what: string): Promise<DomainInfo> {
-    const d = await this.probe(uuid);
+  async requireActive(uuid: string, what: string): Promise<DomainInfo & { xml: DomainXml }> {
+    const d = await this.probeWithXml(uuid);
     if (!processHoldsDisk(d.state)) throw new InstanceInvalidState(`cannot ${what}: domain ${d.name} (${d.uuid}) is ${d.state}`);
     return d;
   }
 
   /** SPEC §2: nothing but the domain's own QEMU may touch its disk while that QEMU has it open. */
-  async requireInactive(uuid: string, what: string): Promise<DomainInfo> {
-    const d = await this.probe(uuid);
+  async requireInactive(uuid: string, what: string): Promise<DomainInfo & { xml: DomainXml }> {
+    const d = await this.probeWithXml(uuid);
     if (processHoldsDisk(d.state)) {
       throw new SafetyViolation(`refusing to ${what}: domain ${d.name} (${d.uuid}) is ${d.state}, its QEMU process has the disk open`);
     }

@@ -94,16 +94,14 @@ export class LibvirtHypervisor implements Hypervisor {
 
   /** The root disk (UnsupportedInstance for a domain without a qcow2 file disk). */
   async diskInfo(uuid: string): Promise<DiskInfo> {
-    const d = await this.domains.probe(uuid);
-    const { rootDisk } = await this.domains.xml(d.uuid);
+    const { rootDisk } = (await this.domains.probeWithXml(uuid)).xml;
     const i = await this.qemuImg.info(rootDisk.path, { forceShare: true });
     return { path: rootDisk.path, virtualSize: i.virtualSize, actualSize: i.actualSize };
   }
 
   /** A transient domain cannot be managed-saved: refused before anything is touched. */
   async checkSnapshottable(uuid: string, needs: { managedSave: boolean }): Promise<void> {
-    const d = await this.domains.probe(uuid);
-    await this.domains.xml(d.uuid);
+    const d = await this.domains.probeWithXml(uuid);
     if (needs.managedSave && (d.state === 'running' || d.state === 'paused')) this.domains.requirePersistent(d, 'take this snapshot, which needs a managed save');
   }
 
@@ -190,12 +188,12 @@ export class LibvirtHypervisor implements Hypervisor {
 
   async offlineSnapshotCreate(uuid: string, name: string): Promise<void> {
     const d = await this.domains.requireInactive(uuid, `qemu-img snapshot -c ${name}`);
-    await this.qemuImg.snapshotCreate((await this.domains.xml(d.uuid)).rootDisk.path, name);
+    await this.qemuImg.snapshotCreate(d.xml.rootDisk.path, name);
   }
 
   async offlineSnapshotDelete(uuid: string, name: string): Promise<void> {
     const d = await this.domains.requireInactive(uuid, `qemu-img snapshot -d ${name}`);
-    await this.qemuImg.snapshotDelete((await this.domains.xml(d.uuid)).rootDisk.path, name);
+    await this.qemuImg.snapshotDelete(d.xml.rootDisk.path, name);
   }
 
   liveSnapshotCreate(uuid: string, name: string): Promise<void> {
@@ -209,7 +207,7 @@ export class LibvirtHypervisor implements Hypervisor {
   /** Through the domain's QEMU monitor; virsh exits 0 even when QMP answers an error, so the reply is read. */
   private async monitorSnapshot(uuid: string, command: string, name: string): Promise<void> {
     const d = await this.domains.requireActive(uuid, `${command} through the monitor`);
-    const device = formatNodeName((await this.domains.xml(d.uuid)).rootDisk);
+    const device = formatNodeName(d.xml.rootDisk);
     const out = await this.virsh.run(['qemu-monitor-command', d.uuid, JSON.stringify({ execute: command, arguments: { device, name } })], {
       uuid: d.uuid,
       timeoutMs: this.opts.jobTimeoutMs,
@@ -220,12 +218,12 @@ export class LibvirtHypervisor implements Hypervisor {
   async exportDisk(uuid: string, opts: ExportOptions): Promise<void> {
     if (opts.snapshotName === undefined) {
       const d = await this.domains.requireInactive(uuid, 'export the active layer of the disk');
-      await this.qemuImg.convertToRaw((await this.domains.xml(d.uuid)).rootDisk.path, opts.dest, { onProgress: opts.onProgress });
+      await this.qemuImg.convertToRaw(d.xml.rootDisk.path, opts.dest, { onProgress: opts.onProgress });
       return;
     }
     // An internal snapshot's clusters are never rewritten while it exists: safe to read with -U.
-    const d = await this.domains.probe(uuid);
-    await this.qemuImg.convertToRaw((await this.domains.xml(d.uuid)).rootDisk.path, opts.dest, {
+    const d = await this.domains.probeWithXml(uuid);
+    await this.qemuImg.convertToRaw(d.xml.rootDisk.path, opts.dest, {
       snapshotName: opts.snapshotName,
       forceShare: d.state === 'running' || d.state === 'paused',
       onProgress: opts.onProgress,
@@ -234,7 +232,7 @@ export class LibvirtHypervisor implements Hypervisor {
 
   async startLiveBackup(uuid: string, dest: string): Promise<BackupJob> {
     const d = await this.domains.requireActive(uuid, 'start a live backup');
-    return startPullBackup({ virsh: this.virsh, qemuImg: this.qemuImg, log: this.log }, await this.domains.xml(d.uuid), dest);
+    return startPullBackup({ virsh: this.virsh, qemuImg: this.qemuImg, log: this.log }, d.xml, dest);
   }
 
   // ---- guest agent ----------------------------------------------------------------------------

@@ -65,16 +65,15 @@ export async function managedSave(ctx: SaveRestoreContext, uuid: string): Promis
     await abortJob(ctx, d.uuid, log);
     throw err;
   }
-  const stats = parseKeyValues(await ctx.virsh.run(['domjobinfo', d.uuid, '--completed', '--rawstats'], { uuid: d.uuid }).catch(() => ''));
-  const bytes = Number(stats.get('memory_processed') ?? stats.get('data_processed') ?? 0);
+  // (The saved size is libvirt's to know; asking for it would cost a virsh process while the guest is down.)
   if (priorState === 'paused') {
-    log.info({ prior_state: priorState, bytes }, 'domain managed-saved');
-    return { priorState, bytes };
+    log.info({ prior_state: priorState }, 'domain managed-saved');
+    return { priorState };
   }
   const stop = await watch.find('STOP', askedAt - 1, EVENT_GRACE_MS);
   if (stop === undefined) log.warn('no STOP event from QEMU: downtime measured from the save request');
-  log.info({ prior_state: priorState, bytes }, 'domain managed-saved');
-  return { priorState, bytes, vcpusStoppedAt: stop?.atMs ?? askedAt };
+  log.info({ prior_state: priorState }, 'domain managed-saved');
+  return { priorState, vcpusStoppedAt: stop?.atMs ?? askedAt };
 }
 
 export async function resume(ctx: SaveRestoreContext, uuid: string, hooks: LaunchHooks = {}): Promise<ResumeResult> {
