@@ -1,7 +1,12 @@
 import { defineConfig } from 'vitest/config';
 
-/** Files that stop and start the shared RabbitMQ or libvirtd: they run last, one at a time, alone. */
-const BROKER_RESTARTS = ['test/integration/bus-contract.test.ts', 'test/integration/agent-crash.test.ts', 'test/integration/libvirt-restart.test.ts'];
+/** Files that stop and start the shared RabbitMQ: they run after the main group, one at a time. */
+const BROKER_RESTARTS = ['test/integration/bus-contract.test.ts', 'test/integration/agent-crash.test.ts'];
+/**
+ * Files that restart the host's one libvirtd: after the main group too, beside the broker restarts
+ * (they share neither daemon: the two groups run at the same time).
+ */
+const LIBVIRTD_RESTARTS = ['test/integration/libvirt-restart.test.ts'];
 
 export default defineConfig({
   test: {
@@ -15,7 +20,7 @@ export default defineConfig({
         test: {
           name: 'main',
           include: ['test/**/*.test.ts'],
-          exclude: BROKER_RESTARTS,
+          exclude: [...BROKER_RESTARTS, ...LIBVIRTD_RESTARTS],
           // Real QEMU guests are heavy on a 2-core machine: two test files at a time.
           maxWorkers: 2,
           sequence: { groupOrder: 0 },
@@ -26,6 +31,15 @@ export default defineConfig({
         test: {
           name: 'broker-restarts',
           include: BROKER_RESTARTS,
+          fileParallelism: false,
+          sequence: { groupOrder: 1 },
+        },
+      },
+      {
+        extends: true,
+        test: {
+          name: 'libvirtd-restarts',
+          include: LIBVIRTD_RESTARTS,
           fileParallelism: false,
           sequence: { groupOrder: 1 },
         },

@@ -45,6 +45,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cmdline-param.h"
+
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...) {
   char buf[256];
@@ -74,28 +76,6 @@ static void sleep_ns(long ns) {
   }
 }
 
-/* `name=<non-negative number>` from /proc/cmdline, else def. */
-static double cmdline_param(const char *name, double def) {
-  char buf[4096];
-  int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return def;
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0) return def;
-  buf[n] = '\0';
-  size_t len = strlen(name);
-  char *save = NULL;
-  for (char *tok = strtok_r(buf, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save)) {
-    if (strncmp(tok, name, len) == 0 && tok[len] == '=') {
-      char *end;
-      errno = 0;
-      double v = strtod(tok + len + 1, &end);
-      if (errno == 0 && end != tok + len + 1 && *end == '\0' && v >= 0) return v;
-      return def;
-    }
-  }
-  return def;
-}
 
 static double gap_ms = 50, stop_ms = 15;
 

@@ -42,6 +42,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cmdline-param.h"
+
 #ifndef DIR_PATH
 #define DIR_PATH "/var/lib/writer"
 #endif
@@ -117,28 +119,6 @@ static void sleep_ms(long ms) {
   }
 }
 
-/* `name=<non-negative integer>` from /proc/cmdline, else def. */
-static long cmdline_param(const char *name, long def) {
-  char buf[4096];
-  int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return def;
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0) return def;
-  buf[n] = '\0';
-  size_t len = strlen(name);
-  char *save = NULL;
-  for (char *tok = strtok_r(buf, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save)) {
-    if (strncmp(tok, name, len) == 0 && tok[len] == '=') {
-      char *end;
-      errno = 0;
-      long v = strtol(tok + len + 1, &end, 10);
-      if (errno == 0 && end != tok + len + 1 && *end == '\0' && v >= 0) return v;
-      return def;
-    }
-  }
-  return def;
-}
 
 static void file_path(char *out, size_t size, unsigned idx) {
   snprintf(out, size, "%s/rec-%06u.log", DIR_PATH, idx);
@@ -319,8 +299,8 @@ static void write_pidfile(void) {
 
 int main(void) {
   crc_init();
-  long interval_ms = cmdline_param("writer.interval_ms", 10);
-  long slow_ms = cmdline_param("writer.slow_ms", 50);
+  long interval_ms = (long)cmdline_param("writer.interval_ms", 10);
+  long slow_ms = (long)cmdline_param("writer.slow_ms", 50);
 
   make_dirs();
   unsigned files, idx;

@@ -54,6 +54,8 @@ export class Lifecycle {
 
   /** Deletes pending snapshots now if no process holds the disk; returns what was deleted. */
   async deletePendingIfOffline(uuid: string): Promise<string[]> {
+    // Most instances have none: no need to ask the hypervisor (a virsh process on libvirt).
+    if ((await this.pending.list(uuid)).length === 0) return [];
     const { state } = await this.hv.info(uuid);
     if (processHoldsDisk(state)) return [];
     return this.pending.deleteAll(this.hv, uuid, this.log);

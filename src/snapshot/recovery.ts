@@ -209,7 +209,7 @@ async function removeOwnSnapshot(deps: RecoveryDeps, rec: OperationRecord, state
   if (!(await exists())) return;
   if (!processHoldsDisk(state)) {
     await deps.hv.offlineSnapshotDelete(uuid, name).catch(async (err: unknown) => {
-      // Gone after all (seen once in the libvirt crash matrix): what recovery wants.
+      // Gone already (e.g. taken for an orphan by another agent on a shared libvirtd): what recovery wants.
       if (await exists()) throw err;
       deps.log.warn({ instance_uuid: uuid, snapshot: name, err: errorMessage(err) }, 'internal snapshot already gone when recovery deleted it');
     });

@@ -1,5 +1,5 @@
 import fs from 'node:fs/promises';
-import { errorMessage, GuestLost } from '../errors.js';
+import { errorMessage, GuestLost, InstanceInvalidState } from '../errors.js';
 import type { Logger } from '../log.js';
 import { processHoldsDisk, type BackupJob, type Hypervisor, type PowerState, type ResumeResult } from '../hypervisor/types.js';
 import type { ImageStore } from '../image-store/image-store.js';
@@ -60,9 +60,17 @@ export async function holdsDisk(ctx: SnapshotContext): Promise<boolean> {
 async function resumeIfSuspended(ctx: SnapshotContext): Promise<void> {
   if (!ctx.suspended) return;
   let resumed: ResumeResult | undefined;
-  const { state } = await ctx.hv.info(ctx.uuid);
-  if (state === 'saved') resumed = await ctx.lifecycle.resume(ctx.uuid);
-  else if (state === 'shutoff' || state === 'crashed') await startAgain(ctx, state);
+  try {
+    // Asked straight away (the resume checks the state itself): the guest is down meanwhile, and a
+    // backend's state query may cost a process (libvirt's virsh).
+    resumed = await ctx.lifecycle.resume(ctx.uuid);
+  } catch (err) {
+    if (!(err instanceof InstanceInvalidState)) throw err;
+    // Not saved: a save that failed half-way was undone (running, paused), or the QEMU process died.
+    const { state } = await ctx.hv.info(ctx.uuid);
+    if (state === 'shutoff' || state === 'crashed') await startAgain(ctx, state);
+    else if (state === 'saved') throw err;
+  }
   ctx.suspended = false;
   ctx.freeze?.guestRunning();
   if (ctx.suspendWindow !== undefined) {

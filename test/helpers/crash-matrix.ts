@@ -33,6 +33,8 @@ export function killPoints(strategy: StrategyName): string[] {
 interface GuestSide {
   /** The folder of the bench (configs, state, images). */
   tmpPath: string;
+  /** `[snapshot] name_prefix` of the bench's agents. */
+  prefix: string;
   qemuImg: QemuImg;
   /** A small running guest with data on its disk (no OS); its uuid and its disk file. */
   make(name: string): Promise<{ uuid: string; disk: string }>;
@@ -45,6 +47,7 @@ async function qemuSide(): Promise<GuestSide & { env: QemuEnv }> {
   return {
     env,
     tmpPath: env.tmpPath,
+    prefix: 'snapdrv-',
     qemuImg: env.qemuImg,
     async make(name) {
       const uuid = await createGuest(env.hv, { name, memoryMb: 64 });
@@ -61,6 +64,7 @@ async function libvirtSide(): Promise<GuestSide> {
   const lv = await makeLibvirtBench();
   return {
     tmpPath: lv.base,
+    prefix: lv.prefix,
     qemuImg: new QemuImg(QEMU_IMG),
     async make() {
       const d = await lv.domain({ guest: 'bare', memoryMb: 64 });
@@ -80,6 +84,8 @@ export interface CrashBench {
   /** The qemu backend's guests (driver qemu only). */
   env: QemuEnv;
   driver: 'qemu' | 'libvirt';
+  /** `[snapshot] name_prefix` of the bench's agents. */
+  prefix: string;
   qemuImg: QemuImg;
   /** The disk file of a bench guest. */
   diskOf(uuid: string): string;
@@ -116,7 +122,7 @@ export async function makeCrashBench(name: string, strategies: readonly Strategy
     const file = await writeAgentConfig(dir, { host, transportUrl: url, strategy });
     // Every config works on the same instances, state and images (relative paths resolve per file).
     const text = (await fs.readFile(file, 'utf8'))
-      .replace('[snapshot]\n', '[snapshot]\nguest_agent_timeout = 1\n')
+      .replace('[snapshot]\n', `[snapshot]\nguest_agent_timeout = 1\nname_prefix = ${side.prefix}\n`)
       .replace('[hypervisor]\n', `[hypervisor]\ndriver = ${driver}\n`)
       .replace('instances_path = instances', 'instances_path = ../instances')
       .replace('state_path = state', 'state_path = ../state')
@@ -142,6 +148,7 @@ export async function makeCrashBench(name: string, strategies: readonly Strategy
   const bench: CrashBench = {
     env: 'env' in side ? (side as { env: QemuEnv }).env : (undefined as never),
     driver,
+    prefix: side.prefix,
     qemuImg: side.qemuImg,
     async runtime() {
       runtime ??= buildRuntime(await loadConfig([confs.get(strategies[0]!)!]), silentLogger());
@@ -279,7 +286,7 @@ export async function runCrashCase(bench: CrashBench, c: CrashCase): Promise<{ o
   expect((await rt.hv.info(uuid)).state).toBe(c.guest);
   const disk = bench.diskOf(uuid);
   expect(await bench.qemuImg.check(disk, { forceShare: true })).toMatchObject({ clean: true, corruptions: 0 });
-  const ours = (await bench.qemuImg.snapshotList(disk)).filter((s) => s.name.startsWith('snapdrv-'));
+  const ours = (await bench.qemuImg.snapshotList(disk)).filter((s) => s.name.startsWith(bench.prefix));
   expect(ours.length).toBeLessThanOrEqual(SNAPSHOTS_LEFT_MAX[c.strategy]);
   // The image: active and verified (carried out again), or killed; never an incomplete active one.
   const image = JSON.parse(await fs.readFile(path.join(bench.imagesDir, `${imageId}.json`), 'utf8')) as Record<string, unknown>;

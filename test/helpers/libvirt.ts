@@ -78,6 +78,13 @@ export interface TestDomain {
 
 export interface LibvirtBench {
   base: string;
+  /**
+   * This bench's `[snapshot] name_prefix`. Every test file shares the host's one libvirtd, and an
+   * agent's orphan scan looks at every domain there: with the default prefix, one file's agent would
+   * take another file's snapshots under way for its own orphans and delete them (as it should, were it
+   * the host's only agent). A prefix per bench keeps each agent to its own.
+   */
+  prefix: string;
   rt: Runtime;
   /** Another runtime on the same folders (libvirt backend) with other options. */
   runtimeWith(snapshot: Partial<Config['snapshot']>, opts?: { beforeStep?: BeforeStep; log?: Logger }): Runtime;
@@ -106,6 +113,7 @@ async function killProcessesNaming(needles: readonly string[]): Promise<void> {
 export async function makeLibvirtBench(snapshot: Partial<Config['snapshot']> = {}): Promise<LibvirtBench> {
   await libvirtdScript('start');
   const base = (await dir({ prefix: 'sdv-' })).path;
+  const prefix = `sdt${process.pid}-`;
   const created: string[] = [];
   let n = 0;
   const runtimeWith = (opts: Partial<Config['snapshot']>, hooks: { beforeStep?: BeforeStep; log?: Logger } = {}): Runtime => {
@@ -116,12 +124,14 @@ export async function makeLibvirtBench(snapshot: Partial<Config['snapshot']> = {
     config.DEFAULT.instances_path = path.join(base, 'unused-instances');
     config.image_store.path = path.join(base, 'images');
     config.image_store.reserved_space_mb = 0;
+    config.snapshot.name_prefix = prefix;
     Object.assign(config.snapshot, opts);
     return buildRuntime(config, hooks.log ?? silentLogger(), hooks);
   };
   const rt = runtimeWith(snapshot);
   return {
     base,
+    prefix,
     rt,
     runtimeWith,
     async configFile(snap, extra = []) {
@@ -132,6 +142,7 @@ export async function makeLibvirtBench(snapshot: Partial<Config['snapshot']> = {
         'instances_path = unused-instances',
         'state_path = s',
         '[snapshot]',
+        `name_prefix = ${prefix}`,
         ...Object.entries(snap).map(([k, v]) => `${k} = ${v}`),
         '[hypervisor]',
         'driver = libvirt',

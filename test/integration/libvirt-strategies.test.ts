@@ -43,7 +43,7 @@ async function allocated(file: string): Promise<number> {
 }
 
 async function ours(disk: string): Promise<string[]> {
-  return (await qemuImg.snapshotList(disk)).map((s) => s.name).filter((n) => n.startsWith('snapdrv-'));
+  return (await qemuImg.snapshotList(disk)).map((s) => s.name).filter((n) => n.startsWith(bench.prefix));
 }
 
 describe.each(STRATEGIES)('%s on a running libvirt domain, quiesce = required', (strategy) => {
