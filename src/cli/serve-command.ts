@@ -9,11 +9,14 @@ export function registerServeCommand(program: Command, runtime: RuntimeFactory):
     .description('run the agent: serve snapshot and lifecycle RPCs from the message queue')
     .action(async () => {
       const rt = await runtime();
-      const agent = await startAgent(rt);
-      const signal = await new Promise<NodeJS.Signals>((resolve) => {
+      // Listening before the agent starts: a SIGTERM right after "agent serving" must stop it
+      // cleanly, not kill it with the default disposition.
+      const stopSignal = new Promise<NodeJS.Signals>((resolve) => {
         process.once('SIGTERM', () => resolve('SIGTERM'));
         process.once('SIGINT', () => resolve('SIGINT'));
       });
+      const agent = await startAgent(rt);
+      const signal = await stopSignal;
       rt.log.info({ signal }, 'stopping: waiting for running operations');
       await agent.stop();
       rt.log.info('stopped');

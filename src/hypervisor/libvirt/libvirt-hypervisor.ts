@@ -14,6 +14,7 @@ import type {
   ResumeResult,
   SaveResult,
 } from '../types.js';
+import { qmpReturn } from '../qmp-reply.js';
 import { startPullBackup } from './backup.js';
 import { formatNodeName } from './domain-xml.js';
 import { LibvirtDomains, parseDomInfo, powerStateOf, type DomainInfo } from './domains.js';
@@ -252,14 +253,14 @@ export class LibvirtHypervisor implements Hypervisor {
 
 /** A QMP reply printed by `virsh qemu-monitor-command`: its `return`, or a QmpError. */
 export function qmpReply(command: string, out: string): unknown {
-  let reply: { return?: unknown; error?: { class?: string; desc?: string } };
+  let reply: unknown;
   try {
-    reply = JSON.parse(out) as typeof reply;
+    reply = JSON.parse(out);
   } catch {
     throw new QmpError(command, 'UnparseableReply', out.trim().slice(0, 200));
   }
-  if (reply.error !== undefined) throw new QmpError(command, reply.error.class ?? 'GenericError', reply.error.desc ?? '');
-  return reply.return;
+  if (typeof reply !== 'object' || reply === null) throw new QmpError(command, 'UnparseableReply', out.trim().slice(0, 200));
+  return qmpReturn(command, reply as Record<string, unknown>);
 }
 
 function invalidState(d: DomainInfo, action: string): InstanceInvalidState {

@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { QmpDisconnected, QmpError, QmpTimeout } from '../../errors.js';
+import { QmpDisconnected, QmpTimeout } from '../../errors.js';
+import { qmpReturn } from '../qmp-reply.js';
 
 /**
  * A hand-written QMP client: line-delimited JSON over a unix socket. Every command carries an `id`
@@ -194,11 +195,10 @@ export class QmpClient extends EventEmitter {
     }
     this.pending.delete(id as number);
     clearTimeout(pending.timer);
-    if ('error' in msg) {
-      const e = (msg.error ?? {}) as { class?: unknown; desc?: unknown };
-      pending.reject(new QmpError(pending.command, String(e.class ?? 'GenericError'), String(e.desc ?? '')));
-    } else {
-      pending.resolve(msg.return);
+    try {
+      pending.resolve(qmpReturn(pending.command, msg));
+    } catch (err) {
+      pending.reject(err as Error);
     }
   }
 
