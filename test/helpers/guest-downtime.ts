@@ -3,15 +3,17 @@ import { PROBE_NOISE_MS, type GuestObserved } from '../../src/guest-check/consol
 import type { SnapshotResult } from '../../src/snapshot/engine.js';
 
 /**
- * How far the downtime the agent reports may be from the pause the guest's probe saw, per managed
+ * How far the pause the guest's probe saw may be from the downtime the agent reports, per managed
  * save. The probe reads the emulated RTC (host time) at each second's update interrupt and compares
  * it with its monotonic clock, which QEMU stops with the vCPUs: alone it agrees with QMP's STOP →
  * RESUME event times within ~1 ms, within ~5 ms on a loaded host (guest/README.md). The agent's
- * figure comes from those events, and QEMU stops the guest's clock a few ms before it sends STOP
- * (do_vm_stop pauses the vCPUs and runs the device state handlers in between): here the probe saw
- * 3.4–4.6 ms more per save/restore. 20 ms holds both with room for a busy CI host.
+ * figure comes from those events, and they are biased one way: QEMU stops the guest's clock before
+ * it sends STOP (do_vm_stop: cpu_disable_ticks, pause_all_vcpus, the state handlers, then the event)
+ * and sends RESUME before it starts the clock again (vm_prepare_start). So the guest sees more than
+ * the events say, by what QEMU's main thread spends in between: 3.4–4.6 ms per save/restore here,
+ * 21 ms once on a loaded CI host. The guest never sees less (but for the probe's ~1 ms).
  */
-export const DOWNTIME_TOLERANCE_MS = 20;
+export const DOWNTIME_TOLERANCE_MS = { below: 10, above: 40 } as const;
 
 /**
  * A stall of the guest's monotonic clock (PROBE gap: its 5 ms sleep took longer than 50 ms) comes
@@ -38,7 +40,8 @@ export function expectDowntimeAsObserved(result: SnapshotResult, seen: GuestObse
   const real = seen.stops.filter((ms) => ms >= PROBE_NOISE_MS);
   expect(real.length).toBeGreaterThanOrEqual(1);
   expect(real.length).toBeLessThanOrEqual(saves);
-  expect(Math.abs(seen.stoppedMs - result.downtime_ms)).toBeLessThanOrEqual(DOWNTIME_TOLERANCE_MS * saves);
+  expect(seen.stoppedMs - result.downtime_ms).toBeGreaterThanOrEqual(-DOWNTIME_TOLERANCE_MS.below * saves);
+  expect(seen.stoppedMs - result.downtime_ms).toBeLessThanOrEqual(DOWNTIME_TOLERANCE_MS.above * saves);
 }
 
 /** Prints one line of figures for the closing note (`grep FIGURES` in the test output). */

@@ -12,7 +12,7 @@ import { STRATEGIES } from '../../src/config/schema.js';
 import { checkGuestImage } from '../../src/guest-check/ext4.js';
 import { observeRunningGuest } from '../../src/guest-check/observe.js';
 import { createLinuxGuest, makeLinuxBench, writerPasses, type LinuxBench, type LinuxGuest } from '../helpers/linux-guest.js';
-import { expectDowntimeAsObserved, report } from '../helpers/guest-downtime.js';
+import { expectDowntimeAsObserved, HOST_STALL_ALLOWANCE_MS, report } from '../helpers/guest-downtime.js';
 
 let bench: LinuxBench;
 
@@ -56,9 +56,10 @@ describe('every strategy on one running Linux guest, quiesce = required', () => 
     expectDowntimeAsObserved(result, obs.guest);
     // The guest's writes were held no longer than the freeze the agent reports; with one managed
     // save inside the freeze, not longer than the freeze less that stop (the guest's clock does not
-    // run while it is stopped).
-    expect(obs.guest.writerMaxMs).toBeLessThanOrEqual(result.freeze_ms);
-    if (strategy !== 'double-suspend') expect(obs.guest.writerMaxMs).toBeLessThanOrEqual(result.freeze_ms - obs.guest.stoppedMs);
+    // run while it is stopped). A write held by the freeze still has its own write+fsync to do after
+    // the thaw, on a host that may be busy: HOST_STALL_ALLOWANCE_MS for that.
+    const stoppedInFreeze = strategy === 'double-suspend' ? 0 : obs.guest.stoppedMs;
+    expect(obs.guest.writerMaxMs).toBeLessThanOrEqual(result.freeze_ms - stoppedInFreeze + HOST_STALL_ALLOWANCE_MS);
 
     // The guest goes on writing after the snapshot.
     expect(await writerPasses(guest, obs.fsyncedAfter)).toBeGreaterThan(obs.fsyncedAfter);

@@ -48,11 +48,16 @@ describe('every strategy on one Linux guest, quiesce = off', () => {
     expectDowntimeAsObserved(obs.result, obs.guest);
 
     // Paused: no pause of ours to see, and it stays paused.
+    const beforePause = await guest.console.mark();
     await hv.pause(guest.uuid);
     const paused = await rt.engine.take({ requestId: `req-${strategy}-p`, instanceUuid: guest.uuid, imageId: randomUUID(), strategy });
     expect(paused).toMatchObject({ status: 'active', downtime_ms: 0, quiesced: false });
     expect((await hv.info(guest.uuid)).state).toBe('paused');
     await hv.unpause(guest.uuid);
+    // The probe reports that pause a tick or two after it ended: wait for it, so that the next
+    // strategy's window does not take it for its own.
+    const pauseSeen = await guest.console.waitFor(beforePause, 'the probe reporting the pause', 30_000, (ev) => ev.find((e) => e.kind === 'probe-stop'));
+    expect(pauseSeen).toMatchObject({ kind: 'probe-stop' });
     expect(await writerPasses(guest, obs.fsyncedAfter)).toBeGreaterThan(obs.fsyncedAfter);
   });
 });
