@@ -21,7 +21,7 @@ import { buildRuntime, type Runtime } from '../src/compute/runtime.js';
 import { benchConfig } from './bench-config.js';
 import { QUIESCE_MODES, STRATEGIES, type QuiesceMode, type StrategyName } from '../src/config/schema.js';
 import { DISK_QOM_PATH } from '../src/hypervisor/qemu/launch.js';
-import { GuestConsole } from '../src/guest-check/console.js';
+import { GuestConsole, latencyPercentiles, type GuestObserved, type LatencyHistogram } from '../src/guest-check/console.js';
 import { testGuestDomainXml } from '../src/guest-check/domain-xml.js';
 import { buildGuestImage, type GuestImage } from '../src/guest-check/guest-image.js';
 import { observeRunningGuest } from '../src/guest-check/observe.js';
@@ -57,6 +57,8 @@ const drivers = DRIVERS[values.driver as keyof typeof DRIVERS];
 const fillMb = values['ram-fill'] === 'random' ? Math.floor((ramMb * 3) / 4) : 0;
 
 const CHUNK_MB = 16;
+/** The probe's gap threshold (guest/probe.c probe.gap_ms default). */
+const PROBE_GAP_MS = 50;
 const MiB = 2 ** 20;
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
@@ -69,6 +71,24 @@ interface Figures {
   freeze: number[];
   /** The guest writer's longest write+fsync (ms). */
   writerMax: number[];
+  /** Its write+fsync latencies over every run's window, merged. */
+  writerLatency: LatencyHistogram;
+  /** The longest stall of the guest's clock the probe saw (ms; 0: none over its threshold). */
+  gapMax: number[];
+}
+
+const IDLE = 'idle (no snapshot)';
+const IDLE_WINDOW_MS = 5_000;
+
+function emptyFigures(): Figures {
+  return { downtime: [], seen: [], duration: [], freeze: [], writerMax: [], writerLatency: new Map(), gapMax: [] };
+}
+
+function addObserved(f: Figures, seen: GuestObserved): void {
+  f.seen.push(Math.round(seen.stoppedMs));
+  f.writerMax.push(Math.round(seen.writerMaxMs));
+  f.gapMax.push(Math.round(Math.max(0, ...seen.gaps)));
+  for (const [i, c] of seen.writerLatency) f.writerLatency.set(i, (f.writerLatency.get(i) ?? 0) + c);
 }
 
 /** One bench guest on one backend: booted, its data written, and how to end it. */
@@ -137,7 +157,7 @@ async function libvirtGuest(base: string, guest: GuestImage, cmdline: string): P
   };
 }
 
-async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<Map<StrategyName, Figures>> {
+async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<Map<StrategyName | typeof IDLE, Figures>> {
   const { base, config } = await benchConfig(`sdd-${driver}-`, quiesce);
   config.hypervisor.driver = driver;
   const rt = buildRuntime(config, silentLogger());
@@ -156,8 +176,13 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
       `${driver}: guest Linux ${guest.kernelVersion}, ${ramMb} MiB RAM (${fillMb} MiB of it random bytes), ` +
         `${diskMb} MiB qcow2 (ext4 root + ${dataMb} MiB of data; ${Math.round(disk.actualSize / MiB)} MiB on the host), writer running; quiesce=${quiesce}; TCG`,
     );
-    const figures = new Map<StrategyName, Figures>();
+    const figures = new Map<StrategyName | typeof IDLE, Figures>();
     for (let r = 0; r < runs; r++) {
+      // The same guest with nothing done to it: the baseline of its writer's latency.
+      const idle = await observeRunningGuest(g.console, () => new Promise((resolve) => setTimeout(resolve, IDLE_WINDOW_MS)));
+      const fi = figures.get(IDLE) ?? emptyFigures();
+      addObserved(fi, idle.guest);
+      figures.set(IDLE, fi);
       for (const strategy of STRATEGIES) {
         const obs = await observeRunningGuest(g.console, () => rt.engine.take({ requestId: `bench-${r}`, instanceUuid: g.uuid, imageId: randomUUID(), strategy }));
         const res = obs.result;
@@ -165,12 +190,11 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
         const state = (await rt.hv.info(g.uuid)).state;
         if (state !== 'running') throw new Error(`after ${strategy} the guest is ${state}, not running`);
         if (obs.guest.writerErrors.length > 0) throw new Error(`the guest's writer failed: ${obs.guest.writerErrors.join('; ')}`);
-        const f = figures.get(strategy) ?? { downtime: [], seen: [], duration: [], freeze: [], writerMax: [] };
+        const f = figures.get(strategy) ?? emptyFigures();
         f.downtime.push(res.downtime_ms);
-        f.seen.push(Math.round(obs.guest.stoppedMs));
         f.duration.push(res.duration_ms);
         f.freeze.push(res.freeze_ms);
-        f.writerMax.push(Math.round(obs.guest.writerMaxMs));
+        addObserved(f, obs.guest);
         figures.set(strategy, f);
       }
     }
@@ -184,25 +208,32 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
 const col = (x: number | string, w: number) => String(x).padStart(w);
 const ratio = (x: number, b: number) => (b > 0 ? (x / b).toFixed(2) : 'n/a');
 
-function printDriver(driver: string, figures: Map<StrategyName, Figures>): void {
+function printDriver(driver: string, figures: Map<StrategyName | typeof IDLE, Figures>): void {
   const cold = figures.get('cold')!;
   const baseDown = median(cold.downtime);
   const baseDur = median(cold.duration);
-  console.log(`\n${driver}: ${runs} runs each, medians; guest_saw_ms: the vCPU stops the probe inside the guest measured; writer_max_ms: its longest write+fsync`);
-  console.log('strategy                       downtime_ms  guest_saw_ms  vs cold  duration_ms  vs cold  freeze_ms  writer_max_ms');
+  const idleP99 = latencyPercentiles(figures.get(IDLE)!.writerLatency)?.p99Ms ?? NaN;
+  console.log(
+    `\n${driver}: ${runs} runs each, medians; guest_saw_ms: the vCPU stops the probe inside the guest measured; gap_ms: the longest stall ` +
+      `of its clock over ${PROBE_GAP_MS} ms (0: none); writer: its write+fsync latencies over the whole window (the snapshot and 3 s after), ` +
+      `p50/p99 over all runs (to within 19%), max the median of each run's longest; p99 vs idle: against the same guest doing nothing, same run`,
+  );
+  console.log('strategy                       downtime_ms  guest_saw_ms  vs cold  duration_ms  vs cold  freeze_ms  gap_ms  fsync_p50  fsync_p99  p99 vs idle  fsync_max');
   for (const [s, f] of figures) {
-    const d = median(f.downtime);
-    const t = median(f.duration);
+    const d = s === IDLE ? '-' : median(f.downtime);
+    const t = s === IDLE ? '-' : median(f.duration);
+    const p = latencyPercentiles(f.writerLatency);
     console.log(
-      `${s.padEnd(31)}${col(d, 11)}  ${col(median(f.seen), 12)}  ${col(ratio(d, baseDown), 7)}  ${col(t, 11)}  ${col(ratio(t, baseDur), 7)}  ` +
-        `${col(median(f.freeze), 9)}  ${col(median(f.writerMax), 13)}`,
+      `${s.padEnd(31)}${col(d, 11)}  ${col(median(f.seen), 12)}  ${col(typeof d === 'number' ? ratio(d, baseDown) : '-', 7)}  ${col(t, 11)}  ` +
+        `${col(typeof t === 'number' ? ratio(t, baseDur) : '-', 7)}  ${col(s === IDLE ? '-' : median(f.freeze), 9)}  ${col(median(f.gapMax), 6)}  ` +
+        `${col(p ? p.p50Ms.toFixed(2) : 'n/a', 9)}  ${col(p ? p.p99Ms.toFixed(2) : 'n/a', 9)}  ${col(p ? ratio(p.p99Ms, idleP99) : 'n/a', 11)}  ${col(median(f.writerMax), 9)}`,
     );
   }
 }
 
 async function main(): Promise<void> {
   const guest = await buildGuestImage(path.resolve(import.meta.dirname, '../scripts/guest-image.sh'));
-  const results = new Map<string, Map<StrategyName, Figures>>();
+  const results = new Map<string, Map<StrategyName | typeof IDLE, Figures>>();
   for (const driver of drivers) results.set(driver, await measure(driver, guest));
   for (const [driver, figures] of results) printDriver(driver, figures);
   const q = results.get('qemu');

@@ -18,6 +18,7 @@ export const STRATEGIES = [
   'double-suspend',
   'deferred-delete',
   'live',
+  'monitor-snapshot',
 ] as const;
 export type StrategyName = (typeof STRATEGIES)[number];
 
@@ -119,7 +120,7 @@ export const schema = z
       .prefault({}),
     snapshot: z
       .object({
-        strategy: z.enum(STRATEGIES).default('suspend-create-resume-extract'),
+        strategy: z.enum(STRATEGIES).default('monitor-snapshot'),
         name_prefix: z
           .string()
           .regex(/^[A-Za-z0-9._-]{1,32}$/, '1 to 32 of A-Z a-z 0-9 . _ -')
@@ -148,6 +149,7 @@ export const schema = z
           .default('kvm:tcg'),
         shutdown_timeout: num(0).default(60),
         qmp_timeout: num(0.1).default(30),
+        backup_cbw_timeout: int(1, 4_294_967_295).default(5),
       })
       .strict()
       .prefault({}),

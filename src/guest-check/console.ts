@@ -5,7 +5,9 @@ import fs from 'node:fs/promises';
  * appends to `<instance>/console.log`. One line per report:
  *
  *   WRITER start boot=B seq=S files=N     the writer started; S is the next record it writes
- *   WRITER seq=S n=N max_us=U             once a second: S fsynced; N records since the last line
+ *   WRITER seq=S n=N max_us=U hist=H      once a second: S fsynced; N records since the last line;
+ *                                         H their write+fsync latencies (i:count, bucket i holding
+ *                                         2^(i/4) µs up to 2^((i+1)/4) µs)
  *   WRITER slow seq=S us=U                one write+fsync took longer than writer.slow_ms
  *   WRITER error TEXT                     a write or fsync failed (the writer goes on)
  *   PROBE start mode=uie|poll
@@ -20,7 +22,7 @@ import fs from 'node:fs/promises';
 
 export type ConsoleReport =
   | { kind: 'writer-start'; boot: number; seq: number; files: number }
-  | { kind: 'writer-progress'; seq: number; n: number; maxUs: number }
+  | { kind: 'writer-progress'; seq: number; n: number; maxUs: number; hist: LatencyHistogram }
   | { kind: 'writer-slow'; seq: number; us: number }
   | { kind: 'writer-error'; text: string }
   | { kind: 'probe-start'; mode: string }
@@ -36,7 +38,10 @@ export type ConsoleEvent = ConsoleReport & { offset: number };
 const NUM = '(-?\\d+(?:\\.\\d+)?)';
 const PATTERNS: ReadonlyArray<[RegExp, (m: RegExpExecArray) => ConsoleReport]> = [
   [new RegExp(`^WRITER start boot=${NUM} seq=${NUM} files=${NUM}$`), (m) => ({ kind: 'writer-start', boot: +m[1]!, seq: +m[2]!, files: +m[3]! })],
-  [new RegExp(`^WRITER seq=${NUM} n=${NUM} max_us=${NUM}$`), (m) => ({ kind: 'writer-progress', seq: +m[1]!, n: +m[2]!, maxUs: +m[3]! })],
+  [
+    new RegExp(`^WRITER seq=${NUM} n=${NUM} max_us=${NUM}(?: hist=((?:\\d+:\\d+(?:,\\d+:\\d+)*)?))?$`),
+    (m) => ({ kind: 'writer-progress', seq: +m[1]!, n: +m[2]!, maxUs: +m[3]!, hist: parseHistogram(m[4] ?? '') }),
+  ],
   [new RegExp(`^WRITER slow seq=${NUM} us=${NUM}$`), (m) => ({ kind: 'writer-slow', seq: +m[1]!, us: +m[2]! })],
   [/^WRITER error (.*)$/, (m) => ({ kind: 'writer-error', text: m[1]! })],
   [/^PROBE start mode=(\w+)$/, (m) => ({ kind: 'probe-start', mode: m[1]! })],
@@ -46,6 +51,44 @@ const PATTERNS: ReadonlyArray<[RegExp, (m: RegExpExecArray) => ConsoleReport]> =
   [/^GUEST ready$/, () => ({ kind: 'guest-ready' })],
   [/^INITRAMFS error: (.*)$/, (m) => ({ kind: 'boot-error', text: m[1]! })],
 ];
+
+/** Write+fsync latency counts by bucket: bucket i holds 2^(i/4) µs up to 2^((i+1)/4) µs. */
+export type LatencyHistogram = Map<number, number>;
+
+function parseHistogram(text: string): LatencyHistogram {
+  const out: LatencyHistogram = new Map();
+  if (text === '') return out;
+  for (const pair of text.split(',')) {
+    const [i, c] = pair.split(':').map(Number) as [number, number];
+    out.set(i, (out.get(i) ?? 0) + c);
+  }
+  return out;
+}
+
+/** Upper edge of a latency bucket, in ms. */
+function bucketTopMs(i: number): number {
+  return 2 ** ((i + 1) / 4) / 1000;
+}
+
+/**
+ * Percentiles of a latency histogram, in ms: each the upper edge of the bucket it falls in (so at
+ * most 19% high); undefined for an empty one.
+ */
+export function latencyPercentiles(hist: LatencyHistogram): { n: number; p50Ms: number; p99Ms: number } | undefined {
+  const buckets = [...hist.entries()].filter(([, c]) => c > 0).sort((a, b) => a[0] - b[0]);
+  const n = buckets.reduce((sum, [, c]) => sum + c, 0);
+  if (n === 0) return undefined;
+  const at = (q: number): number => {
+    const rank = Math.ceil(q * n);
+    let seen = 0;
+    for (const [i, c] of buckets) {
+      seen += c;
+      if (seen >= rank) return bucketTopMs(i);
+    }
+    return bucketTopMs(buckets.at(-1)![0]);
+  };
+  return { n, p50Ms: at(0.5), p99Ms: at(0.99) };
+}
 
 export function parseConsoleLine(line: string): ConsoleReport | undefined {
   const text = line.replace(/\r$/, '');
@@ -159,16 +202,21 @@ export interface GuestObserved {
   gaps: number[];
   /** The writer's longest write+fsync (ms): how long the guest's I/O was held (a freeze included). */
   writerMaxMs: number;
+  /** All its write+fsync latencies in the window, by bucket (latencyPercentiles reads it). */
+  writerLatency: LatencyHistogram;
   writerErrors: string[];
 }
 
 export function observed(events: readonly ConsoleEvent[]): GuestObserved {
-  const out: GuestObserved = { stoppedMs: 0, stops: [], gaps: [], writerMaxMs: 0, writerErrors: [] };
+  const out: GuestObserved = { stoppedMs: 0, stops: [], gaps: [], writerMaxMs: 0, writerLatency: new Map(), writerErrors: [] };
   for (const e of events) {
     if (e.kind === 'probe-stop') out.stops.push(e.ms);
     else if (e.kind === 'probe-gap') out.gaps.push(e.ms);
     else if (e.kind === 'writer-slow') out.writerMaxMs = Math.max(out.writerMaxMs, e.us / 1000);
-    else if (e.kind === 'writer-progress') out.writerMaxMs = Math.max(out.writerMaxMs, e.maxUs / 1000);
+    else if (e.kind === 'writer-progress') {
+      out.writerMaxMs = Math.max(out.writerMaxMs, e.maxUs / 1000);
+      for (const [i, c] of e.hist) out.writerLatency.set(i, (out.writerLatency.get(i) ?? 0) + c);
+    }
     else if (e.kind === 'writer-error') out.writerErrors.push(e.text);
   }
   out.stoppedMs = out.stops.filter((ms) => ms >= PROBE_NOISE_MS).reduce((a, b) => a + b, 0);

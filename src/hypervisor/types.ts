@@ -72,6 +72,14 @@ export interface SaveResult {
   vcpusStoppedAt?: number;
 }
 
+export interface LiveSnapshotResult {
+  /**
+   * How long the create held the guest's disk I/O (ms), at most: the monitor command's round trip
+   * (the disk is drained inside it), plus what the backend cannot tell apart from it (libvirt: virsh).
+   */
+  ioHeldMs: number;
+}
+
 export interface ResumeResult {
   /** The power state restored (the prior one). */
   state: PowerState;
@@ -100,8 +108,10 @@ export interface ExportOptions {
 }
 
 /**
- * A point-in-time backup job of a running guest's disk, run by the process that holds the disk
- * (qemu: QMP blockdev-backup).
+ * A point-in-time backup of a running guest's disk: the process that holds the disk keeps the
+ * point-in-time view (copy-before-write into a local temporary image), and a copy reads that view
+ * into the store, so the guest's writes never wait for the store (qemu: fleecing exported over NBD;
+ * libvirt: a pull backup; both copied by qemu-img).
  */
 export interface BackupJob {
   /** When the job started (epoch ms): the image is the disk as of this moment. */
@@ -161,11 +171,15 @@ export interface Hypervisor {
   offlineSnapshotDelete(uuid: string, name: string): Promise<void>;
   /**
    * Creates an internal snapshot of the open disk by the very process that holds it, never by
-   * another program (through the guest's own monitor, e.g. QMP blockdev-snapshot-internal-sync).
+   * another program (through the guest's own monitor, e.g. QMP blockdev-snapshot-internal-sync):
+   * the vCPUs run on, the guest's disk I/O waits while the snapshot table is written.
    * Throws InstanceInvalidState if no process holds the disk.
    */
-  liveSnapshotCreate(uuid: string, name: string): Promise<void>;
-  /** Deletes one the same way. Throws InstanceInvalidState if no process holds the disk. */
+  liveSnapshotCreate(uuid: string, name: string): Promise<LiveSnapshotResult>;
+  /**
+   * Deletes one the same way. It walks the refcounts of the whole disk: bounded by the job timeout,
+   * not a command timeout. Throws InstanceInvalidState if no process holds the disk.
+   */
   liveSnapshotDelete(uuid: string, name: string): Promise<void>;
 
   /**

@@ -138,9 +138,17 @@ export class QemuImg {
   /**
    * Copies what an NBD server exports (e.g. libvirt's pull backup, `nbd+unix:///vda?socket=…`) into a
    * sparse raw file: the export's holes are asked for (block status), not read. `signal` stops it.
+   * `rateLimit`: bytes/s of data copied (-r; holes cost nothing). `targetExists`: write into `dest`
+   * as it is, a file of the export's size reading as zeros (-n --target-is-zero: holes stay holes).
    */
-  async convertNbdToRaw(uri: string, dest: string, opts: { onProgress?: (fraction: number) => void; signal?: AbortSignal } = {}): Promise<void> {
+  async convertNbdToRaw(
+    uri: string,
+    dest: string,
+    opts: { onProgress?: (fraction: number) => void; signal?: AbortSignal; rateLimit?: number; targetExists?: boolean } = {},
+  ): Promise<void> {
     const args = ['convert', '-f', 'raw', '-O', 'raw'];
+    if (opts.targetExists) args.push('-n', '--target-is-zero');
+    if (opts.rateLimit !== undefined && opts.rateLimit > 0) args.push('-r', String(Math.max(1, Math.floor(opts.rateLimit))));
     if (opts.onProgress) args.push('-p');
     args.push(uri, dest);
     await this.run(args, progressParser(opts.onProgress), opts.signal);

@@ -9,7 +9,7 @@ import { DEFAULT_QUIESCE, type QuiesceOptions } from './guest-freeze.js';
 import type { OperationHandle, OperationJournal } from './operation-journal.js';
 import { runSteps, type BeforeStep } from './run-steps.js';
 import type { SnapshotContext } from './steps.js';
-import { STRATEGY_STEPS } from './strategies.js';
+import { STRATEGY_STEPS, USES_MANAGED_SAVE } from './strategies.js';
 
 export interface SnapshotRequest {
   requestId: string;
@@ -106,7 +106,7 @@ export class SnapshotEngine {
 
     const started = performance.now();
     const instance = await hv.info(req.instanceUuid);
-    await hv.checkSnapshottable?.(req.instanceUuid, { managedSave: strategy !== 'live' });
+    await hv.checkSnapshottable?.(req.instanceUuid, { managedSave: USES_MANAGED_SAVE[strategy] });
     const disk = await hv.diskInfo(req.instanceUuid);
     await store.ensureSpace(req.imageId, disk.actualSize);
     const snapshotName = `${this.deps.namePrefix}${req.imageId}`;

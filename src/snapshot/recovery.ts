@@ -12,6 +12,7 @@ import type { OperationJournal, OperationRecord } from './operation-journal.js';
 import type { PendingSnapshots } from './pending.js';
 import type { InstanceLocks } from '../compute/instance-locks.js';
 import { startAgain } from './steps.js';
+import { USES_MANAGED_SAVE } from './strategies.js';
 
 /**
  * Start-up recovery (SPEC §2 "on every path, including crashes"): what an agent that died in the
@@ -172,7 +173,7 @@ async function recoverGuest(deps: RecoveryDeps, rec: OperationRecord, out: Recov
     if (state === 'saved') {
       await lifecycle.resume(uuid);
       out.actions.push('resumed the guest from our managed save');
-    } else if (state === 'paused' && prior === 'running' && rec.strategy !== 'live') {
+    } else if (state === 'paused' && prior === 'running' && usedManagedSave(rec.strategy)) {
       // Its vCPUs were stopped for a managed save that did not happen.
       await hv.unpause(uuid);
       out.actions.push('let the guest run again (stopped for a save that did not complete)');
@@ -189,6 +190,11 @@ async function recoverGuest(deps: RecoveryDeps, rec: OperationRecord, out: Recov
   }
   out.guest_now = state;
   if (state !== 'missing' && processHoldsDisk(state)) await removeOwnSnapshot(deps, rec, state, out);
+}
+
+/** Whether the record's strategy stops the vCPUs for a managed save (one this agent does not know: yes). */
+function usedManagedSave(strategy: string): boolean {
+  return (USES_MANAGED_SAVE as Record<string, boolean | undefined>)[strategy] ?? true;
 }
 
 /** The record says a freeze may have been asked for and not yet undone. */

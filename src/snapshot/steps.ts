@@ -143,6 +143,28 @@ export const createSnapshot: Step = {
   },
 };
 
+/**
+ * monitor-snapshot: our internal snapshot created by the process that holds the disk, through its
+ * monitor, while the guest runs on (no managed save); with qemu-img when no process holds it. The
+ * guest's disk I/O waits while the snapshot table is written: that is its downtime.
+ */
+export const monitorCreateSnapshot: Step = {
+  name: 'monitor-create-snapshot',
+  async run(ctx) {
+    // Our freeze answered only because a process runs; else ask (a shut-off guest is never frozen).
+    if (!ctx.freeze?.holding && !(await holdsDisk(ctx))) {
+      await ctx.hv.offlineSnapshotCreate(ctx.uuid, ctx.snapshotName);
+      return;
+    }
+    const { ioHeldMs } = await ctx.hv.liveSnapshotCreate(ctx.uuid, ctx.snapshotName);
+    // A paused guest does no I/O: holding it costs the guest nothing.
+    if (ctx.priorState === 'running') ctx.downtimeMs += ioHeldMs;
+    // Quiesced only if the freeze held until the create returned.
+    takePointInTime(ctx);
+  },
+  undo: createSnapshot.undo,
+};
+
 async function exportInto(ctx: SnapshotContext, snapshotName: string | undefined): Promise<void> {
   await ctx.store.markSaving(ctx.imageId);
   await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: ctx.store.partialPath(ctx.imageId), onProgress: ctx.onProgress });

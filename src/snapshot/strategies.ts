@@ -6,6 +6,7 @@ import {
   exportDisk,
   exportSnapshot,
   keepAsPending,
+  monitorCreateSnapshot,
   resume,
   suspend,
   type Step,
@@ -17,7 +18,8 @@ import { quiesce, thaw } from './quiesce-steps.js';
  * Every strategy's whole sequence (SPEC §3). "suspend" is a managed save; on a guest with no QEMU
  * process it does nothing, and the same steps then work on the offline disk (`live` then exports it).
  * A running guest is frozen (quiesce) right before the point in time (the first suspend, the backup
- * start) and thawed as soon as it runs again; a guest that is not running is never frozen.
+ * start, the snapshot created through the monitor) and thawed as soon as it runs again, or as soon as
+ * the point in time is taken where it never stopped; a guest that is not running is never frozen.
  */
 export const STRATEGY_STEPS: Readonly<Record<StrategyName, readonly Step[]>> = {
   cold: [quiesce, suspend, exportDisk, resume, thaw],
@@ -25,6 +27,17 @@ export const STRATEGY_STEPS: Readonly<Record<StrategyName, readonly Step[]>> = {
   'double-suspend': [quiesce, suspend, createSnapshot, resume, thaw, exportSnapshot, suspend, deleteSnapshot, resume],
   'deferred-delete': [quiesce, suspend, deletePending, createSnapshot, resume, thaw, exportSnapshot, keepAsPending],
   live: [markSaving, quiesce, startBackup, thaw, waitBackup],
+  'monitor-snapshot': [quiesce, monitorCreateSnapshot, thaw, exportSnapshot, deleteSnapshot],
+};
+
+/** Whether a strategy managed-saves a guest that has a process (it never stops the vCPUs otherwise). */
+export const USES_MANAGED_SAVE: Readonly<Record<StrategyName, boolean>> = {
+  cold: true,
+  'suspend-create-resume-extract': true,
+  'double-suspend': true,
+  'deferred-delete': true,
+  live: false,
+  'monitor-snapshot': false,
 };
 
 /** Internal snapshots a strategy may leave on a running guest's disk. */
@@ -34,4 +47,5 @@ export const SNAPSHOTS_LEFT_MAX: Readonly<Record<StrategyName, number>> = {
   'double-suspend': 0,
   'deferred-delete': 1,
   live: 0,
+  'monitor-snapshot': 0,
 };

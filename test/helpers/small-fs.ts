@@ -24,7 +24,7 @@ export async function mountSmallFs(dir: string, sizeMb: number): Promise<SmallFs
   if (!Number.isInteger(sizeMb) || sizeMb < 1 || sizeMb > 1024) throw new TypeError(`sizeMb ${sizeMb}: expected 1..1024`);
   await fs.mkdir(dir, { recursive: true });
   const args = ['-t', 'tmpfs', '-o', `size=${sizeMb}m,mode=0755`, 'tmpfs', dir];
-  const res = await runProgram('mount', args).catch((err: Error) => ({ code: -1, stdout: '', stderr: err.message }));
+  const res = await runProgram('mount', args, { timeoutMs: 30_000 }).catch((err: Error) => ({ code: -1, stdout: '', stderr: err.message }));
   if (res.code !== 0) {
     throw new Error(
       `a small filesystem of its own is required by the disk-full tests (the image store must run out of space for real), ` +
@@ -60,13 +60,13 @@ export async function mountSmallFs(dir: string, sizeMb: number): Promise<SmallFs
 async function unmount(dir: string): Promise<void> {
   let last = '';
   for (let attempt = 0; attempt < 5; attempt++) {
-    const res = await runProgram('umount', [dir]);
+    const res = await runProgram('umount', [dir], { timeoutMs: 30_000 });
     if (res.code === 0) return;
     last = (res.stderr + res.stdout).trim();
     if (/not mounted|no mount point/i.test(last)) return;
     await new Promise((r) => setTimeout(r, 200));
   }
-  const lazy = await runProgram('umount', ['-l', dir]);
+  const lazy = await runProgram('umount', ['-l', dir], { timeoutMs: 30_000 });
   if (lazy.code !== 0) throw new Error(`cannot unmount the small filesystem ${dir}: ${last}; umount -l: ${(lazy.stderr + lazy.stdout).trim()}`);
 }
 

@@ -1,6 +1,6 @@
 /**
- * Issue 5, the crash matrix (2/2): deferred-delete and live at every step boundary on a running
- * guest; suspend-create-resume-extract on a paused guest; a kill while the managed save is being
+ * Issue 5, the crash matrix (2/2): deferred-delete, live and monitor-snapshot at every step boundary
+ * on a running guest; suspend-create-resume-extract on a paused guest; a kill while the managed save is being
  * written; and a kill after the operation is recorded but before any step (the request is then
  * carried out again). Checks: test/helpers/crash-matrix.ts.
  */
@@ -8,10 +8,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
 import { killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
 
-const STRATEGIES: StrategyName[] = ['deferred-delete', 'live', 'suspend-create-resume-extract'];
+const STRATEGIES: StrategyName[] = ['deferred-delete', 'live', 'monitor-snapshot', 'suspend-create-resume-extract'];
 const CASES: CrashCase[] = [
   ...killPoints('deferred-delete').map((point) => ({ strategy: 'deferred-delete' as const, point, guest: 'running' as const })),
   ...killPoints('live').map((point) => ({ strategy: 'live' as const, point, guest: 'running' as const })),
+  ...killPoints('monitor-snapshot').map((point) => ({ strategy: 'monitor-snapshot' as const, point, guest: 'running' as const })),
   ...killPoints('suspend-create-resume-extract').map((point) => ({ strategy: 'suspend-create-resume-extract' as const, point, guest: 'paused' as const })),
   { strategy: 'suspend-create-resume-extract', point: 'managed-save:migrating', guest: 'running' },
   { strategy: 'suspend-create-resume-extract', point: 'managed-save:migrating', guest: 'paused' },

@@ -1,5 +1,5 @@
 /**
- * Issue 10, the crash matrix on the libvirt backend (2/2: deferred-delete, live, a kill while
+ * Issue 10, the crash matrix on the libvirt backend (2/2: deferred-delete, live, monitor-snapshot, a kill while
  * libvirtd writes a managed save, a kill before any step; 1/2 in crash-matrix-libvirt-a): the agent
  * (`serve`, driver = libvirt) SIGKILLed right before every step acts, restarted, recovers
  * (test/helpers/crash-matrix.ts lists every check: the domain back in its state, its disk clean, our
@@ -11,9 +11,9 @@ import type { StrategyName } from '../../src/config/schema.js';
 import { killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
 import { libvirtView } from '../helpers/libvirt.js';
 
-const STRATEGIES: StrategyName[] = ['deferred-delete', 'live', 'suspend-create-resume-extract'];
+const STRATEGIES: StrategyName[] = ['deferred-delete', 'live', 'monitor-snapshot', 'suspend-create-resume-extract'];
 const CASES: CrashCase[] = [
-  ...(['deferred-delete', 'live'] as const).flatMap((strategy) => killPoints(strategy).map((point) => ({ strategy, point, guest: 'running' as const }))),
+  ...(['deferred-delete', 'live', 'monitor-snapshot'] as const).flatMap((strategy) => killPoints(strategy).map((point) => ({ strategy, point, guest: 'running' as const }))),
   { strategy: 'suspend-create-resume-extract', point: 'managed-save:migrating', guest: 'running' },
   { strategy: 'suspend-create-resume-extract', point: 'managed-save:migrating', guest: 'paused' },
 ];

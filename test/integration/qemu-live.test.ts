@@ -2,7 +2,9 @@ import { createHash, randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { GuestAgentError, InstanceInvalidState, QmpError } from '../../src/errors.js';
+import { GuestAgentError, InstanceBusy, InstanceInvalidState, QemuImgError, QmpError, QmpTimeout } from '../../src/errors.js';
+import { DISK_NODE, DISK_QOM_PATH } from '../../src/hypervisor/qemu/launch.js';
+import { FLEECE_PREFIX, fleecing } from '../../src/hypervisor/qemu/live-backup.js';
 import type { QemuHypervisor } from '../../src/hypervisor/qemu/qemu-hypervisor.js';
 import { runProgram } from '../../src/util/exec.js';
 import { GuestAgentResponder } from '../helpers/guest-agent-responder.js';
@@ -30,25 +32,27 @@ const regionPattern = (i: number) => 0x10 + i;
 async function writeRegions(hv: QemuHypervisor, uuid: string, stride: number): Promise<void> {
   for (let i = 0; i < 16; i++) await guestWrite(hv, uuid, regionPattern(i), i * stride, REGION);
 }
-/** Throttle that keeps a job running while the test writes into the guest (lifted afterwards). */
-const CRAWL = 1 * MiB;
+/**
+ * Copy rate (qemu-img convert -r, bytes of data per second; holes cost nothing) that keeps a copy
+ * going for seconds while the test writes into the guest: 64 MiB of data take 8 s.
+ */
+const CRAWL = 8 * MiB;
 
-interface BlockJobInfo {
-  device: string;
-  status: string;
-  offset: number;
-  len: number;
+/** `query-block-exports` entry. */
+interface BlockExport {
+  id: string;
+  'node-name': string;
 }
 
 async function sha512OfFile(file: string): Promise<string> {
-  const res = await runProgram('sha512sum', [file]);
+  const res = await runProgram('sha512sum', [file], { timeoutMs: 60_000 });
   if (res.code !== 0) throw new Error(`sha512sum ${file} failed: ${res.stderr}`);
   return res.stdout.split(' ')[0]!;
 }
 
 /** `qemu-img compare` of two raw files: true when their contents are identical. */
 async function rawIdentical(a: string, b: string): Promise<boolean> {
-  const res = await runProgram(QEMU_IMG, ['compare', '-f', 'raw', '-F', 'raw', a, b]);
+  const res = await runProgram(QEMU_IMG, ['compare', '-f', 'raw', '-F', 'raw', a, b], { timeoutMs: 60_000 });
   if (res.code > 1) throw new Error(`qemu-img compare failed: ${res.stderr}`);
   return res.code === 0;
 }
@@ -70,26 +74,69 @@ async function readRange(file: string, offset: number, len: number): Promise<Buf
 
 const allBytes = (buf: Buffer, value: number) => buf.every((b) => b === value);
 
-async function jobInfo(hv: QemuHypervisor, uuid: string, jobId: string): Promise<BlockJobInfo | undefined> {
-  return (await hv.qmp<BlockJobInfo[]>(uuid, 'query-block-jobs')).find((j) => j.device === jobId);
-}
-
 async function nodeNames(hv: QemuHypervisor, uuid: string): Promise<string[]> {
   const nodes = await hv.qmp<{ 'node-name': string }[]>(uuid, 'query-named-block-nodes', { flat: true });
   return nodes.map((n) => n['node-name']);
 }
 
-/** Files the guest's QEMU has open. */
+/** The node the guest's disk device is attached to (its I/O goes through it). */
+async function deviceDrive(hv: QemuHypervisor, uuid: string): Promise<string> {
+  return hv.qmp<string>(uuid, 'qom-get', { path: DISK_QOM_PATH, property: 'drive' });
+}
+
+/** Files the process has open. */
 async function openFiles(pid: number): Promise<string[]> {
-  const fds = await fs.readdir(`/proc/${pid}/fd`);
+  const fds = await fs.readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
   const targets = await Promise.all(fds.map((fd) => fs.readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')));
   return targets.filter((t) => t !== '');
 }
 
+/** Pids of processes (qemu-img) whose argv names this NBD socket. */
+async function readersOf(socket: string): Promise<number[]> {
+  const pids: number[] = [];
+  for (const entry of await fs.readdir('/proc')) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+    const cmdline = await fs.readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.split('\0').some((a) => a.endsWith(`?socket=${socket}`))) pids.push(Number(entry));
+  }
+  return pids;
+}
+
+async function waitFor(what: string, timeoutMs: number, check: () => Promise<boolean>): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`no ${what} within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/**
+ * What a live backup leaves in the guest's QEMU and the instance's folder: our nodes, exports and
+ * files, the node the device is attached to, block jobs, whether an NBD server runs.
+ */
+async function leftovers(hv: QemuHypervisor, instancesPath: string, uuid: string) {
+  const exports = await hv.qmp<BlockExport[]>(uuid, 'query-block-exports');
+  // No query for the NBD server: stopping it answers "not running" when there is none.
+  const nbdServer = await hv.qmp(uuid, 'nbd-server-stop').then(
+    () => 'was running',
+    (err: unknown) => (/not running/.test((err as Error).message) ? 'none' : `error: ${(err as Error).message}`),
+  );
+  return {
+    nodes: (await nodeNames(hv, uuid)).filter((n) => n.startsWith(FLEECE_PREFIX)),
+    exports: exports.map((e) => e.id),
+    drive: await deviceDrive(hv, uuid),
+    jobs: await hv.qmp<unknown[]>(uuid, 'query-block-jobs'),
+    nbdServer,
+    files: (await fs.readdir(path.join(instancesPath, uuid))).filter((n) => n.startsWith(FLEECE_PREFIX)),
+  };
+}
+
+const NOTHING_LEFT = { nodes: [], exports: [], drive: DISK_NODE, jobs: [], nbdServer: 'none', files: [] };
+
 /** Figures for the report (not assertions: this machine's speed is nobody's contract). */
 const figures: Record<string, number> = {};
 
-describe('live backup, guest agent and downtime against real QEMU', () => {
+describe('live backup (fleecing + pull), guest agent and downtime against real QEMU', () => {
   let env: QemuEnv;
   let hv: QemuHypervisor;
   let uuid: string;
@@ -108,7 +155,7 @@ describe('live backup, guest agent and downtime against real QEMU', () => {
     console.info(`[qemu-live] figures: ${JSON.stringify(figures)}`);
   });
 
-  it('backs up a running guest as of the job start: later writes absent from the image, present on the disk; vCPUs never stop', async () => {
+  it('backs up a running guest as of the start: later writes absent from the image, present on the disk; the store never in QEMU; vCPUs never stop', async () => {
     // Reference: the disk as it is now, read offline while the guest is managed-saved. The guest
     // has no OS: nothing but this test writes to its disk.
     const saved = await hv.managedSave(uuid);
@@ -126,33 +173,44 @@ describe('live backup, guest agent and downtime against real QEMU', () => {
     const before = Date.now();
     const job = await slow.startLiveBackup(uuid, dest);
     expect(job.startedAt).toBeGreaterThanOrEqual(before);
-    expect(job.startedAt).toBeLessThan(Date.now() + 1); // event times carry microseconds, Date.now() whole ms
+    expect(job.startedAt).toBeLessThanOrEqual(Date.now());
     expect(job.startPauseMs).toBeGreaterThanOrEqual(0);
     figures.startPauseMs = job.startPauseMs;
+    figures.startMs = job.startedAt - before;
 
-    const early = await jobInfo(slow, uuid, job.jobId);
-    expect(early).toMatchObject({ status: 'running' });
-    // Written after the start: over a region the job may have copied, over one it cannot have
-    // copied yet (the last), and where the disk had nothing.
+    // The fleecing: the device on our filter, the view exported, the fleece image in the instance's
+    // folder and open in QEMU; the store's file is not (QEMU never writes the store).
+    const f = job.fleecing;
+    const qemuPid = (await guestPid(env.instancesPath, uuid))!;
+    expect(path.dirname(f.imageFile)).toBe(path.join(env.instancesPath, uuid));
+    expect(await slow.qmp<string>(uuid, 'qom-get', { path: DISK_QOM_PATH, property: 'drive' })).toBe(f.cbwNode);
+    expect(await slow.qmp<BlockExport[]>(uuid, 'query-block-exports')).toEqual([
+      expect.objectContaining({ id: f.id, 'node-name': f.accessNode }),
+    ]);
+    expect(await openFiles(qemuPid)).toContain(f.imageFile);
+    expect(await openFiles(qemuPid)).not.toContain(dest);
+    expect((await fs.stat(f.socket)).isSocket()).toBe(true);
+
+    const progress: number[] = [];
+    let finished = false;
+    const waiting = job.wait((p) => progress.push(p)).finally(() => (finished = true));
+    await waitFor('qemu-img reading the export', 10_000, async () => (await readersOf(f.socket)).length === 1);
+    // Written during the copy: over a region the copy may have read, over one it cannot have read
+    // yet (the last), and where the disk had nothing.
     await guestWrite(slow, uuid, 0xee, 0, MiB);
     await guestWrite(slow, uuid, 0xee, 15 * REGION_STRIDE, MiB);
     await guestWrite(slow, uuid, 0xee, DISK_SIZE - MiB, MiB);
-    const late = await jobInfo(slow, uuid, job.jobId);
-    // The writes overlapped the job.
-    expect(late).toMatchObject({ status: 'running' });
-    expect(late!.offset).toBeLessThan(late!.len);
-
-    await slow.qmp(uuid, 'block-job-set-speed', { device: job.jobId, speed: 0 });
-    const progress: number[] = [];
-    await job.wait((f) => progress.push(f));
+    // The writes overlapped the copy (not vacuous).
+    expect(finished).toBe(false);
+    expect(await readersOf(f.socket)).toHaveLength(1);
+    await waiting;
     const events = await watch.stop();
 
-    expect(events.filter((e) => e.event === 'STOP')).toEqual([]);
-    // The watch did see the job (not vacuous).
-    expect(events.some((e) => e.event === 'BLOCK_JOB_COMPLETED' && e.data?.device === job.jobId)).toBe(true);
+    expect(events.filter((e) => e.event === 'STOP' || e.event === 'BLOCK_IO_ERROR')).toEqual([]);
     expect((await hv.info(uuid)).state).toBe('running');
     expect(progress.at(-1)).toBe(1);
-    expect(progress.every((f, i) => i === 0 || f >= progress[i - 1]!)).toBe(true);
+    expect(progress.length).toBeGreaterThan(2);
+    expect(progress.every((p, i) => i === 0 || p >= progress[i - 1]!)).toBe(true);
 
     // The image is the disk as of the start, bit for bit.
     const st = await fs.stat(dest);
@@ -170,47 +228,53 @@ describe('live backup, guest agent and downtime against real QEMU', () => {
     expect(await guestDiskHasPattern(hv, uuid, 0xee, 15 * REGION_STRIDE, MiB)).toBe(true);
     expect(await guestDiskHasPattern(hv, uuid, 0xee, DISK_SIZE - MiB, MiB)).toBe(true);
 
-    // The job and its target are gone from QEMU, which has let go of the file.
-    expect(await hv.qmp(uuid, 'query-block-jobs')).toEqual([]);
-    expect(await nodeNames(hv, uuid)).not.toContain(job.nodeName);
-    expect(await openFiles((await guestPid(env.instancesPath, uuid))!)).not.toContain(dest);
+    // Torn down: the device back on the disk node, no node, export, server, file or reader left.
+    expect(await leftovers(hv, env.instancesPath, uuid)).toEqual(NOTHING_LEFT);
+    expect(await readersOf(f.socket)).toEqual([]);
+    expect(await openFiles(qemuPid)).not.toContain(f.imageFile);
     await fs.rm(reference);
     await fs.rm(dest);
   });
 
-  it('cancel stops a running job: guest running, node removed, file released and left to the caller', async () => {
+  it('cancel stops the copy: guest running, everything torn down, the target left to the caller', async () => {
     const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
     const dest = path.join(env.tmpPath, 'cancelled.raw');
     const job = await slow.startLiveBackup(uuid, dest);
-    const pid = (await guestPid(env.instancesPath, uuid))!;
-    expect(await nodeNames(hv, uuid)).toContain(job.nodeName);
-    expect(await openFiles(pid)).toContain(dest);
-    expect(await jobInfo(hv, uuid, job.jobId)).toMatchObject({ status: 'running' });
+    expect(await nodeNames(hv, uuid)).toEqual(expect.arrayContaining([job.fleecing.imageNode, job.fleecing.cbwNode, job.fleecing.accessNode]));
 
     const waiting = job.wait().catch((e: unknown) => e);
+    await waitFor('qemu-img reading the export', 10_000, async () => (await readersOf(job.fleecing.socket)).length === 1);
     await job.cancel();
     await job.cancel();
     const err = await waiting;
-    expect(err).toBeInstanceOf(QmpError);
+    expect(err).toBeInstanceOf(QemuImgError);
     expect((err as Error).message).toMatch(/cancelled/);
 
     expect((await hv.info(uuid)).state).toBe('running');
-    expect(await hv.qmp(uuid, 'query-block-jobs')).toEqual([]);
-    expect(await nodeNames(hv, uuid)).not.toContain(job.nodeName);
-    expect(await openFiles(pid)).not.toContain(dest);
+    expect(await leftovers(hv, env.instancesPath, uuid)).toEqual(NOTHING_LEFT);
+    expect(await readersOf(job.fleecing.socket)).toEqual([]);
     expect((await fs.stat(dest)).isFile()).toBe(true);
+    await fs.rm(dest);
+
+    // Cancelled before its copy began: wait() fails at once, nothing is left either.
+    const early = await slow.startLiveBackup(uuid, dest);
+    await early.cancel();
+    await expect(early.wait()).rejects.toThrow(/cancelled/);
+    expect(await leftovers(hv, env.instancesPath, uuid)).toEqual(NOTHING_LEFT);
     await fs.rm(dest);
   });
 
-  it('a job ended by someone else fails wait() and is cleaned up; the next backup has the later writes', async () => {
+  it('an export ended by someone else fails wait() with the cause and is cleaned up; the next backup has the later writes', async () => {
     const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
     const dest = path.join(env.tmpPath, 'interrupted.raw');
     const job = await slow.startLiveBackup(uuid, dest);
-    await hv.qmp(uuid, 'job-cancel', { id: job.jobId });
-    const err = await job.wait().catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(QmpError);
-    expect((err as QmpError).errorClass).toBe('JobFailed');
-    expect(await nodeNames(hv, uuid)).not.toContain(job.nodeName);
+    const waiting = job.wait().catch((e: unknown) => e);
+    await waitFor('qemu-img reading the export', 10_000, async () => (await readersOf(job.fleecing.socket)).length === 1);
+    await hv.qmp(uuid, 'block-export-del', { id: job.fleecing.id, mode: 'hard' });
+    const err = await waiting;
+    expect(err).toBeInstanceOf(QemuImgError);
+    expect((err as Error).message).toMatch(/^live backup: /);
+    expect(await leftovers(hv, env.instancesPath, uuid)).toEqual(NOTHING_LEFT);
     await fs.rm(dest);
 
     const full = path.join(env.tmpPath, 'full.raw');
@@ -222,12 +286,126 @@ describe('live backup, guest agent and downtime against real QEMU', () => {
     await fs.rm(full);
   });
 
+  it('a start command that fails (an NBD server already runs) leaves nothing, and the server it found is not ours to stop', async () => {
+    const theirs = path.join(env.tmpPath, 'theirs.nbd');
+    const baseline = await nodeNames(hv, uuid);
+    await hv.qmp(uuid, 'nbd-server-start', { addr: { type: 'unix', data: { path: theirs } } });
+    const dest = path.join(env.tmpPath, 'refused.raw');
+    const err = await hv.startLiveBackup(uuid, dest).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(QmpError);
+    expect((err as QmpError).command).toBe('nbd-server-start');
+    expect(await nodeNames(hv, uuid)).toEqual(baseline);
+    expect(await deviceDrive(hv, uuid)).toBe(DISK_NODE);
+    expect((await fs.readdir(path.join(env.instancesPath, uuid))).filter((n) => n.startsWith(FLEECE_PREFIX))).toEqual([]);
+    // Their server still runs (stopping it works), and then nothing of ours is left either.
+    expect((await fs.stat(theirs)).isSocket()).toBe(true);
+    expect(await hv.qmp(uuid, 'nbd-server-stop')).toEqual({});
+    expect(await leftovers(hv, env.instancesPath, uuid)).toEqual(NOTHING_LEFT);
+    expect((await hv.info(uuid)).state).toBe('running');
+    await fs.rm(dest, { force: true });
+  });
+
+  it.each(['switch-drive', 'export'] as const)(
+    'a start command that times out (QEMU stalled before %s) is torn down once QEMU answers: no filter in the I/O path, nothing copying',
+    async (stallBefore) => {
+      const pid = (await guestPid(env.instancesPath, uuid))!;
+      const QMP_TIMEOUT = 2000;
+      let resumed: Promise<void> | undefined;
+      const stalling = env.newHypervisor({
+        qmpTimeoutMs: QMP_TIMEOUT,
+        liveBackupBeforeStartCommand: (step) => {
+          if (step !== stallBefore) return;
+          // QEMU's main loop stops: the next command gets no answer within the timeout, and takes
+          // effect late, once QEMU runs again (after the timeout, before the teardown's commands).
+          process.kill(pid, 'SIGSTOP');
+          resumed = new Promise((r) => setTimeout(r, QMP_TIMEOUT + 1000)).then(() => void process.kill(pid, 'SIGCONT'));
+        },
+      });
+      const dest = path.join(env.tmpPath, `timeout-${stallBefore}.raw`);
+      try {
+        const err = await stalling.startLiveBackup(uuid, dest).catch((e: unknown) => e);
+        expect(err).toBeInstanceOf(QmpTimeout);
+        expect((err as Error).message).toMatch(stallBefore === 'switch-drive' ? /qom-set/ : /block-export-add/);
+      } finally {
+        await resumed;
+      }
+      expect(resumed).toBeDefined();
+      expect((await hv.info(uuid)).state).toBe('running');
+      expect(await leftovers(hv, env.instancesPath, uuid)).toEqual(NOTHING_LEFT);
+      // The guest writes straight to its disk again.
+      await guestWrite(hv, uuid, 0x77, 32 * MiB, MiB);
+      expect(await guestDiskHasPattern(hv, uuid, 0x77, 32 * MiB, MiB)).toBe(true);
+      await fs.rm(dest, { force: true });
+    },
+  );
+
+  it('recovery after a dead agent: its copy is killed, the fleecing undone, the device back on the disk node', async () => {
+    const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
+    const dest = path.join(env.tmpPath, 'orphan.raw');
+    const job = await slow.startLiveBackup(uuid, dest);
+    // The copy runs; its agent is taken for dead: another hypervisor object settles what it left.
+    const waiting = job.wait().catch((e: unknown) => e);
+    await waitFor('qemu-img reading the export', 10_000, async () => (await readersOf(job.fleecing.socket)).length === 1);
+    const [reader] = await readersOf(job.fleecing.socket);
+    const actions = await env.newHypervisor().endInterruptedWork(uuid);
+    expect(actions).toEqual([
+      expect.stringMatching(new RegExp(`^killed the copy of live backup\\(s\\) ${job.fleecing.id} \\(pid ${reader}\\)$`)),
+      expect.stringMatching(new RegExp(`^tore down live backup\\(s\\) ${job.fleecing.id} \\(.*switched the guest's disk device back from ${job.fleecing.cbwNode} to ${DISK_NODE}.*\\)$`)),
+    ]);
+    expect(await readersOf(job.fleecing.socket)).toEqual([]);
+    expect(await waiting).toBeInstanceOf(Error);
+    expect(await leftovers(hv, env.instancesPath, uuid)).toEqual(NOTHING_LEFT);
+    expect((await hv.info(uuid)).state).toBe('running');
+    // Nothing left to do the second time.
+    expect(await env.newHypervisor().endInterruptedWork(uuid)).toEqual([]);
+    await fs.rm(dest, { force: true });
+  });
+
+  it('a second backup while one is under way is refused (InstanceBusy) and leaves the first alone', async () => {
+    const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
+    const first = await slow.startLiveBackup(uuid, path.join(env.tmpPath, 'first.raw'));
+    const err = await hv.startLiveBackup(uuid, path.join(env.tmpPath, 'second.raw')).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(InstanceBusy);
+    expect((err as Error).message).toContain(first.fleecing.cbwNode);
+    expect(await deviceDrive(hv, uuid)).toBe(first.fleecing.cbwNode);
+    expect(await hv.qmp<BlockExport[]>(uuid, 'query-block-exports')).toHaveLength(1);
+    await first.cancel();
+    expect(await leftovers(hv, env.instancesPath, uuid)).toEqual(NOTHING_LEFT);
+    await fs.rm(path.join(env.tmpPath, 'first.raw'), { force: true });
+    await fs.rm(path.join(env.tmpPath, 'second.raw'), { force: true });
+  });
+
+  it('a fleecing left in QEMU by a dead agent (no copy reading it) is torn down by the next backup, which succeeds', async () => {
+    // Built by hand, as an agent that died right after the start would have left it.
+    const dir = path.join(env.instancesPath, uuid);
+    const f = fleecing(dir, `${FLEECE_PREFIX}deadbeef`);
+    await env.qemuImg.create(f.imageFile, { sizeBytes: DISK_SIZE });
+    await hv.qmp(uuid, 'blockdev-add', { driver: 'qcow2', 'node-name': f.imageNode, file: { driver: 'file', filename: f.imageFile } });
+    await hv.qmp(uuid, 'nbd-server-start', { addr: { type: 'unix', data: { path: f.socket } } });
+    await hv.qmp(uuid, 'blockdev-add', { driver: 'copy-before-write', 'node-name': f.cbwNode, file: DISK_NODE, target: f.imageNode, 'on-cbw-error': 'break-snapshot' });
+    await hv.qmp(uuid, 'qom-set', { path: DISK_QOM_PATH, property: 'drive', value: f.cbwNode });
+    await hv.qmp(uuid, 'blockdev-add', { driver: 'snapshot-access', 'node-name': f.accessNode, file: f.cbwNode });
+    await hv.qmp(uuid, 'block-export-add', { type: 'nbd', id: f.id, 'node-name': f.accessNode, name: f.id, writable: false });
+    expect(await deviceDrive(hv, uuid)).toBe(f.cbwNode);
+
+    const dest = path.join(env.tmpPath, 'after-dead.raw');
+    const job = await hv.startLiveBackup(uuid, dest);
+    expect(job.fleecing.id).not.toBe(f.id);
+    const nodes = await nodeNames(hv, uuid);
+    expect(nodes.filter((n) => n.startsWith(f.id))).toEqual([]);
+    await job.wait();
+    expect(allBytes(await readRange(dest, 15 * REGION_STRIDE, MiB), 0xee)).toBe(true);
+    expect(await leftovers(hv, env.instancesPath, uuid)).toEqual(NOTHING_LEFT);
+    await fs.rm(dest);
+  });
+
   it('a 4 GiB disk holding 64 MiB gives an image taking at most 80 MiB, identical to the disk', async () => {
     const big = await createGuest(hv, { name: 'big', diskSizeBytes: 4 * GiB });
     await writeRegions(hv, big, 256 * MiB);
     const dest = path.join(env.tmpPath, 'big.raw');
     const t0 = performance.now();
     const job = await hv.startLiveBackup(big, dest);
+    figures.bigStartMs = performance.now() - t0;
     await job.wait();
     figures.backupMiBPerSec = 64 / ((performance.now() - t0) / 1000);
     figures.bigStartPauseMs = job.startPauseMs;
@@ -236,7 +414,7 @@ describe('live backup, guest agent and downtime against real QEMU', () => {
     expect(await allocatedBytes(dest)).toBeLessThanOrEqual(80 * MiB);
     // Nothing wrote to the disk since the start (the guest has no OS): the offline disk is the reference.
     await hv.stop(big, { graceful: false });
-    const res = await runProgram(QEMU_IMG, ['compare', '-f', 'raw', '-F', 'qcow2', dest, path.join(env.instancesPath, big, 'disk')]);
+    const res = await runProgram(QEMU_IMG, ['compare', '-f', 'raw', '-F', 'qcow2', dest, path.join(env.instancesPath, big, 'disk')], { timeoutMs: 60_000 });
     expect(res.stdout.trim()).toBe('Images are identical.');
     expect(res.code).toBe(0);
     await hv.deleteInstance(big);
@@ -245,14 +423,12 @@ describe('live backup, guest agent and downtime against real QEMU', () => {
 
   it('a disk on a backing image: the image holds the backing data too, as of the start, and stays sparse', async () => {
     const base = path.join(env.tmpPath, 'base.qcow2');
-    expect((await runProgram(QEMU_IMG, ['create', '-q', '-f', 'qcow2', base, String(64 * MiB)])).code).toBe(0);
-    const io = await runProgram(QEMU_IO, [
-      '-f', 'qcow2',
-      '-c', `write -P 0x31 0 ${2 * MiB}`,
-      '-c', `write -P 0x32 ${8 * MiB} ${2 * MiB}`,
-      '-c', `write -P 0x33 ${60 * MiB} ${4 * MiB}`,
-      base,
-    ]);
+    expect((await runProgram(QEMU_IMG, ['create', '-q', '-f', 'qcow2', base, String(64 * MiB)], { timeoutMs: 30_000 })).code).toBe(0);
+    const io = await runProgram(
+      QEMU_IO,
+      ['-f', 'qcow2', '-c', `write -P 0x31 0 ${2 * MiB}`, '-c', `write -P 0x32 ${8 * MiB} ${2 * MiB}`, '-c', `write -P 0x33 ${60 * MiB} ${4 * MiB}`, base],
+      { timeoutMs: 30_000 },
+    );
     expect(io.code).toBe(0);
     const child = randomUUID();
     await hv.createInstance({ uuid: child, name: 'on-base', memoryMb: 128, vcpus: 1, machine: 'pc', baseImage: base });
@@ -266,19 +442,23 @@ describe('live backup, guest agent and downtime against real QEMU', () => {
     expected.fill(0x41, 1 * MiB, 2 * MiB).fill(0x42, 20 * MiB, 21 * MiB).fill(0, 8 * MiB, 9 * MiB);
 
     const dest = path.join(env.tmpPath, 'on-base.raw');
-    const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
+    // 1 MiB/s: the 10 MiB of data take seconds.
+    const slow = env.newHypervisor({ liveBackupSpeed: MiB });
     const job = await slow.startLiveBackup(child, dest);
+    let finished = false;
+    const waiting = job.wait().finally(() => (finished = true));
+    await waitFor('qemu-img reading the export', 10_000, async () => (await readersOf(job.fleecing.socket)).length === 1);
     await guestWrite(slow, child, 0xee, 60 * MiB, MiB);
     await guestWrite(slow, child, 0xee, 20 * MiB, MiB);
-    expect(await jobInfo(slow, child, job.jobId)).toMatchObject({ status: 'running' });
-    await slow.qmp(child, 'block-job-set-speed', { device: job.jobId, speed: 0 });
-    await job.wait();
+    expect(finished).toBe(false);
+    await waiting;
 
     const image = await fs.readFile(dest);
     expect(image.length).toBe(64 * MiB);
     expect(createHash('sha512').update(image).digest('hex')).toBe(createHash('sha512').update(expected).digest('hex'));
     expect(await allocatedBytes(dest)).toBeLessThanOrEqual(16 * MiB);
     expect(await guestDiskHasPattern(hv, child, 0xee, 60 * MiB, MiB)).toBe(true);
+    expect(await leftovers(hv, env.instancesPath, child)).toEqual(NOTHING_LEFT);
     await hv.deleteInstance(child);
   });
 

@@ -6,8 +6,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildRuntime, type Runtime } from '../../src/compute/runtime.js';
 import { defaultConfig, STRATEGIES, type StrategyName } from '../../src/config/schema.js';
 import type { QemuHypervisor } from '../../src/hypervisor/qemu/qemu-hypervisor.js';
+import type { QmpEvent } from '../../src/hypervisor/qemu/qmp.js';
 import { silentLogger } from '../../src/log.js';
-import { SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
+import { SNAPSHOTS_LEFT_MAX, USES_MANAGED_SAVE } from '../../src/snapshot/strategies.js';
 import { dir } from 'tmp-promise';
 import { assertQemuInstalled, guestFlush, guestWrite as writeThroughGuest, killQemuUnder } from '../helpers/qemu-guest.js';
 
@@ -37,10 +38,11 @@ beforeAll(async () => {
   config.hypervisor.shutdown_timeout = 1;
   config.hypervisor.accel = 'tcg';
   // Right before the step that fixes the point in time, convert the disk as it is then: offline when
-  // the guest is suspended or off; for live (the guest runs) after a flush of its QEMU's caches — the
-  // test guest has no OS, so nothing writes between that flush and the job start.
+  // the guest is suspended or off; for live and monitor-snapshot (the guest runs) after a flush of
+  // its QEMU's caches — the test guest has no OS, so nothing writes between that flush and the job
+  // start or the create.
   const beforeStep = async (step: { name: string }) => {
-    if (reference !== undefined || !['create-snapshot', 'export-disk', 'start-backup'].includes(step.name)) return;
+    if (reference !== undefined || !['create-snapshot', 'export-disk', 'start-backup', 'monitor-create-snapshot'].includes(step.name)) return;
     const running = ['running', 'paused'].includes((await hv.info(currentUuid)).state);
     if (running) await guestFlush(hv, currentUuid);
     const out = path.join(base, 'reference.raw');
@@ -88,7 +90,15 @@ async function snapshot(uuid: string, strategy: StrategyName) {
 describe.each(STRATEGIES)('%s on a real QEMU guest', (strategy) => {
   it.each(['running', 'paused', 'shutoff'] as const)('%s guest: image = disk at snapshot time, state kept, disk clean', async (state) => {
     const uuid = await newGuest(state);
-    const result = await snapshot(uuid, strategy);
+    // Every QMP event of the guest's QEMU while the snapshot is taken (its QMP connection is shared
+    // while this one is open), for a strategy that keeps that QEMU.
+    const events: string[] = [];
+    const result = USES_MANAGED_SAVE[strategy] || state === 'shutoff'
+      ? await snapshot(uuid, strategy)
+      : await hv.withMonitor(uuid, async (qmp) => {
+          qmp.on('event', (ev: QmpEvent) => events.push(ev.event));
+          return snapshot(uuid, strategy);
+        });
 
     expect(result.status).toBe('active');
     expect(reference).toBeDefined();
@@ -100,8 +110,11 @@ describe.each(STRATEGIES)('%s on a real QEMU guest', (strategy) => {
     expect(left.length).toBe(state === 'shutoff' ? 0 : SNAPSHOTS_LEFT_MAX[strategy]);
     expect(result.internal_snapshots).toBe(left.length);
     if (state === 'running') {
-      // A managed save stops the vCPUs; live only holds disk I/O while its job starts.
-      if (strategy !== 'live') expect(result.downtime_ms).toBeGreaterThan(0);
+      // A managed save stops the vCPUs; live and monitor-snapshot only hold disk I/O for a moment,
+      // and never stop them (no STOP event).
+      if (USES_MANAGED_SAVE[strategy]) expect(result.downtime_ms).toBeGreaterThan(0);
+      else expect(events).not.toContain('STOP');
+      if (strategy === 'monitor-snapshot') expect(events).toEqual([]);
       // A write after the snapshot is on the disk, not in the image.
       await guestWrite(uuid, 0x77, 0, 1);
     }

@@ -1,6 +1,6 @@
 import zlib from 'node:zlib';
 import { describe, expect, it } from 'vitest';
-import { observed, parseConsole, parseConsoleLine } from '../../src/guest-check/console.js';
+import { latencyPercentiles, observed, parseConsole, parseConsoleLine } from '../../src/guest-check/console.js';
 import { checkRecords, decodeRecord, RECORD_BYTES, RECORD_MAGIC } from '../../src/guest-check/records.js';
 
 /** A record exactly as guest/writer.c writes it. */
@@ -60,7 +60,8 @@ describe('guest console', () => {
       'PROBE start mode=uie',
       'GUEST ready',
       'PROBE tick rtc=1764470000 off=0.4',
-      'WRITER seq=1050 n=49 max_us=2300',
+      'WRITER seq=1050 n=49 max_us=2300 hist=40:30,44:18,45:1',
+      'WRITER seq=1051 n=0 max_us=0 hist=',
       'WRITER slow seq=1051 us=480000',
       'PROBE stop ms=503.2 rtc=1764470003',
       'PROBE gap ms=61.0',
@@ -76,6 +77,7 @@ describe('guest console', () => {
       'guest-ready',
       'probe-tick',
       'writer-progress',
+      'writer-progress',
       'writer-slow',
       'probe-stop',
       'probe-gap',
@@ -83,14 +85,22 @@ describe('guest console', () => {
       'probe-stop',
     ]);
     expect(events[0]).toEqual({ kind: 'writer-start', boot: 2, seq: 1001, files: 1, offset: 100 + text.indexOf('WRITER start') });
-    expect(events[6]).toMatchObject({ kind: 'probe-stop', ms: 503.2, rtc: 1764470003 });
-    expect(observed(events)).toEqual({
+    expect(events[7]).toMatchObject({ kind: 'probe-stop', ms: 503.2, rtc: 1764470003 });
+    const seen = observed(events);
+    expect(seen).toEqual({
       stoppedMs: 503.2, // the 17.2 ms stop is under the probe's noise floor
       stops: [503.2, 17.2],
       gaps: [61],
       writerMaxMs: 480,
+      writerLatency: new Map([[40, 30], [44, 18], [45, 1]]),
       writerErrors: ['write rec-000002.log: Input/output error'],
     });
+    // Bucket 40 holds 1024 µs up to 1218 µs; 44: 2048–2435 µs; 45: 2435–2896 µs.
+    const p = latencyPercentiles(seen.writerLatency)!;
+    expect(p.n).toBe(49);
+    expect(p.p50Ms).toBeCloseTo(2 ** (41 / 4) / 1000, 6);
+    expect(p.p99Ms).toBeCloseTo(2 ** (46 / 4) / 1000, 6);
+    expect(latencyPercentiles(new Map())).toBeUndefined();
     expect(parseConsoleLine('INITRAMFS error: /dev/vda did not appear')).toEqual({ kind: 'boot-error', text: '/dev/vda did not appear' });
   });
 

@@ -5,7 +5,7 @@ import { formatNodeName, parseDomainXml } from '../../src/hypervisor/libvirt/dom
 import { parseDomInfo, powerStateOf } from '../../src/hypervisor/libvirt/domains.js';
 import { qmpReply } from '../../src/hypervisor/libvirt/libvirt-hypervisor.js';
 import { parseEventLine } from '../../src/hypervisor/libvirt/monitor-events.js';
-import { parseKeyValues, virshMessage } from '../../src/hypervisor/libvirt/virsh.js';
+import { parseKeyValues, splitTiming, virshMessage } from '../../src/hypervisor/libvirt/virsh.js';
 
 /** What the libvirt backend reads from virsh, as virsh 9.0 prints it (outputs captured on this machine). */
 
@@ -29,6 +29,12 @@ function domainXml(disks: string): string {
 }
 
 describe('virsh output', () => {
+  it('-t: the command output and its timing line apart; none is undefined', () => {
+    expect(splitTiming('{"return":{},"id":"libvirt-41"}\n\n(Time: 9.207 ms)\n\n')).toEqual({ stdout: '{"return":{},"id":"libvirt-41"}\n', commandMs: 9.207 });
+    expect(splitTiming('\n(Time: 12 ms)\n')).toEqual({ stdout: '', commandMs: 12 });
+    expect(splitTiming('{"return":{}}\n')).toBeUndefined();
+  });
+
   it('dominfo: state, managed save, persistence; continuation lines ignored', () => {
     expect(parseDomInfo(DOMINFO)).toEqual({ uuid: UUID, name: 'b2', libvirtState: 'running', managedSave: false, persistent: true });
     expect(parseKeyValues(DOMINFO).get('Messages')).toBe('tainted: custom monitor control commands issued');

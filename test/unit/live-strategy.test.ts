@@ -63,7 +63,7 @@ async function expectImageIsJobStart(e: FakeEnv, uuid: string, imageId: string) 
  * deadline's timer faked, `op` is held, the clock advanced past max_freeze_seconds when `op` is
  * reached, and released once the deadline's thaw has answered. Call useRealTimers afterwards.
  */
-function deadlineDuring(e: FakeEnv, op: 'startLiveBackup' | 'freezeFilesystems', maxFreezeMs: number): void {
+function deadlineDuring(e: FakeEnv, op: 'startLiveBackup' | 'liveSnapshotCreate' | 'freezeFilesystems', maxFreezeMs: number): void {
   vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
   const thawed = onThaw(e);
   let reached!: () => void;
@@ -221,6 +221,42 @@ describe('live: quiesce', () => {
     expect(ops().filter((op) => STOPS.test(op) || /Backup|Filesystems|guestAgent/.test(op))).toEqual([]);
     expect((await fs.readFile(path.join(e.tmp, 'images', imageId))).equals(before)).toBe(true);
     expect(e.hv.powerState(uuid)).toBe(state);
+  });
+});
+
+describe('monitor-snapshot: the freeze never outlasts max_freeze_seconds either', () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+  const opts = (mode: 'auto' | 'required'): FakeEnvOptions => ({ strategy: 'monitor-snapshot', quiesce: { mode, maxFreezeMs: 60_000 } });
+
+  it('auto: a create slower than the limit is thawed by the timer; the image is unquiesced, its snapshot deleted', async () => {
+    const { e, uuid, ops } = await liveGuest('running', { present: true }, opts('auto'));
+    deadlineDuring(e, 'liveSnapshotCreate', 60_000);
+    const result = await take(e, uuid);
+    expect(result).toMatchObject({ status: 'active', quiesced: false, internal_snapshots: 0 });
+    expect(ops().filter((op) => /Filesystems|Snapshot(Create|Delete)|exportDisk/.test(op))).toEqual([
+      'freezeFilesystems',
+      'liveSnapshotCreate',
+      'thawFilesystems',
+      'exportDisk',
+      'liveSnapshotDelete',
+    ]);
+    expect(e.hv.frozen(uuid)).toBe(false);
+  });
+
+  it('required: the same run fails; the snapshot it made is deleted, the guest thawed and running', async () => {
+    const { e, uuid } = await liveGuest('running', { present: true }, opts('required'));
+    deadlineDuring(e, 'liveSnapshotCreate', 60_000);
+    const imageId = randomUUID();
+    const err = await failure(take(e, uuid, imageId));
+    expect(err.cause).toBeInstanceOf(GuestAgentError);
+    expect(err.message).toMatch(/max_freeze_seconds/);
+    expect(await e.ownSnapshots(uuid)).toEqual([]);
+    expect(e.hv.frozen(uuid)).toBe(false);
+    expect(e.hv.powerState(uuid)).toBe('running');
+    expect(await e.partialFiles()).toEqual([]);
+    expect((await e.store.show(imageId)).status).toBe('killed');
   });
 });
 

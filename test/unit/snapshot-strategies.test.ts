@@ -5,10 +5,11 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 import { STRATEGIES, type StrategyName } from '../../src/config/schema.js';
 import type { ResumeResult, SaveResult } from '../../src/hypervisor/types.js';
 import { windowDowntimeMs } from '../../src/snapshot/downtime.js';
-import { STRATEGY_STEPS } from '../../src/snapshot/strategies.js';
+import { STRATEGY_STEPS, USES_MANAGED_SAVE } from '../../src/snapshot/strategies.js';
 import { allowedLeft, expectSafeFailure, guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
 
 const STATES = ['running', 'paused', 'shutoff', 'saved'] as const;
+const IO_HELD_MS = 7;
 let envs: FakeEnv[] = [];
 afterEach(async () => {
   await Promise.all(envs.map((e) => e.cleanup()));
@@ -22,18 +23,19 @@ async function env(strategy: StrategyName, opts: Parameters<typeof makeFakeEnv>[
 
 describe.each(STRATEGIES)('strategy %s on the fake hypervisor', (strategy) => {
   it.each(STATES)('snapshots a %s guest: point-in-time image, prior state kept, §2 kept', async (state) => {
-    const e = await env(strategy);
+    const e = await env(strategy, { hv: { liveSnapshotIoHeldMs: IO_HELD_MS } });
     const uuid = randomUUID();
     await guestIn(e, state, uuid);
+    const imageId = randomUUID();
     // The disk as of the point in time: captured when the step that fixes it is about to run (an
-    // offline disk does not change); for a live backup job, the fake records it at the job's start.
+    // offline disk does not change); for a live backup job, the fake records it at the job's start;
+    // a snapshot created through the monitor is read once made (the guest writes during the call).
     let pointInTime: Buffer | undefined;
     e.beforeStep = (step) => {
-      if (pointInTime === undefined && ['create-snapshot', 'export-disk', 'start-backup'].includes(step.name)) {
-        pointInTime = e.hv.diskContent(uuid);
-      }
+      if (pointInTime !== undefined) return;
+      if (['create-snapshot', 'export-disk', 'start-backup'].includes(step.name)) pointInTime = e.hv.diskContent(uuid);
+      if (strategy === 'monitor-snapshot' && step.name === 'thaw') pointInTime = e.hv.snapshotContent(uuid, `${PREFIX}${imageId}`);
     };
-    const imageId = randomUUID();
     const mark = e.hv.calls.length;
     const result = await e.engine.take({ requestId: 'req-1', instanceUuid: uuid, imageId });
     const ops = e.hv.calls.slice(mark).map((c) => c.op);
@@ -56,16 +58,18 @@ describe.each(STRATEGIES)('strategy %s on the fake hypervisor', (strategy) => {
       // simply the current disk.
       expect(data.equals(e.hv.diskContent(uuid))).toBe(false);
     }
-    // Nothing to suspend, or vCPUs that were stopped anyway; live holds no I/O in the fake.
-    if (state !== 'running' || strategy === 'live') expect(result.downtime_ms).toBe(0);
+    // Nothing to suspend, or vCPUs that were stopped anyway; live holds no I/O in the fake; a
+    // snapshot through the monitor holds a running guest's I/O as long as the backend says.
+    if (strategy === 'monitor-snapshot') expect(result.downtime_ms).toBe(state === 'running' ? IO_HELD_MS : 0);
+    else if (state !== 'running' || strategy === 'live') expect(result.downtime_ms).toBe(0);
     // Every strategy quiesces a running guest (whose agent answers), and only a running one.
     expect(result.quiesced).toBe(state === 'running');
     if (!result.quiesced) expect(result.freeze_ms).toBe(0);
     expect(e.hv.frozen(uuid)).toBe(false);
     const agentOps = ops.filter((op) => /Filesystems|guestAgent/.test(op));
     expect(agentOps).toEqual(result.quiesced ? ['guestAgentAvailable', 'freezeFilesystems', 'thawFilesystems'] : []);
-    // live never stops the guest's vCPUs or its process.
-    if (strategy === 'live') expect(ops.filter((op) => /managedSave|resume|pause|stop|start$/.test(op))).toEqual([]);
+    // live and monitor-snapshot never stop the guest's vCPUs or its process.
+    if (!USES_MANAGED_SAVE[strategy]) expect(ops.filter((op) => /managedSave|resume|pause|stop|start$/.test(op))).toEqual([]);
     expect((await e.hv.info(uuid)).state).toBe(state);
     expect(e.hv.violations).toEqual([]);
     const left = await e.ownSnapshots(uuid);
@@ -73,6 +77,33 @@ describe.each(STRATEGIES)('strategy %s on the fake hypervisor', (strategy) => {
     expect(result.internal_snapshots).toBe(left.length);
     expect((await e.store.verify(imageId)).ok).toBe(true);
     expect(await e.partialFiles()).toEqual([]);
+  });
+});
+
+describe('monitor-snapshot', () => {
+  const KEY_OPS = /Filesystems|SnapshotCreate|SnapshotDelete|exportDisk|managedSave|resume|pause/;
+
+  it('a running guest: frozen only around the create through the monitor, never saved; its snapshot exported, then deleted through the monitor', async () => {
+    const e = await env('monitor-snapshot');
+    const uuid = randomUUID();
+    await guestIn(e, 'running', uuid);
+    const mark = e.hv.calls.length;
+    const result = await e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId: randomUUID() });
+    const ops = e.hv.calls.slice(mark).map((c) => c.op).filter((op) => KEY_OPS.test(op));
+    expect(ops).toEqual(['freezeFilesystems', 'liveSnapshotCreate', 'thawFilesystems', 'exportDisk', 'liveSnapshotDelete']);
+    expect(result).toMatchObject({ status: 'active', quiesced: true, internal_snapshots: 0 });
+  });
+
+  it.each(['shutoff', 'saved'] as const)('a %s guest: created, exported and deleted offline, no freeze', async (state) => {
+    const e = await env('monitor-snapshot');
+    const uuid = randomUUID();
+    await guestIn(e, state, uuid);
+    const mark = e.hv.calls.length;
+    const result = await e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId: randomUUID() });
+    const ops = e.hv.calls.slice(mark).map((c) => c.op).filter((op) => KEY_OPS.test(op));
+    expect(ops).toEqual(['offlineSnapshotCreate', 'exportDisk', 'offlineSnapshotDelete']);
+    expect(result).toMatchObject({ status: 'active', quiesced: false, downtime_ms: 0 });
+    expect(e.hv.powerState(uuid)).toBe(state);
   });
 });
 
@@ -176,7 +207,7 @@ describe.each(STRATEGIES)('strategy %s with a failure injected', (strategy) => {
 });
 
 describe('downtime', () => {
-  const SUSPENDING = STRATEGIES.filter((s) => s !== 'live');
+  const SUSPENDING = STRATEGIES.filter((s) => USES_MANAGED_SAVE[s]);
 
   it.each(SUSPENDING)('%s: the sum of vcpusResumedAt − vcpusStoppedAt over its suspend/resume pairs', async (strategy) => {
     // A clock that jumps 1000 s per reading: the figure can only come from the hypervisor's times.

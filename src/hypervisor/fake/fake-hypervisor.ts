@@ -21,6 +21,7 @@ import {
   type InstanceInfo,
   type InstanceSpec,
   type InternalSnapshot,
+  type LiveSnapshotResult,
   type LaunchHooks,
   type PowerState,
   type ResumeResult,
@@ -54,6 +55,8 @@ export interface FakeHypervisorOptions {
   now?: () => number;
   /** What a live backup job reports as its startPauseMs. Default 0. */
   backupStartPauseMs?: number;
+  /** What a snapshot created through the monitor reports as its ioHeldMs. Default 0. */
+  liveSnapshotIoHeldMs?: number;
 }
 
 interface FakeInstance {
@@ -102,12 +105,14 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
   private readonly defaultDiskBytes: number;
   private readonly now: () => number;
   private readonly backupStartPauseMs: number;
+  private readonly liveSnapshotIoHeldMs: number;
 
   constructor(opts: FakeHypervisorOptions = {}) {
     this.supportsLiveBackup = opts.supportsLiveBackup ?? true;
     this.defaultDiskBytes = opts.defaultDiskBytes ?? DEFAULT_DISK_BYTES;
     this.now = opts.now ?? Date.now;
     this.backupStartPauseMs = opts.backupStartPauseMs ?? 0;
+    this.liveSnapshotIoHeldMs = opts.liveSnapshotIoHeldMs ?? 0;
   }
 
   // ---- InstanceFactory ----
@@ -386,7 +391,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     });
   }
 
-  liveSnapshotCreate(uuid: string, name: string): Promise<void> {
+  liveSnapshotCreate(uuid: string, name: string): Promise<LiveSnapshotResult> {
     return this.call('liveSnapshotCreate', uuid, [uuid, name], () => {
       const inst = this.get(uuid);
       requireProcess(inst, 'liveSnapshotCreate');
@@ -394,6 +399,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
         throw new QmpError('blockdev-snapshot-internal-sync', 'GenericError', `Snapshot with name '${name}' already exists on device '${ROOT_DEVICE}'`);
       }
       inst.disk.addSnapshot(name, this.nowSec());
+      return { ioHeldMs: this.liveSnapshotIoHeldMs };
     });
   }
 

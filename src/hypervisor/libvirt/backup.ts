@@ -1,4 +1,5 @@
 import fs from 'node:fs/promises';
+import path from 'node:path';
 import { errorMessage, UsageError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { QemuImg } from '../../qemu-img/qemu-img.js';
@@ -11,7 +12,8 @@ import type { Virsh } from './virsh.js';
  * exported over NBD on a unix socket and copied by `qemu-img convert` into the store's raw file. A
  * push backup to a raw file is not sparse (QEMU writes the zeros: a 4 GiB disk with 64 MiB of data
  * gave a 4 GiB file), and one to a qcow2 would need a second copy; pulling gives the sparse raw image
- * directly. The only other host disk used is the scratch file: what the guest overwrites during the job.
+ * directly. The only other host disk used is the scratch file beside the guest's disk: what the guest
+ * overwrites during the job. QEMU never opens the store's file; only our qemu-img writes it.
  * Ending the job (`domjobabort`) makes libvirt remove the socket and the scratch file.
  */
 
@@ -47,16 +49,18 @@ export async function startPullBackup(ctx: PullBackupContext, domain: DomainXml,
   if (Buffer.byteLength(socket) >= UNIX_SOCKET_PATH_MAX) {
     throw new UsageError(`the backup's NBD socket ${JSON.stringify(socket)} would not fit in a unix socket path: choose a shorter [image_store] path`);
   }
-  const scratch = `${dest}.scratch.qcow2`;
+  // Beside the guest's disk, never in the store: the guest's writes wait for their copy-before-write
+  // into it, so it must be as fast, and as full, as the disk itself (a slow or full store must never
+  // hold or fail a guest write).
+  const scratch = path.join(path.dirname(domain.rootDisk.path), `snapdrv-scratch-${path.basename(dest)}.qcow2`);
   const xmlFile = `${dest}.backup.xml`;
   const log = ctx.log.child({ instance_uuid: domain.uuid });
   await fs.writeFile(xmlFile, pullBackupXml(domain, socket, scratch), { mode: 0o600 });
   let startPauseMs: number;
   try {
-    const t0 = performance.now();
-    await ctx.virsh.run(['backup-begin', domain.uuid, xmlFile], { uuid: domain.uuid });
-    // An upper bound of how long the job's start held the guest's I/O: the whole command, virsh included.
-    startPauseMs = performance.now() - t0;
+    // An upper bound of how long the job's start held the guest's I/O: the whole command as virsh
+    // times it (libvirt's round trip and its QMP transaction; virsh's own start left out).
+    startPauseMs = (await ctx.virsh.runTimed(['backup-begin', domain.uuid, xmlFile], { uuid: domain.uuid })).commandMs;
   } finally {
     await fs.rm(xmlFile, { force: true });
   }

@@ -10,13 +10,14 @@ import type {
   Hypervisor,
   InstanceInfo,
   InternalSnapshot,
+  LiveSnapshotResult,
   LaunchHooks,
   ResumeResult,
   SaveResult,
 } from '../types.js';
 import { qmpReturn } from '../qmp-reply.js';
 import { startPullBackup } from './backup.js';
-import { formatNodeName } from './domain-xml.js';
+import { formatNodeName, type DomainXml } from './domain-xml.js';
 import { LibvirtDomains, parseDomInfo, powerStateOf, type DomainInfo } from './domains.js';
 import { abortJob, managedSave, resume, type SaveRestoreContext } from './managed-save.js';
 import type { DomainEventWatch } from './monitor-events.js';
@@ -197,23 +198,29 @@ export class LibvirtHypervisor implements Hypervisor {
     await this.qemuImg.snapshotDelete(d.xml.rootDisk.path, name);
   }
 
-  liveSnapshotCreate(uuid: string, name: string): Promise<void> {
-    return this.monitorSnapshot(uuid, 'blockdev-snapshot-internal-sync', name);
+  async liveSnapshotCreate(uuid: string, name: string): Promise<LiveSnapshotResult> {
+    const d = await this.domains.requireActive(uuid, 'blockdev-snapshot-internal-sync through the monitor');
+    // virsh's own timing of the command: libvirt's round trip to QEMU and back, virsh's start left out.
+    const commandMs = await this.monitorSnapshot(d, 'blockdev-snapshot-internal-sync', name);
+    return { ioHeldMs: commandMs };
   }
 
-  liveSnapshotDelete(uuid: string, name: string): Promise<void> {
-    return this.monitorSnapshot(uuid, 'blockdev-snapshot-delete-internal-sync', name);
+  async liveSnapshotDelete(uuid: string, name: string): Promise<void> {
+    const d = await this.domains.requireActive(uuid, 'blockdev-snapshot-delete-internal-sync through the monitor');
+    await this.monitorSnapshot(d, 'blockdev-snapshot-delete-internal-sync', name);
   }
 
-  /** Through the domain's QEMU monitor; virsh exits 0 even when QMP answers an error, so the reply is read. */
-  private async monitorSnapshot(uuid: string, command: string, name: string): Promise<void> {
-    const d = await this.domains.requireActive(uuid, `${command} through the monitor`);
+  /**
+   * Through the domain's QEMU monitor, bounded by the job timeout (both walk the whole disk's
+   * refcounts); virsh exits 0 even when QMP answers an error, so the reply is read. Resolves with how
+   * long the command took (virsh -t).
+   */
+  private async monitorSnapshot(d: { uuid: string; xml: DomainXml }, command: string, name: string): Promise<number> {
     const device = formatNodeName(d.xml.rootDisk);
-    const out = await this.virsh.run(['qemu-monitor-command', d.uuid, JSON.stringify({ execute: command, arguments: { device, name } })], {
-      uuid: d.uuid,
-      timeoutMs: this.opts.jobTimeoutMs,
-    });
-    qmpReply(command, out);
+    const args = ['qemu-monitor-command', d.uuid, JSON.stringify({ execute: command, arguments: { device, name } })];
+    const { stdout, commandMs } = await this.virsh.runTimed(args, { uuid: d.uuid, timeoutMs: this.opts.jobTimeoutMs });
+    qmpReply(command, stdout);
+    return commandMs;
   }
 
   async exportDisk(uuid: string, opts: ExportOptions): Promise<void> {

@@ -25,6 +25,15 @@ const NO_DOMAIN = /failed to get domain|Domain not found|no domain with matching
 /** What virsh says when it could not reach libvirtd at all (so the command was never sent). */
 const NOT_REACHED = /failed to connect to the hypervisor/i;
 const RECONNECT_DELAY_MS = 250;
+/** The line `virsh -t` prints after a command's output. */
+const TIMING = /\n?\(Time: (\d+(?:\.\d+)?) ms\)\s*$/;
+
+export interface RunOptions {
+  timeoutMs?: number;
+  /** The domain the command is about: its absence is InstanceNotFound. */
+  uuid?: string;
+  verbose?: boolean;
+}
 
 export class Virsh {
   constructor(readonly opts: VirshOptions) {}
@@ -33,10 +42,24 @@ export class Virsh {
    * Runs one virsh command; resolves with its stdout. A non-zero exit is a LibvirtError with virsh's
    * message (InstanceNotFound when the domain `uuid` does not exist).
    */
-  async run(args: readonly string[], opts: { timeoutMs?: number; uuid?: string; verbose?: boolean } = {}): Promise<string> {
+  async run(args: readonly string[], opts: RunOptions = {}): Promise<string> {
+    return this.exec(args, opts, []);
+  }
+
+  /**
+   * Runs one command with virsh's own timing (`-t`): resolves with its stdout and how long the
+   * command took from libvirt's call to its answer, virsh's start and connection left out.
+   */
+  async runTimed(args: readonly string[], opts: RunOptions = {}): Promise<{ stdout: string; commandMs: number }> {
+    const timed = splitTiming(await this.exec(args, opts, ['-t']));
+    if (!timed) throw new LibvirtError(`virsh ${args[0]} printed no timing line`, args);
+    return timed;
+  }
+
+  private async exec(args: readonly string[], opts: RunOptions, extra: readonly string[]): Promise<string> {
     const timeoutMs = opts.timeoutMs ?? this.opts.commandTimeoutMs;
     // -q drops virsh's informational lines ("Domain 'x' started"); `verbose` keeps them when they are the answer.
-    const argv = [...(opts.verbose ? [] : ['-q']), '-c', this.opts.uri, ...args];
+    const argv = [...(opts.verbose ? [] : ['-q']), ...extra, '-c', this.opts.uri, ...args];
     const reconnectUntil = Date.now() + this.opts.commandTimeoutMs;
     let res;
     for (;;) {
@@ -55,6 +78,12 @@ export class Virsh {
     }
     return res.stdout;
   }
+}
+
+/** The output of `virsh -t` split into the command's own output and its timing line; undefined without one. */
+export function splitTiming(out: string): { stdout: string; commandMs: number } | undefined {
+  const m = TIMING.exec(out);
+  return m ? { stdout: out.slice(0, m.index), commandMs: Number(m[1]) } : undefined;
 }
 
 /** virsh's error lines without their "error: " prefix, joined. */

@@ -1,8 +1,9 @@
 import { InstanceInvalidState } from '../../errors.js';
-import type { DiskInfo, ExportOptions, InternalSnapshot } from '../types.js';
+import { performance } from 'node:perf_hooks';
+import type { DiskInfo, ExportOptions, InternalSnapshot, LiveSnapshotResult } from '../types.js';
 import type { QemuGuests } from './guests.js';
 import { DISK_NODE } from './launch.js';
-import { type QemuBackupJob, startLiveBackup as startBackupJob } from './live-backup.js';
+import { type LiveBackupOptions, type QemuBackupJob, startLiveBackup as startBackupJob } from './live-backup.js';
 import { findGuestProcess } from './qemu-process.js';
 
 /**
@@ -32,14 +33,24 @@ export async function offlineSnapshotDelete(g: QemuGuests, uuid: string, name: s
   await g.qemuImg.snapshotDelete(layout.disk, name);
 }
 
-export async function liveSnapshotCreate(g: QemuGuests, uuid: string, name: string): Promise<void> {
+/**
+ * Through the guest's own QMP. QEMU drains the disk and writes the snapshot table inside the
+ * command: its round trip bounds how long the guest's I/O waited. Both commands walk the refcounts of
+ * the whole disk, so they get the job timeout: a merely slow one must not be abandoned (it would go
+ * on inside QEMU, and the operation fail over a snapshot that is there after all).
+ */
+export async function liveSnapshotCreate(g: QemuGuests, uuid: string, name: string, jobTimeoutMs: number): Promise<LiveSnapshotResult> {
   const p = await g.requireProcess(uuid, 'create an internal snapshot through QMP');
-  await g.withQmp(p.layout, (qmp) => qmp.execute('blockdev-snapshot-internal-sync', { device: DISK_NODE, name }));
+  return g.withQmp(p.layout, async (qmp) => {
+    const t0 = performance.now();
+    await qmp.execute('blockdev-snapshot-internal-sync', { device: DISK_NODE, name }, { timeoutMs: jobTimeoutMs });
+    return { ioHeldMs: performance.now() - t0 };
+  });
 }
 
-export async function liveSnapshotDelete(g: QemuGuests, uuid: string, name: string): Promise<void> {
+export async function liveSnapshotDelete(g: QemuGuests, uuid: string, name: string, jobTimeoutMs: number): Promise<void> {
   const p = await g.requireProcess(uuid, 'delete an internal snapshot through QMP');
-  await g.withQmp(p.layout, (qmp) => qmp.execute('blockdev-snapshot-delete-internal-sync', { device: DISK_NODE, name }));
+  await g.withQmp(p.layout, (qmp) => qmp.execute('blockdev-snapshot-delete-internal-sync', { device: DISK_NODE, name }, { timeoutMs: jobTimeoutMs }));
 }
 
 export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOptions): Promise<void> {
@@ -59,9 +70,9 @@ export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOption
 
 /**
  * Starts a live backup of the disk in the guest's QEMU process, which must be there; the job works
- * only with that process. `speed`: copy rate limit in bytes/s; unset or 0: unlimited.
+ * only with that process (live-backup.ts: fleecing in the instance's folder, pulled by qemu-img).
  */
-export async function startLiveBackup(g: QemuGuests, uuid: string, dest: string, speed?: number): Promise<QemuBackupJob> {
+export async function startLiveBackup(g: QemuGuests, uuid: string, dest: string, opts: LiveBackupOptions = {}): Promise<QemuBackupJob> {
   const { layout, pid } = await g.requireProcess(uuid, 'start a live backup');
   const alive = async () => (await findGuestProcess(layout.pidFile, layout.uuid)) === pid;
   return startBackupJob(
@@ -76,7 +87,8 @@ export async function startLiveBackup(g: QemuGuests, uuid: string, dest: string,
       qemuImg: g.qemuImg,
       log: g.log.child({ instance_uuid: layout.uuid }),
       timeoutMs: g.qmpTimeoutMs,
-      speed,
+      instanceDir: layout.dir,
+      ...opts,
     },
     dest,
   );

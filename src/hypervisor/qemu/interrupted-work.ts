@@ -3,14 +3,14 @@ import type { Logger } from '../../log.js';
 import { pathExists } from '../../util/durable-fs.js';
 import { type QemuGuests, removeFiles } from './guests.js';
 import type { InstanceLayout } from './layout.js';
-import { cancelOurBackupJobs } from './live-backup.js';
+import { cancelOurBackupJobs, endOrphanedBackups } from './live-backup.js';
 import { cancelMigration, type MigrateInfo } from './migration.js';
 import type { QmpClient } from './qmp.js';
 
 /**
  * Ending what an agent that died in the middle of an operation left going in a guest's QEMU (the
- * Hypervisor's endInterruptedWork): a managed save under way, our backup jobs, a resume that never
- * finished loading, and the files of an unfinished managed save.
+ * Hypervisor's endInterruptedWork): a managed save under way, our live backups (their copy, their
+ * fleecing), a resume that never finished loading, and the files of an unfinished managed save.
  */
 
 /** What the dead agent left in the guest's process, as found over QMP. */
@@ -27,6 +27,8 @@ export async function endInterruptedWork(g: QemuGuests, uuid: string): Promise<s
   const log = g.log.child({ instance_uuid: layout.uuid });
   const done: string[] = [];
   if (pid !== undefined) done.push(...(await endWorkOfProcess(g, layout, pid, log)));
+  // A live backup's copy may outlive both its agent and the guest's QEMU; its files stay behind.
+  else done.push(...(await endOrphanedBackups(layout.dir)));
   if (!(await pathExists(layout.saveState))) done.push(...(await removeUnfinishedSave(layout)));
   if (done.length > 0) log.warn({ actions: done }, 'settled what an interrupted operation left');
   return done;
@@ -50,7 +52,8 @@ async function endWorkOfProcess(g: QemuGuests, layout: InstanceLayout, pid: numb
 
 /**
  * Tells what the process was left doing. A completed save's process is sent QMP quit; a managed save
- * under way is cancelled (the guest is left paused), and so are our backup jobs.
+ * under way is cancelled (the guest is left paused), and our live backups are ended (their copy killed,
+ * their fleecing undone).
  */
 async function findLeftover(g: QemuGuests, qmp: QmpClient, layout: InstanceLayout, log: Logger): Promise<Leftover> {
   // A process still waiting for (or loading) the saved state is a resume that never finished:
@@ -69,8 +72,7 @@ async function findLeftover(g: QemuGuests, qmp: QmpClient, layout: InstanceLayou
     await cancelMigration(qmp, g.qmpTimeoutMs);
     done.push(`cancelled a managed save left ${mig.status}`);
   }
-  const jobs = await cancelOurBackupJobs(qmp, log, g.qmpTimeoutMs);
-  if (jobs.length > 0) done.push(`cancelled backup job(s) ${jobs.join(', ')}`);
+  done.push(...(await cancelOurBackupJobs(qmp, { log, timeoutMs: g.qmpTimeoutMs, instanceDir: layout.dir })));
   return { kind: 'other', done };
 }
 

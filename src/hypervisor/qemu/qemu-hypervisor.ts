@@ -9,6 +9,7 @@ import type {
   InstanceInfo,
   InstanceSpec,
   InternalSnapshot,
+  LiveSnapshotResult,
   LaunchHooks,
   ResumeResult,
   SaveResult,
@@ -17,7 +18,7 @@ import * as disk from './disk.js';
 import { QemuGuests, type QemuGuestsOptions } from './guests.js';
 import * as instances from './instances.js';
 import { endInterruptedWork } from './interrupted-work.js';
-import type { QemuBackupJob } from './live-backup.js';
+import type { LiveBackupOptions, QemuBackupJob } from './live-backup.js';
 import * as saves from './managed-save.js';
 import * as power from './power.js';
 import type { QmpClient } from './qmp.js';
@@ -25,11 +26,25 @@ import * as quiesce from './quiesce.js';
 
 export { powerStateOfRunState } from './guests.js';
 
+const DEFAULT_JOB_TIMEOUT_MS = 600_000;
+
 export interface QemuHypervisorOptions extends QemuGuestsOptions {
   /** How long a graceful stop waits for the guest to power off before forcing it. */
   shutdownTimeoutMs: number;
-  /** Copy rate limit of live backups in bytes/s (QMP `speed`); unset or 0: unlimited. */
+  /**
+   * Bound on a long job in the guest's QEMU that must not be abandoned half-way (an internal snapshot
+   * created or deleted through the monitor walks the whole disk's refcounts). Default 600 s.
+   */
+  jobTimeoutMs?: number;
+  /** Copy rate limit of live backups in bytes/s (qemu-img convert -r); unset or 0: unlimited. */
   liveBackupSpeed?: number;
+  /**
+   * copy-before-write `cbw-timeout` of live backups (whole seconds): a guest write whose copy into
+   * the local fleece image takes longer breaks the backup instead of waiting on. Default 5.
+   */
+  liveBackupCbwTimeoutS?: number;
+  /** Test hook: awaited before each QMP command that starts a live backup (live-backup.ts). */
+  liveBackupBeforeStartCommand?: LiveBackupOptions['beforeStartCommand'];
   /** Where the guest agent of an instance is reached; default `<instance dir>/qga.sock` (tests point it elsewhere). */
   guestAgentSocket?: (uuid: string) => string;
 }
@@ -42,10 +57,12 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
   readonly driver = 'qemu' as const;
   readonly supportsLiveBackup = true;
   readonly instancesPath: string;
+  private readonly jobTimeoutMs: number;
   private readonly guests: QemuGuests;
 
   constructor(private readonly opts: QemuHypervisorOptions) {
     this.instancesPath = opts.instancesPath;
+    this.jobTimeoutMs = opts.jobTimeoutMs ?? DEFAULT_JOB_TIMEOUT_MS;
     this.guests = new QemuGuests(opts);
   }
 
@@ -121,12 +138,12 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     return disk.offlineSnapshotDelete(this.guests, uuid, name);
   }
 
-  liveSnapshotCreate(uuid: string, name: string): Promise<void> {
-    return disk.liveSnapshotCreate(this.guests, uuid, name);
+  liveSnapshotCreate(uuid: string, name: string): Promise<LiveSnapshotResult> {
+    return disk.liveSnapshotCreate(this.guests, uuid, name, this.jobTimeoutMs);
   }
 
   liveSnapshotDelete(uuid: string, name: string): Promise<void> {
-    return disk.liveSnapshotDelete(this.guests, uuid, name);
+    return disk.liveSnapshotDelete(this.guests, uuid, name, this.jobTimeoutMs);
   }
 
   exportDisk(uuid: string, opts: ExportOptions): Promise<void> {
@@ -134,7 +151,11 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
   }
 
   startLiveBackup(uuid: string, dest: string): Promise<QemuBackupJob> {
-    return disk.startLiveBackup(this.guests, uuid, dest, this.opts.liveBackupSpeed);
+    return disk.startLiveBackup(this.guests, uuid, dest, {
+      speed: this.opts.liveBackupSpeed,
+      cbwTimeoutS: this.opts.liveBackupCbwTimeoutS,
+      beforeStartCommand: this.opts.liveBackupBeforeStartCommand,
+    });
   }
 
   // ---- guest agent ----------------------------------------------------------------------------
@@ -182,6 +203,8 @@ export function fromConfig(config: Config, log: Logger): QemuHypervisor {
     qemuImg: new QemuImg(config.hypervisor.qemu_img),
     accel: config.hypervisor.accel,
     shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,
+    jobTimeoutMs: config.hypervisor.job_timeout * 1000,
+    liveBackupCbwTimeoutS: config.hypervisor.backup_cbw_timeout,
     qmpTimeoutMs: config.hypervisor.qmp_timeout * 1000,
     log,
   });
