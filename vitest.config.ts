@@ -1,4 +1,5 @@
 import { defineConfig } from 'vitest/config';
+import { SlowestFirstSequencer } from './test/slow-first-sequencer.js';
 
 /** Files that stop and start the shared RabbitMQ: they run after the main group, one at a time. */
 const BROKER_RESTARTS = ['test/integration/bus-contract.test.ts', 'test/integration/agent-crash.test.ts'];
@@ -12,6 +13,7 @@ export default defineConfig({
   test: {
     globalSetup: ['test/global-setup.ts'],
     pool: 'forks',
+    sequence: { sequencer: SlowestFirstSequencer },
     testTimeout: 120_000,
     hookTimeout: 120_000,
     projects: [

@@ -87,7 +87,7 @@ export interface LibvirtBench {
   prefix: string;
   rt: Runtime;
   /** Another runtime on the same folders (libvirt backend) with other options. */
-  runtimeWith(snapshot: Partial<Config['snapshot']>, opts?: { beforeStep?: BeforeStep; log?: Logger }): Runtime;
+  runtimeWith(snapshot: Partial<Config['snapshot']>, opts?: { beforeStep?: BeforeStep; log?: Logger; storePath?: string }): Runtime;
   /** A config file for the CLI and `serve` on the same folders. */
   configFile(snapshot: Partial<Record<keyof Config['snapshot'], string | number>>, extra?: string[]): Promise<string>;
   domain(opts: DomainOptions): Promise<TestDomain>;
@@ -116,13 +116,13 @@ export async function makeLibvirtBench(snapshot: Partial<Config['snapshot']> = {
   const prefix = `sdt${process.pid}-`;
   const created: string[] = [];
   let n = 0;
-  const runtimeWith = (opts: Partial<Config['snapshot']>, hooks: { beforeStep?: BeforeStep; log?: Logger } = {}): Runtime => {
+  const runtimeWith = (opts: Partial<Config['snapshot']>, hooks: { beforeStep?: BeforeStep; log?: Logger; storePath?: string } = {}): Runtime => {
     const config = defaultConfig();
     config.hypervisor.driver = 'libvirt';
     config.hypervisor.shutdown_timeout = 30;
     config.DEFAULT.state_path = path.join(base, 's');
     config.DEFAULT.instances_path = path.join(base, 'unused-instances');
-    config.image_store.path = path.join(base, 'images');
+    config.image_store.path = hooks.storePath ?? path.join(base, 'images');
     config.image_store.reserved_space_mb = 0;
     config.snapshot.name_prefix = prefix;
     Object.assign(config.snapshot, opts);
