@@ -209,18 +209,23 @@ describe('live: the guest never waits for the image store (real Linux guest, wri
     const baseCopyMs = performance.now() - t0;
     await fs.rm(baseCopy);
 
-    const { engine, store } = engineOn(hv, storeDir, 'required');
     const imageId = randomUUID();
+    // While the guest is still frozen (the step right after the job's start): how much of the image
+    // is written. The old start had copied the whole base into it by then.
+    let allocatedWhileFrozen: number | undefined;
+    const { engine, store } = engineOn(hv, storeDir, 'required', async (step) => {
+      if (step.name === 'thaw') allocatedWhileFrozen = (await fs.stat(store.partialPath(imageId))).blocks * 512;
+    });
     const obs = await observeRunningGuest(guest.console, () => engine.take({ requestId: 'req-c', instanceUuid: guest.uuid, imageId, strategy: 'live' }));
     const result = obs.result;
     const image = await checkGuestImage(store.dataPath(imageId), path.join(base, `check-${imageId}`));
-    report('live', 'large base, quiesce=required', { ...result, base_copy_ms: Math.round(baseCopyMs), observed: obs.guest, image });
+    report('live', 'large base, quiesce=required', { ...result, base_copy_ms: Math.round(baseCopyMs), allocated_while_frozen: allocatedWhileFrozen, observed: obs.guest, image });
     expect(result).toMatchObject({ status: 'active', strategy: 'live', quiesced: true, size: BASE_FS_END + BASE_EXTRA });
     expect(result.freeze_ms).toBeGreaterThan(0);
-    // The bound: a quarter of the base copy (it was base copy + start before); and the premise that
-    // the base copy is long enough for the bound to tell the two apart.
-    expect(baseCopyMs).toBeGreaterThan(1000);
-    expect(result.freeze_ms).toBeLessThanOrEqual(baseCopyMs / 4);
+    // Nothing of the base (nor of anything else) was copied while the guest was frozen: the image's
+    // file was still empty when the thaw came. (freeze_ms and the base copy's time are reported: the
+    // freeze is the agent's freeze and thaw and the few ms of the switch, whatever the base's size.)
+    expect(allocatedWhileFrozen).toBe(0);
     // The image: quiesced (no journal to replay), the writer's records intact to the point in time,
     // the base's data beyond the filesystem there.
     expect(image.cleanWithoutReplay).toBe(true);
