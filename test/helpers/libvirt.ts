@@ -3,6 +3,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { dir } from 'tmp-promise';
+import { processesWhere } from '../../src/util/processes.js';
 import { buildRuntime, type Runtime } from '../../src/compute/runtime.js';
 import { defaultConfig, type Config } from '../../src/config/schema.js';
 import { GuestConsole } from '../../src/guest-check/console.js';
@@ -97,15 +98,12 @@ export interface LibvirtBench {
 /** SIGKILLs every process whose command line holds one of the strings (not this one). */
 async function killProcessesNaming(needles: readonly string[]): Promise<void> {
   if (needles.length === 0) return;
-  for (const entry of await fs.readdir('/proc')) {
-    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
-    const cmdline = await fs.readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.includes('qemu-monitor-event') && needles.some((n) => cmdline.includes(n))) {
-      try {
-        process.kill(Number(entry), 'SIGKILL');
-      } catch {
-        // gone already
-      }
+  const listeners = await processesWhere((argv) => argv.includes('qemu-monitor-event') && needles.some((n) => argv.some((a) => a.includes(n))));
+  for (const { pid } of listeners) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // gone already
     }
   }
 }

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { dir } from 'tmp-promise';
+import { processesWhere } from '../../src/util/processes.js';
 import { silentLogger, type Logger } from '../../src/log.js';
 import { DISK_QOM_PATH } from '../../src/hypervisor/qemu/launch.js';
 import { QemuHypervisor, type QemuHypervisorOptions } from '../../src/hypervisor/qemu/qemu-hypervisor.js';
@@ -196,12 +197,7 @@ export async function crashGuest(instancesPath: string, uuid: string): Promise<v
 export async function killQemuUnder(root: string): Promise<void> {
   const needle = root.endsWith('/') ? root : `${root}/`;
   const pids: number[] = [];
-  for (const entry of await fs.readdir('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    const pid = Number(entry);
-    if (pid === process.pid) continue;
-    const cmdline = await fs.readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
-    if (!cmdline.includes(needle)) continue;
+  for (const { pid } of await processesWhere((argv) => argv.some((a) => a.includes(needle)))) {
     try {
       process.kill(pid, 'SIGKILL');
       pids.push(pid);

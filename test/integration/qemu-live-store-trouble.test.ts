@@ -21,6 +21,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { dir } from 'tmp-promise';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { processesWhere } from '../../src/util/processes.js';
 import type { QuiesceMode } from '../../src/config/schema.js';
 import { Lifecycle } from '../../src/compute/lifecycle.js';
 import { SnapshotFailed } from '../../src/errors.js';
@@ -124,13 +125,7 @@ const NOTHING_LEFT = { nodes: [], exports: [], jobs: [], drive: DISK_NODE, files
 /** Pids of processes whose argv names an NBD socket of ours in the guest's folder (the copy). */
 async function copyProcesses(): Promise<number[]> {
   const needle = `?socket=${path.join(hv.instancesPath, guest.uuid, FLEECE_PREFIX)}`;
-  const pids: number[] = [];
-  for (const entry of await fs.readdir('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    const cmdline = await fs.readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.includes(needle)) pids.push(Number(entry));
-  }
-  return pids;
+  return (await processesWhere((argv) => argv.some((a) => a.includes(needle)))).map((p) => p.pid);
 }
 
 async function fleeceFile(): Promise<string> {

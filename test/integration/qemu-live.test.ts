@@ -2,6 +2,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { processesWhere } from '../../src/util/processes.js';
 import { GuestAgentError, InstanceBusy, InstanceInvalidState, QemuImgError, QmpError, QmpTimeout } from '../../src/errors.js';
 import { DISK_NODE, DISK_QOM_PATH } from '../../src/hypervisor/qemu/launch.js';
 import { FLEECE_PREFIX, fleecing } from '../../src/hypervisor/qemu/live-backup.js';
@@ -93,13 +94,7 @@ async function openFiles(pid: number): Promise<string[]> {
 
 /** Pids of processes (qemu-img) whose argv names this NBD socket. */
 async function readersOf(socket: string): Promise<number[]> {
-  const pids: number[] = [];
-  for (const entry of await fs.readdir('/proc')) {
-    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
-    const cmdline = await fs.readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.split('\0').some((a) => a.endsWith(`?socket=${socket}`))) pids.push(Number(entry));
-  }
-  return pids;
+  return (await processesWhere((argv) => argv.some((a) => a.endsWith(`?socket=${socket}`)))).map((p) => p.pid);
 }
 
 async function waitFor(what: string, timeoutMs: number, check: () => Promise<boolean>): Promise<void> {

@@ -8,6 +8,7 @@ import type { QemuImg } from '../../qemu-img/qemu-img.js';
 import type { BackupJob } from '../types.js';
 import { UNIX_SOCKET_PATH_MAX } from './layout.js';
 import { DISK_NODE, DISK_QOM_PATH } from './launch.js';
+import { processesWhere } from '../../util/processes.js';
 import type { QmpClient } from './qmp.js';
 
 /**
@@ -457,21 +458,12 @@ interface Reader {
 /** Processes (but this one) whose argv names an NBD socket of ours in `instanceDir`. */
 async function findReaders(instanceDir: string): Promise<Reader[]> {
   const needle = `?socket=${path.join(path.resolve(instanceDir), FLEECE_PREFIX)}`;
-  const out: Reader[] = [];
-  for (const entry of await fs.readdir('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    const pid = Number(entry);
-    if (pid === process.pid) continue;
-    const cmdline = await fs.readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
-    for (const arg of cmdline.split('\0')) {
-      const at = arg.indexOf(needle);
-      if (at < 0) continue;
-      const socket = arg.slice(at + '?socket='.length);
-      out.push({ pid, id: path.basename(socket).replace(/\.sock$/, '') });
-      break;
-    }
-  }
-  return out;
+  const readers = await processesWhere((argv) => argv.some((a) => a.includes(needle)));
+  return readers.map(({ pid, argv }) => {
+    const arg = argv.find((a) => a.includes(needle))!;
+    const socket = arg.slice(arg.indexOf(needle) + '?socket='.length);
+    return { pid, id: path.basename(socket).replace(/\.sock$/, '') };
+  });
 }
 
 /** SIGKILLs the readers and waits until they are gone (or zombies: their files closed). */
