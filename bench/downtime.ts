@@ -10,17 +10,24 @@
  * beside the pause the guest itself saw and its writer's longest write+fsync; with both drivers, the
  * libvirt figures against qemu's.
  *
+ * `live`'s protection is measured against what `live` was before it (`--unprotected`, qemu backend: a
+ * push backup job writing straight into the store's file, QEMU's default copy-before-write, whose
+ * guest writes wait for the store), with the store on the guest's own disk or on a throttled one
+ * (`--store throttled:<MiB/s>`: an ext4 on a loop device over a qemu-storage-daemon FUSE export with a
+ * throttle filter; this machine has no cgroup io controller nor device-mapper).
+ *
  * Usage: npm run bench:downtime [-- --driver qemu|libvirt|both --runs N --ram-mb M --data-mb D
- *        --disk-mb S --quiesce off|auto|required --ram-fill random|zero --probe-gap-ms G]
+ *        --disk-mb S --quiesce off|auto|required --ram-fill random|zero --probe-gap-ms G
+ *        --strategies s1,s2 --unprotected --store same|throttled:<MiB/s>]
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { buildRuntime, type Runtime } from '../src/compute/runtime.js';
+import { buildRuntime, type Runtime } from '../src/service/runtime.js';
 import { benchConfig } from './bench-config.js';
 import { QUIESCE_MODES, STRATEGIES, type QuiesceMode, type StrategyName } from '../src/config/schema.js';
-import { DISK_QOM_PATH } from '../src/hypervisor/qemu/launch.js';
+import { DISK_NODE, DISK_QOM_PATH } from '../src/hypervisor/qemu/launch.js';
 import { GuestConsole, latencyPercentiles, type GuestObserved, type LatencyHistogram } from '../src/guest-check/console.js';
 import { testGuestDomainXml } from '../src/guest-check/domain-xml.js';
 import { buildGuestImage, type GuestImage } from '../src/guest-check/guest-image.js';
@@ -28,6 +35,7 @@ import { observeRunningGuest } from '../src/guest-check/observe.js';
 import { waitForGuestReady } from '../src/guest-check/ready.js';
 import { silentLogger } from '../src/log.js';
 import { runProgram } from '../src/util/exec.js';
+import { throttledStore, type ThrottledStore } from './throttled-store.js';
 
 const { values } = parseArgs({
   options: {
@@ -39,9 +47,20 @@ const { values } = parseArgs({
     quiesce: { type: 'string', default: 'auto' },
     'ram-fill': { type: 'string', default: 'random' },
     'probe-gap-ms': { type: 'string', default: '10' },
+    strategies: { type: 'string', default: STRATEGIES.join(',') },
+    unprotected: { type: 'boolean', default: false },
+    store: { type: 'string', default: 'same' },
   },
 });
 const runs = Number(values.runs);
+const strategies = values.strategies.split(',') as StrategyName[];
+for (const st of strategies) {
+  if (!(STRATEGIES as readonly string[]).includes(st)) throw new Error(`--strategies: a comma-separated list of ${STRATEGIES.join(', ')}`);
+}
+const storeMatch = /^(?:same|throttled:(\d+(?:\.\d+)?))$/.exec(values.store);
+if (!storeMatch) throw new Error('--store: same, or throttled:<MiB/s>');
+const throttleMiBps = storeMatch[1] === undefined ? undefined : Number(storeMatch[1]);
+if (values.unprotected && values.driver !== 'qemu') throw new Error('--unprotected: with --driver qemu only');
 const ramMb = Number(values['ram-mb']);
 const dataMb = Number(values['data-mb']);
 const diskMb = Number(values['disk-mb']);
@@ -84,6 +103,8 @@ interface Figures {
 }
 
 const IDLE = 'idle (no snapshot)';
+const UNPROTECTED = 'live, unprotected (push)';
+type Row = StrategyName | typeof IDLE | typeof UNPROTECTED;
 const IDLE_WINDOW_MS = 5_000;
 
 function emptyFigures(): Figures {
@@ -103,6 +124,8 @@ interface BenchGuest {
   console: GuestConsole;
   /** Runs an HMP command line on its QEMU. */
   hmp(command: string): Promise<string>;
+  /** Runs a QMP command on its QEMU (qemu backend only). */
+  qmp?<T = unknown>(execute: string, args?: Record<string, unknown>): Promise<T>;
   close(): Promise<void>;
 }
 
@@ -127,6 +150,7 @@ async function qemuGuest(rt: Runtime, guest: GuestImage, cmdline: string): Promi
     uuid,
     console: new GuestConsole(path.join(rt.config.DEFAULT.instances_path, uuid, 'console.log')),
     hmp: (command) => hv.hmp(uuid, command),
+    qmp: (execute, args) => hv.qmp(uuid, execute, args),
     close: () => hv.stop(uuid, { graceful: false }).catch(() => undefined),
   };
 }
@@ -163,9 +187,14 @@ async function libvirtGuest(base: string, guest: GuestImage, cmdline: string): P
   };
 }
 
-async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<Map<StrategyName | typeof IDLE, Figures>> {
+async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<Map<Row, Figures>> {
   const { base, config } = await benchConfig(`sdd-${driver}-`, quiesce);
   config.hypervisor.driver = driver;
+  let store: ThrottledStore | undefined;
+  if (throttleMiBps !== undefined) {
+    store = await throttledStore(path.join(base, 'throttled-store'), { bytesPerSecond: throttleMiBps * MiB, sizeBytes: (dataMb + 1024) * MiB });
+    config.image_store.path = path.join(store.mountpoint, 'images');
+  }
   const rt = buildRuntime(config, silentLogger());
   const cmdline = `${guest.cmdline} probe.gap_ms=${PROBE_GAP_MS}${fillMb > 0 ? ` guest.fill_mb=${fillMb}` : ''}`;
   const g = driver === 'qemu' ? await qemuGuest(rt, guest, cmdline) : await libvirtGuest(base, guest, cmdline);
@@ -182,14 +211,24 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
       `${driver}: guest Linux ${guest.kernelVersion}, ${ramMb} MiB RAM (${fillMb} MiB of it random bytes), ` +
         `${diskMb} MiB qcow2 (ext4 root + ${dataMb} MiB of data; ${Math.round(disk.actualSize / MiB)} MiB on the host), writer running; quiesce=${quiesce}; TCG`,
     );
-    const figures = new Map<StrategyName | typeof IDLE, Figures>();
+    const figures = new Map<Row, Figures>();
     for (let r = 0; r < runs; r++) {
       // The same guest with nothing done to it: the baseline of its writer's latency.
       const idle = await observeRunningGuest(g.console, () => new Promise((resolve) => setTimeout(resolve, IDLE_WINDOW_MS)));
       const fi = figures.get(IDLE) ?? emptyFigures();
       addObserved(fi, idle.guest);
       figures.set(IDLE, fi);
-      for (const strategy of STRATEGIES) {
+      if (values.unprotected) {
+        const obs = await observeRunningGuest(g.console, () => unprotectedPush(g, path.join(config.image_store.path, `push-${r}.raw`)));
+        if (obs.guest.writerErrors.length > 0) throw new Error(`the guest's writer failed: ${obs.guest.writerErrors.join('; ')}`);
+        const f = figures.get(UNPROTECTED) ?? emptyFigures();
+        f.downtime.push(0);
+        f.duration.push(obs.result.durationMs);
+        f.freeze.push(0);
+        addObserved(f, obs.guest);
+        figures.set(UNPROTECTED, f);
+      }
+      for (const strategy of strategies) {
         const obs = await observeRunningGuest(g.console, () => rt.engine.take({ requestId: `bench-${r}`, instanceUuid: g.uuid, imageId: randomUUID(), strategy }));
         const res = obs.result;
         await rt.store.delete(res.image_id);
@@ -207,22 +246,44 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
     return figures;
   } finally {
     await g.close();
+    await store?.close();
     await fs.rm(base, { recursive: true, force: true });
   }
+}
+
+/**
+ * What `live` was before its protection: a push backup job (HMP drive_backup, sync full) writing
+ * straight into a raw file in the store, with QEMU's default copy-before-write (a guest write to a
+ * cluster not yet copied waits until the old data is written to the store).
+ */
+async function unprotectedPush(g: BenchGuest, dest: string): Promise<{ durationMs: number }> {
+  await fs.mkdir(path.dirname(dest), { recursive: true });
+  const t0 = performance.now();
+  const qmp = g.qmp!;
+  await qmp('drive-backup', { 'job-id': 'bench-push', device: DISK_NODE, target: dest, format: 'raw', sync: 'full', mode: 'absolute-paths' });
+  for (;;) {
+    const jobs = await qmp<{ device: string }[]>('query-block-jobs');
+    if (!jobs.some((j) => j.device === 'bench-push')) break;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  const durationMs = Math.round(performance.now() - t0);
+  await fs.rm(dest, { force: true });
+  return { durationMs };
 }
 
 const col = (x: number | string, w: number) => String(x).padStart(w);
 const ratio = (x: number, b: number) => (b > 0 ? (x / b).toFixed(2) : 'n/a');
 
-function printDriver(driver: string, figures: Map<StrategyName | typeof IDLE, Figures>): void {
-  const cold = figures.get('cold')!;
+function printDriver(driver: string, figures: Map<Row, Figures>): void {
+  const cold = figures.get('cold') ?? emptyFigures();
   const baseDown = median(cold.downtime);
   const baseDur = median(cold.duration);
   const idleP99 = latencyPercentiles(figures.get(IDLE)!.writerLatency)?.p99Ms ?? NaN;
   console.log(
     `\n${driver}: ${runs} runs each, medians; guest_saw_ms: the vCPU stops the probe inside the guest measured; gap_ms: the longest stall ` +
       `of its clock over ${PROBE_GAP_MS} ms (0: none); writer: its write+fsync latencies over the whole window (the snapshot and 3 s after), ` +
-      `p50/p99 over all runs (to within 19%), max the median of each run's longest; p99 vs idle: against the same guest doing nothing, same run`,
+      `p50/p99 over all runs (to within 19%), max the median of each run's longest; p99 vs idle: against the same guest doing nothing, same run; ` +
+      `store: ${throttleMiBps === undefined ? "on the guest disk's filesystem" : `throttled to ${throttleMiBps} MiB/s`}`,
   );
   console.log('strategy                       downtime_ms  guest_saw_ms  vs cold  duration_ms  vs cold  freeze_ms  gap_ms  fsync_p50  fsync_p99  p99 vs idle  fsync_max');
   for (const [s, f] of figures) {
@@ -239,7 +300,7 @@ function printDriver(driver: string, figures: Map<StrategyName | typeof IDLE, Fi
 
 async function main(): Promise<void> {
   const guest = await buildGuestImage(path.resolve(import.meta.dirname, '../scripts/guest-image.sh'));
-  const results = new Map<string, Map<StrategyName | typeof IDLE, Figures>>();
+  const results = new Map<string, Map<Row, Figures>>();
   for (const driver of drivers) results.set(driver, await measure(driver, guest));
   for (const [driver, figures] of results) printDriver(driver, figures);
   const q = results.get('qemu');
@@ -247,7 +308,7 @@ async function main(): Promise<void> {
   if (q && l) {
     console.log('\nlibvirt against qemu, same guest, same run (medians; ratio = libvirt / qemu)');
     console.log('strategy                       qemu downtime  libvirt downtime  ratio  qemu duration  libvirt duration  ratio');
-    for (const s of STRATEGIES) {
+    for (const s of strategies) {
       const [qd, ld, qt, lt] = [median(q.get(s)!.downtime), median(l.get(s)!.downtime), median(q.get(s)!.duration), median(l.get(s)!.duration)];
       console.log(`${s.padEnd(31)}${col(qd, 13)}  ${col(ld, 16)}  ${col(ratio(ld, qd), 5)}  ${col(qt, 13)}  ${col(lt, 16)}  ${col(ratio(lt, qt), 5)}`);
     }

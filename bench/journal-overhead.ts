@@ -11,7 +11,7 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { buildRuntime } from '../src/compute/runtime.js';
+import { buildRuntime } from '../src/service/runtime.js';
 import { benchConfig } from './bench-config.js';
 import { STRATEGIES, type StrategyName } from '../src/config/schema.js';
 import { DISK_QOM_PATH } from '../src/hypervisor/qemu/launch.js';

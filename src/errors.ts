@@ -100,6 +100,25 @@ export class QemuImgError extends SnapshotDriverError {
   }
 }
 
+/**
+ * An external program did not finish within its bound: it was stopped (SIGTERM, then SIGKILL after a
+ * grace period, with every process it started). Names the program, the bound and, when the bound is
+ * an operator's option, that option (e.g. `[hypervisor] export_timeout`).
+ */
+export class ProgramTimeout extends SnapshotDriverError {
+  constructor(
+    readonly program: string,
+    readonly argv: readonly string[],
+    readonly timeoutMs: number,
+    readonly option: string | undefined,
+    readonly stderr = '',
+  ) {
+    const what = argv.length > 0 && !argv[0]!.startsWith('-') ? `${program} ${argv[0]}` : program;
+    const bound = timeoutMs % 1000 === 0 ? `${timeoutMs / 1000} s` : `${timeoutMs} ms`;
+    super(`${what} did not finish within ${bound}${option === undefined ? '' : ` (${option})`}: killed`);
+  }
+}
+
 /** QMP answered a command with an error. */
 export class QmpError extends SnapshotDriverError {
   constructor(
@@ -117,6 +136,9 @@ export class QmpDisconnected extends SnapshotDriverError {}
 
 /** A QEMU process failed to start, or exited when it should not have. */
 export class QemuProcessError extends SnapshotDriverError {}
+
+/** A managed save's or a resume's migration did not complete within `[hypervisor] job_timeout`. */
+export class MigrationTimeout extends QemuProcessError {}
 
 /** A failure deliberately injected by a test or the fault-injection switch. */
 export class InjectedFault extends SnapshotDriverError {}
@@ -140,6 +162,14 @@ export class SnapshotInterrupted extends SnapshotDriverError {}
 
 /** The guest's QEMU process died during a snapshot and could not be started again: it is shut off. */
 export class GuestLost extends SnapshotDriverError {}
+
+/**
+ * A guest whose vCPUs this operation stopped for a managed save could not be made to run again (its
+ * save was undone, or its resume loaded the state, but `cont` failed: e.g. another process holds the
+ * disk's write lock). It is paused; the operation's record stays in the journal, so that recovery
+ * runs it once that is possible.
+ */
+export class GuestLeftPaused extends SnapshotDriverError {}
 
 /** Another agent (`serve`) already runs on the same state_path. */
 export class AgentAlreadyRunning extends SnapshotDriverError {}

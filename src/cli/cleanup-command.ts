@@ -1,14 +1,14 @@
 import type { Command } from 'commander';
-import { agentLock, buildServer, requestJournal } from '../compute/agent.js';
-import type { Runtime } from '../compute/runtime.js';
-import { recoverAtStart, type RecoveryReport } from '../compute/startup-recovery.js';
+import { agentLock, buildServer, requestJournal } from '../service/agent.js';
+import type { Runtime } from '../service/runtime.js';
+import { recoverAtStart, type RecoveryReport } from '../service/startup-recovery.js';
 import { AgentAlreadyRunning, errorMessage, ImageNotFound, InvalidInstanceId } from '../errors.js';
 import { processHoldsDisk } from '../hypervisor/types.js';
 import type { JournalEntry } from '../messaging/rpc-types.js';
 import { instanceUuidOf } from '../messaging/request-context.js';
 import { openBus } from '../messaging/transport/open-bus.js';
 import { isUuid } from '../util/uuid.js';
-import type { RuntimeFactory } from './main.js';
+import type { RuntimeFactory } from '../service/runtime.js';
 import { printJson, printTable } from './output.js';
 
 /** What `cleanup --json` prints. */

@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import type { RuntimeFactory } from './main.js';
+import type { RuntimeFactory } from '../service/runtime.js';
 import { printJson, printTable } from './output.js';
 import { progressReporter } from './progress.js';
 

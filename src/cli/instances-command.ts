@@ -3,9 +3,9 @@ import path from 'node:path';
 import { InvalidArgumentError, type Command } from 'commander';
 import { InvalidInstanceId, UsageError } from '../errors.js';
 import { isUuid } from '../util/uuid.js';
-import type { Runtime } from '../compute/runtime.js';
+import type { Runtime } from '../service/runtime.js';
 import type { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
-import type { RuntimeFactory } from './main.js';
+import type { RuntimeFactory } from '../service/runtime.js';
 import { printJson, printTable } from './output.js';
 
 const SIZE_UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };

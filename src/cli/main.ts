@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from 'commander';
 import { loadConfig } from '../config/load.js';
-import { buildRuntime, type Runtime } from '../compute/runtime.js';
+import { buildRuntime, type RuntimeFactory } from '../service/runtime.js';
 import { errorMessage, SnapshotDriverError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { registerCleanupCommand } from './cleanup-command.js';
@@ -10,9 +10,6 @@ import { registerImagesCommands } from './images-command.js';
 import { registerInstancesCommands } from './instances-command.js';
 import { registerServeCommand } from './serve-command.js';
 import { registerSnapshotCommand } from './snapshot-command.js';
-
-/** Builds the runtime from the global options, once per command. */
-export type RuntimeFactory = () => Promise<Runtime>;
 
 function collect(value: string, previous: string[]): string[] {
   return [...previous, value];

@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
-import { startAgent } from '../compute/agent.js';
-import type { RuntimeFactory } from './main.js';
+import { startAgent } from '../service/agent.js';
+import type { RuntimeFactory } from '../service/runtime.js';
 
 /** `serve`: the RPC server, until SIGTERM or SIGINT (then it finishes running operations and exits). */
 export function registerServeCommand(program: Command, runtime: RuntimeFactory): void {

@@ -1,3 +1,4 @@
+import { STRATEGIES } from '../config/schema.js';
 import { errorMessage, ImageNotFound, SnapshotInterrupted } from '../errors.js';
 import type { Hypervisor } from '../hypervisor/types.js';
 import type { ImageMeta, ImageStore } from '../image-store/image-store.js';
@@ -6,9 +7,9 @@ import type { RpcContext, RpcTarget } from '../messaging/rpc-types.js';
 import type { SnapshotEngine, SnapshotRequest, SnapshotResult } from '../snapshot/engine.js';
 import { rotateBackups } from './backup-rotation.js';
 import { FifoSemaphore } from './fifo-semaphore.js';
-import type { InstanceLocks } from './instance-locks.js';
+import type { InstanceLocks } from '../snapshot/instance-locks.js';
 import { KeyedQueue } from './keyed-queue.js';
-import type { Lifecycle } from './lifecycle.js';
+import type { Lifecycle } from '../snapshot/lifecycle.js';
 import { parseCall, SERVED_METHODS, type InstanceRef, type ParsedCall } from './rpc-args.js';
 
 /** What the notifier is told about one snapshot or backup. */
@@ -32,9 +33,27 @@ export interface SnapshotInfo {
  */
 export interface SnapshotNotifier {
   snapshotStart(info: SnapshotInfo): void | Promise<void>;
-  snapshotEnd(info: SnapshotInfo, result: SnapshotResult): void | Promise<void>;
+  snapshotEnd(info: SnapshotInfo, result: SnapshotReply): void | Promise<void>;
   snapshotError(info: SnapshotInfo, err: unknown): void | Promise<void>;
 }
+
+/**
+ * The image property that keeps the result of the run that made the image (the SnapshotResult the
+ * request was answered with), written durably once the image is active: a request carried out again
+ * after a crash answers with it rather than running twice.
+ */
+export const RESULT_PROPERTY = 'snapshot_result';
+
+/**
+ * What a replayed request answers when its image had completed but the result of that run was never
+ * recorded (the agent stopped between the image's commit and the record, or the record could not be
+ * written): what the image itself says. What only that run knew (strategy, downtime, freeze, quiesced,
+ * duration, internal snapshots left) is absent rather than made up.
+ */
+export type UnrecordedSnapshotResult = Pick<SnapshotResult, 'image_id' | 'status' | 'size' | 'checksum' | 'os_hash_algo' | 'os_hash_value'>;
+
+/** What snapshot_instance/backup_instance resolve with. */
+export type SnapshotReply = SnapshotResult | UnrecordedSnapshotResult;
 
 const DEFAULT_LOCK_WAIT_MS = 15 * 60 * 1000;
 
@@ -79,7 +98,10 @@ export class ComputeManager implements RpcTarget {
     parseCall(method, args);
   }
 
-  /** snapshot_instance/backup_instance resolve with the SnapshotResult; the power operations with null. */
+  /**
+   * snapshot_instance/backup_instance resolve with the SnapshotResult (a replayed one with the result
+   * its first run recorded: SnapshotReply); the power operations with null.
+   */
   call(method: string, args: Record<string, unknown>, ctx: RpcContext): Promise<unknown> {
     // Parsed synchronously, so that the place in the instance's line is taken in call order.
     let parsed: ParsedCall;
@@ -142,7 +164,7 @@ export class ComputeManager implements RpcTarget {
     }
   }
 
-  private async snapshot(instance: InstanceRef, imageId: string, ctx: RpcContext, log: Logger, backupType?: string): Promise<SnapshotResult> {
+  private async snapshot(instance: InstanceRef, imageId: string, ctx: RpcContext, log: Logger, backupType?: string): Promise<SnapshotReply> {
     const imageType = backupType === undefined ? 'snapshot' : 'backup';
     const info: SnapshotInfo = {
       instanceUuid: instance.uuid,
@@ -184,6 +206,8 @@ export class ComputeManager implements RpcTarget {
         await this.notify(log, 'snapshotError', (n) => n.snapshotError(info, err));
         throw err;
       }
+      // Before anyone is told: from here a crash leaves a request that answers with this result again.
+      await this.recordResult(result, log);
       await this.notify(log, 'snapshotEnd', (n) => n.snapshotEnd({ ...info, strategy: result.strategy }, result));
       return result;
     } finally {
@@ -193,13 +217,27 @@ export class ComputeManager implements RpcTarget {
   }
 
   /**
-   * A request carried out again from the journal after a crash, whose operation had got as far as
-   * making its image: it is not run twice. An active image means it had completed (its end is
-   * notified, perhaps again); an unfinished or killed one that it was interrupted — start-up
-   * recovery has put the guest back and killed the image — and it ends with SnapshotInterrupted and
-   * an error notification. Undefined: no image of this request, so it is carried out.
+   * Keeps the result in the image's metadata (RESULT_PROPERTY), fsynced. The snapshot is made
+   * whatever happens here: a failure is logged, and a replay would then answer UnrecordedSnapshotResult.
    */
-  private async earlierOutcome(info: SnapshotInfo, log: Logger): Promise<SnapshotResult | undefined> {
+  private async recordResult(result: SnapshotResult, log: Logger): Promise<void> {
+    try {
+      await this.deps.store.setProperties(result.image_id, { [RESULT_PROPERTY]: { ...result } });
+    } catch (err) {
+      log.error({ err, image_id: result.image_id }, `could not record the snapshot's result with its image: ${errorMessage(err)}`);
+    }
+  }
+
+  /**
+   * A request carried out again from the journal after a crash, whose operation had got as far as
+   * making its image: it is not run twice. An active image means it had completed: it answers with
+   * the result that run recorded (RESULT_PROPERTY), or, if none was, with what the image says
+   * (UnrecordedSnapshotResult); its end is notified, perhaps again. An unfinished or killed one means
+   * it was interrupted — start-up recovery has put the guest back and killed the image — and it ends
+   * with SnapshotInterrupted (naming the image's kill reason) and an error notification. Undefined:
+   * no image of this request, so it is carried out.
+   */
+  private async earlierOutcome(info: SnapshotInfo, log: Logger): Promise<SnapshotReply | undefined> {
     const { store } = this.deps;
     let meta: ImageMeta;
     try {
@@ -211,9 +249,20 @@ export class ComputeManager implements RpcTarget {
     // Another request's image: the normal path refuses the id (ImageExists).
     if (meta.properties.instance_uuid.toLowerCase() !== info.instanceUuid.toLowerCase()) return undefined;
     if (meta.status === 'active') {
-      const result = resultOfImage(meta, info.strategy);
-      log.warn({ image_id: meta.id }, 'replayed request had completed before the agent stopped: not run again');
-      await this.notify(log, 'snapshotEnd', (n) => n.snapshotEnd(info, result));
+      const recorded = recordedResult(meta);
+      const { strategy: _configured, ...rest } = info;
+      if (recorded) {
+        log.warn({ image_id: meta.id }, 'replayed request had completed before the agent stopped: not run again; answering with its recorded result');
+        await this.notify(log, 'snapshotEnd', (n) => n.snapshotEnd({ ...rest, strategy: recorded.strategy }, recorded));
+        return recorded;
+      }
+      const result = unrecordedResult(meta);
+      log.warn(
+        { image_id: meta.id },
+        "replayed request had completed before the agent stopped: not run again; its run's result was not recorded, answering with the image's",
+      );
+      // The strategy that made the image is not known: not the configured one, none.
+      await this.notify(log, 'snapshotEnd', (n) => n.snapshotEnd(rest, result));
       return result;
     }
     if (meta.status === 'queued' || meta.status === 'saving') {
@@ -245,23 +294,53 @@ export class ComputeManager implements RpcTarget {
 }
 
 /**
- * The result of a snapshot that completed before a crash, from its image: timings of that run were
- * not kept (0), internal snapshots are not looked at (0: recovery has dealt with them), and the
- * strategy is the configured one (the image does not record which strategy made it).
+ * The result recorded with an active image (RESULT_PROPERTY), if there is one that is whole and
+ * agrees with the image; undefined otherwise.
  */
-function resultOfImage(meta: ImageMeta, strategy: string | undefined): SnapshotResult {
+function recordedResult(meta: ImageMeta): SnapshotResult | undefined {
+  const r = meta.properties[RESULT_PROPERTY];
+  if (typeof r !== 'object' || r === null || Array.isArray(r)) return undefined;
+  const v = r as Record<string, unknown>;
+  const count = (x: unknown): x is number => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
+  const whole =
+    (STRATEGIES as readonly unknown[]).includes(v.strategy) &&
+    count(v.downtime_ms) &&
+    count(v.freeze_ms) &&
+    typeof v.quiesced === 'boolean' &&
+    count(v.duration_ms) &&
+    count(v.internal_snapshots) &&
+    // The run's record of this very image: same id and the data it committed.
+    typeof v.image_id === 'string' &&
+    v.image_id.toLowerCase() === meta.id.toLowerCase() &&
+    v.size === meta.size &&
+    v.checksum === meta.checksum &&
+    v.os_hash_algo === meta.os_hash_algo &&
+    v.os_hash_value === meta.os_hash_value;
+  if (!whole) return undefined;
+  return {
+    image_id: v.image_id as string,
+    status: meta.status,
+    strategy: v.strategy as SnapshotResult['strategy'],
+    downtime_ms: v.downtime_ms as number,
+    freeze_ms: v.freeze_ms as number,
+    quiesced: v.quiesced as boolean,
+    duration_ms: v.duration_ms as number,
+    size: v.size as number,
+    checksum: v.checksum as string,
+    os_hash_algo: v.os_hash_algo as string,
+    os_hash_value: v.os_hash_value as string,
+    internal_snapshots: v.internal_snapshots as number,
+  };
+}
+
+/** What an active image without a recorded result says of itself (see UnrecordedSnapshotResult). */
+function unrecordedResult(meta: ImageMeta): UnrecordedSnapshotResult {
   return {
     image_id: meta.id,
     status: meta.status,
-    strategy: (strategy ?? 'unknown') as SnapshotResult['strategy'],
-    downtime_ms: 0,
-    freeze_ms: 0,
-    quiesced: false,
-    duration_ms: 0,
     size: meta.size ?? 0,
     checksum: meta.checksum ?? '',
     os_hash_algo: meta.os_hash_algo,
     os_hash_value: meta.os_hash_value ?? '',
-    internal_snapshots: 0,
   };
 }

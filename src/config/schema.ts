@@ -1,8 +1,10 @@
 import os from 'node:os';
 import { z } from 'zod';
-// Cycle-safe: transport-url.ts reads the schema only inside functions, and the schema calls it only
-// while validating, so neither module touches the other while it loads.
-import { transportUrlProblem } from '../messaging/transport-url.js';
+import { rabbitOptionsSchema } from './rabbit-options.js';
+import { transportUrlProblem } from './transport-url.js';
+import { bool, int, nonEmpty, num, positiveNum } from './values.js';
+
+export { rabbitOptionsSchema, type RabbitOptions } from './rabbit-options.js';
 
 /**
  * The config schema (SPEC §7). Every option here is documented, with its default, in
@@ -30,40 +32,6 @@ export type HypervisorDriver = (typeof HYPERVISOR_DRIVERS)[number];
 export const QUIESCE_MODES = ['off', 'auto', 'required'] as const;
 export type QuiesceMode = (typeof QUIESCE_MODES)[number];
 
-const bool = z
-  .string()
-  .trim()
-  .toLowerCase()
-  .pipe(z.enum(['true', 'false', 'yes', 'no', 'on', 'off', '1', '0']))
-  .transform((s) => ['true', 'yes', 'on', '1'].includes(s));
-
-const int = (min: number, max = Number.MAX_SAFE_INTEGER) =>
-  z
-    .string()
-    .trim()
-    .regex(/^-?\d+$/, 'an integer')
-    .transform(Number)
-    .pipe(z.number().int().min(min).max(max));
-
-const num = (min: number) =>
-  z
-    .string()
-    .trim()
-    .regex(/^\d+(\.\d+)?$/, 'a number')
-    .transform(Number)
-    .pipe(z.number().min(min));
-
-/** A number of seconds greater than 0. */
-const positiveNum = z
-  .string()
-  .trim()
-  .regex(/^\d+(\.\d+)?$/, 'a number')
-  .transform(Number)
-  .pipe(z.number().positive());
-
-const str = z.string();
-const nonEmpty = z.string().trim().min(1, 'a non-empty string');
-
 /** A transport URL (SPEC §5); the message names the problem, never the password. */
 const transportUrl = z.string().superRefine((value, ctx) => {
   const problem = transportUrlProblem(value);
@@ -75,24 +43,6 @@ const transportUrl = z.string().superRefine((value, ctx) => {
   }
 });
 
-/** [oslo_messaging_rabbit]: the names and meanings of oslo.messaging's rabbit driver options. */
-export const rabbitOptionsSchema = z
-  .object({
-    amqp_durable_queues: bool.default(false),
-    amqp_auto_delete: bool.default(false),
-    rabbit_quorum_queue: bool.default(false),
-    rabbit_qos_prefetch_count: int(0, 65535).default(0),
-    ssl: bool.default(false),
-    ssl_ca_file: str.default(''),
-    ssl_cert_file: str.default(''),
-    ssl_key_file: str.default(''),
-    heartbeat_timeout_threshold: int(0, 65535).default(60),
-    rabbit_retry_interval: num(0).default(1),
-    rabbit_retry_backoff: num(0).default(2),
-    rabbit_interval_max: num(0).default(30),
-  })
-  .strict();
-export type RabbitOptions = z.infer<typeof rabbitOptionsSchema>;
 
 export const schema = z
   .object({
@@ -149,6 +99,9 @@ export const schema = z
           .default('kvm:tcg'),
         shutdown_timeout: num(0).default(60),
         qmp_timeout: num(0.1).default(30),
+        qemu_img_timeout: num(1).default(120),
+        export_timeout: num(1).default(3600),
+        wait_soft_reboot_seconds: int(0, 86_400).default(120),
         backup_cbw_timeout: int(1, 4_294_967_295).default(5),
       })
       .strict()

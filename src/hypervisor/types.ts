@@ -149,8 +149,13 @@ export interface Hypervisor {
   start(uuid: string, hooks?: LaunchHooks): Promise<void>;
   /** running | paused → shutoff. graceful: ACPI power-down first, forced after the shutdown timeout. */
   stop(uuid: string, opts: { graceful: boolean }): Promise<void>;
-  /** Reset the guest without restarting its process. */
-  softReboot(uuid: string): Promise<void>;
+  /**
+   * Guest-cooperative reboot without restarting the process (SPEC §3, as nova's soft reboot): the
+   * ACPI power button; once the guest has shut down it is reset and runs again. Resolves true when
+   * the guest did so within `waitMs`, false when it did not (a paused guest cannot: false at once),
+   * and the caller then hard reboots it (Lifecycle). Throws InstanceInvalidState unless running or paused.
+   */
+  softReboot(uuid: string, opts: { waitMs: number }): Promise<boolean>;
   /** running → paused (vCPUs stopped, process kept). */
   pause(uuid: string): Promise<void>;
   /** paused → running. */

@@ -8,6 +8,7 @@ import { digestFile } from './hash.js';
 import { FILE_MODE, isoSeconds, newImageMeta, readImageMeta, writeImageMeta } from './metadata.js';
 import { StorePaths, validateImageId } from './paths.js';
 import { KeyedMutex } from './keyed-mutex.js';
+import { PidLock } from '../util/pid-lock.js';
 import { checkFreeSpace, defaultStatfs, type StatfsFn } from './space.js';
 import {
   OS_HASH_ALGOS,
@@ -23,6 +24,8 @@ export * from './types.js';
 export { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
 
 const DIR_MODE = 0o750;
+/** Properties set when an image is created, which say what it is: setProperties leaves them alone. */
+const FIXED_PROPERTIES: ReadonlySet<string> = new Set(['image_type', 'instance_uuid', 'user_id', 'base_image_ref', 'image_location', 'backup_type']);
 
 export interface ImageStoreOptions {
   path: string;
@@ -32,7 +35,21 @@ export interface ImageStoreOptions {
   statfs?: StatfsFn;
   /** Injectable clock for created_at/updated_at; defaults to the system clock. */
   now?: () => Date;
+  /** Test hook at named points of the store's work (awaited): see StoreHookPoint. */
+  hook?: StoreHook;
+  /**
+   * Take each image's kernel lock around its changes (default true). Only a store that no other
+   * process ever opens (the unit tests' fake environments) may leave it out.
+   */
+  lockAcrossProcesses?: boolean;
 }
+
+/**
+ * - `lock-wait`: another process holds the image's lock; this one is about to wait for it;
+ * - `commit:renamed`: a commit has renamed the data into place, its metadata not yet `active`.
+ */
+export type StoreHookPoint = 'lock-wait' | 'commit:renamed';
+export type StoreHook = (point: StoreHookPoint, id: string) => void | Promise<void>;
 
 /**
  * The local image store (SPEC §6): `<path>/<id>` raw data, `<path>/<id>.json` Glance-style
@@ -40,7 +57,9 @@ export interface ImageStoreOptions {
  * complete, fsynced and hashed; only then is the image `active`.
  *
  * Ids are lower-cased UUIDs: an upper-case UUID is accepted and stored under its lower-case form.
- * Operations that change one image are serialised per id within this process.
+ * Operations that change one image (create, markSaving, commit, kill, setProperties, delete) are serialised per id:
+ * within this process by a keyed mutex, and across processes (the agent, `images delete`, `cleanup`,
+ * a `snapshot` command) by a kernel lock on `<path>/.locks/<id>.lock` held for the whole operation.
  */
 export class ImageStore {
   readonly paths: StorePaths;
@@ -49,6 +68,8 @@ export class ImageStore {
   private readonly statfs: StatfsFn;
   private readonly now: () => Date;
   private readonly mutex = new KeyedMutex();
+  private readonly hook: StoreHook | undefined;
+  private readonly lockAcrossProcesses: boolean;
 
   constructor(opts: ImageStoreOptions) {
     if (!OS_HASH_ALGOS.includes(opts.osHashAlgo)) {
@@ -62,6 +83,31 @@ export class ImageStore {
     this.reservedSpaceMb = opts.reservedSpaceMb;
     this.statfs = opts.statfs ?? defaultStatfs;
     this.now = opts.now ?? (() => new Date());
+    this.hook = opts.hook;
+    this.lockAcrossProcesses = opts.lockAcrossProcesses ?? true;
+  }
+
+  /**
+   * Runs `task` as the only change of image `id` under way: first in this process (keyed mutex),
+   * then across processes (the image's lock, waited for). A store folder that does not exist yet
+   * holds no image to change: `task` then runs unlocked (it finds nothing) and creates nothing —
+   * except for `create`, which makes the folders first.
+   */
+  private exclusive<T>(id: string, what: string, task: () => Promise<T>, opts: { create?: boolean } = {}): Promise<T> {
+    return this.mutex.run(id, async () => {
+      if (opts.create) await this.makeDirs();
+      else if (!(await pathExists(this.paths.root))) return task();
+      if (!this.lockAcrossProcesses) return task();
+      const lock = new PidLock(this.paths.lock(id), `image store: ${what} ${id}`);
+      let waiting: Promise<void> | undefined;
+      await lock.acquire({ wait: { onWait: () => void (waiting = Promise.resolve(this.hook?.('lock-wait', id))) } });
+      try {
+        await waiting;
+        return await task();
+      } finally {
+        await lock.release();
+      }
+    });
   }
 
   /** Throws InvalidImageId unless `id` is a UUID. */
@@ -97,7 +143,7 @@ export class ImageStore {
       throw new TypeError(`image type ${JSON.stringify(img.imageType)}: expected snapshot or backup`);
     }
     if (typeof img.name !== 'string') throw new TypeError('image name must be a string');
-    return this.mutex.run(id, async () => {
+    return this.exclusive(id, 'create', async () => {
       if ((await pathExists(this.paths.meta(id))) || (await pathExists(this.paths.data(id)))) throw new ImageExists(id);
       await this.makeDirs();
       // A partial without metadata is debris of an attempt that crashed before recording the image.
@@ -110,7 +156,7 @@ export class ImageStore {
         throw err;
       }
       return meta;
-    });
+    }, { create: true });
   }
 
   /** Throws InsufficientSpace unless `bytesNeeded` fit on the store's filesystem above the reserve. */
@@ -131,7 +177,7 @@ export class ImageStore {
   /** queued → saving (idempotent for saving). */
   async markSaving(id: string): Promise<ImageMeta> {
     const cid = canonicalId(id);
-    return this.mutex.run(cid, async () => {
+    return this.exclusive(cid, 'mark saving', async () => {
       const meta = await this.mustRead(cid);
       if (meta.status === 'saving') return meta;
       requireStatus(meta, ['queued'], 'mark as saving');
@@ -146,7 +192,7 @@ export class ImageStore {
    */
   async commit(id: string, opts: { virtualSize?: number; onProgress?: ProgressCallback } = {}): Promise<ImageMeta> {
     const cid = canonicalId(id);
-    return this.mutex.run(cid, async () => {
+    return this.exclusive(cid, 'commit', async () => {
       const meta = await this.mustRead(cid);
       requireStatus(meta, ['queued', 'saving'], 'commit');
       const algo = storedHashAlgo(meta, this.paths.meta(cid));
@@ -164,6 +210,7 @@ export class ImageStore {
       await rename(partial, this.paths.data(cid));
       await fsyncDir(this.paths.root);
       await fsyncDir(this.paths.partialDir);
+      await this.hook?.('commit:renamed', cid);
       return this.update(meta, {
         status: 'active',
         size: digests.bytes,
@@ -181,7 +228,7 @@ export class ImageStore {
    */
   async kill(id: string, reason?: string): Promise<void> {
     const cid = canonicalId(id);
-    await this.mutex.run(cid, async () => {
+    await this.exclusive(cid, 'kill', async () => {
       const meta = await this.mustRead(cid);
       requireStatus(meta, ['queued', 'saving', 'killed'], 'kill');
       const removedPartial = await unlinkIfExists(this.paths.partial(cid));
@@ -191,6 +238,23 @@ export class ImageStore {
       if (meta.status === 'killed') return;
       const properties = reason === undefined ? meta.properties : { ...meta.properties, kill_reason: reason };
       await this.update(meta, { status: 'killed', properties });
+    });
+  }
+
+  /**
+   * Adds (or replaces) properties of an image, durably (the metadata is rewritten atomically and
+   * fsynced before this resolves); nothing else changes but updated_at. Refuses a deleted image
+   * (ImageInvalidState) and the properties that say what the image is (image_type, instance_uuid,
+   * user_id, base_image_ref, image_location, backup_type: TypeError). ImageNotFound if none.
+   */
+  async setProperties(id: string, properties: Record<string, unknown>): Promise<ImageMeta> {
+    const cid = canonicalId(id);
+    const fixed = Object.keys(properties).filter((k) => FIXED_PROPERTIES.has(k));
+    if (fixed.length > 0) throw new TypeError(`image properties ${fixed.join(', ')} cannot be changed`);
+    return this.exclusive(cid, 'set properties of', async () => {
+      const meta = await this.mustRead(cid);
+      requireStatus(meta, ['queued', 'saving', 'active', 'killed'], 'set properties of');
+      return this.update(meta, { properties: { ...meta.properties, ...properties } });
     });
   }
 
@@ -271,7 +335,7 @@ export class ImageStore {
    */
   async delete(id: string): Promise<void> {
     const cid = canonicalId(id);
-    await this.mutex.run(cid, async () => {
+    await this.exclusive(cid, 'delete', async () => {
       const metaFile = this.paths.meta(cid);
       let meta: ImageMeta | null = null;
       let corrupt = false;

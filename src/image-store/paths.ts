@@ -3,6 +3,7 @@ import { InvalidImageId } from '../errors.js';
 import { isUuid } from '../util/uuid.js';
 
 export const PARTIAL_DIR = '.partial';
+export const LOCKS_DIR = '.locks';
 
 /**
  * Throws InvalidImageId unless `id` is a UUID. Every public entry point of the store calls this
@@ -16,10 +17,13 @@ export function validateImageId(id: unknown): asserts id is string {
 export class StorePaths {
   readonly root: string;
   readonly partialDir: string;
+  /** `<root>/.locks/<id>.lock`: the cross-process lock of each image (src/util/pid-lock.ts). */
+  readonly locksDir: string;
 
   constructor(root: string) {
     this.root = path.resolve(root);
     this.partialDir = path.join(this.root, PARTIAL_DIR);
+    this.locksDir = path.join(this.root, LOCKS_DIR);
   }
 
   data(id: string): string {
@@ -32,6 +36,10 @@ export class StorePaths {
 
   partial(id: string): string {
     return this.inside(this.partialDir, id);
+  }
+
+  lock(id: string): string {
+    return this.inside(this.locksDir, `${id}.lock`);
   }
 
   /** Joins and asserts the result is a direct child of `dir` (defence in depth behind validateImageId). */

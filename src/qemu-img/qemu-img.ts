@@ -1,4 +1,6 @@
-import { QemuImgError } from '../errors.js';
+import { constants } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { ProgramTimeout, QemuImgError } from '../errors.js';
 import { runProgram } from '../util/exec.js';
 
 /**
@@ -45,19 +47,90 @@ function progressParser(onProgress: ((fraction: number) => void) | undefined): (
   };
 }
 
+/**
+ * `-t none` (the target written with O_DIRECT) where the target's filesystem takes it, else nothing
+ * (qemu-img's default for convert: the page cache, never flushed). An export writes GiBs: through the
+ * page cache they pile up as dirty pages whose writeback stalls every fsync on the same disk — the
+ * running guest's own, during `live` and `monitor-snapshot` — for hundreds of ms (bench:downtime,
+ * the guest writer's longest write+fsync). The store fsyncs the file before it is active either way.
+ * Probed on the target itself (created, mode 0640, when absent: qemu-img then writes over it); any
+ * trouble opening it is left for qemu-img to meet and report.
+ */
+async function directTargetArgs(dest: string): Promise<string[]> {
+  try {
+    const fh = await open(dest, constants.O_WRONLY | constants.O_CREAT | constants.O_DIRECT, 0o640);
+    await fh.close();
+    return ['-t', 'none'];
+  } catch {
+    return [];
+  }
+}
+
 /** Escapes a value for qemu's comma-separated option syntax (`,` → `,,`). */
 export function escapeOptValue(v: string): string {
   return v.replace(/,/g, ',,');
 }
 
-export class QemuImg {
-  constructor(readonly binary = 'qemu-img') {}
+/**
+ * Bounds of qemu-img runs, each the value of the option an operator tunes it with. Past its bound a
+ * qemu-img is stopped (SIGTERM, SIGKILL after the grace) and the call rejects with ProgramTimeout
+ * naming the option.
+ */
+export interface QemuImgBounds {
+  /** info, check, create, snapshot listing: metadata reads and writes. `[hypervisor] qemu_img_timeout`. */
+  quickMs: number;
+  /**
+   * snapshot -c / -d of an offline disk: they walk the refcounts of the whole disk, as the same
+   * work through a running QEMU's monitor does, so they get the same bound. `[hypervisor] job_timeout`.
+   */
+  snapshotMs: number;
+  /** convert: a raw export of a disk or internal snapshot, a live backup's copy. `[hypervisor] export_timeout`. */
+  exportMs: number;
+  /** From SIGTERM to SIGKILL once a bound has passed (default: exec.ts's). */
+  killGraceMs?: number;
+}
 
-  private async run(args: string[], onStdout?: (c: string) => void, signal?: AbortSignal): Promise<string> {
+export const QEMU_IMG_TIMEOUT_OPTION = '[hypervisor] qemu_img_timeout';
+export const JOB_TIMEOUT_OPTION = '[hypervisor] job_timeout';
+export const EXPORT_TIMEOUT_OPTION = '[hypervisor] export_timeout';
+
+/** The options' defaults (etc/snapshot-driver.conf). */
+export const DEFAULT_QEMU_IMG_BOUNDS: QemuImgBounds = { quickMs: 120_000, snapshotMs: 600_000, exportMs: 3_600_000 };
+
+type BoundKind = 'quick' | 'snapshot' | 'export';
+
+/** qemu-img as `[hypervisor]` configures it: its program and its bounds. */
+export function qemuImgFromConfig(h: { qemu_img: string; qemu_img_timeout: number; job_timeout: number; export_timeout: number }): QemuImg {
+  return new QemuImg(h.qemu_img, { quickMs: h.qemu_img_timeout * 1000, snapshotMs: h.job_timeout * 1000, exportMs: h.export_timeout * 1000 });
+}
+
+export class QemuImg {
+  readonly bounds: QemuImgBounds;
+
+  constructor(
+    readonly binary = 'qemu-img',
+    bounds: Partial<QemuImgBounds> = {},
+  ) {
+    this.bounds = { ...DEFAULT_QEMU_IMG_BOUNDS, ...bounds };
+  }
+
+  /** runProgram with the bound of `kind`. */
+  private runBounded(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal) {
+    const [timeoutMs, timeoutOption] =
+      kind === 'quick'
+        ? [this.bounds.quickMs, QEMU_IMG_TIMEOUT_OPTION]
+        : kind === 'snapshot'
+          ? [this.bounds.snapshotMs, JOB_TIMEOUT_OPTION]
+          : [this.bounds.exportMs, EXPORT_TIMEOUT_OPTION];
+    return runProgram(this.binary, args, { onStdout, signal, timeoutMs, timeoutOption, killGraceMs: this.bounds.killGraceMs });
+  }
+
+  private async run(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal): Promise<string> {
     let res;
     try {
-      res = await runProgram(this.binary, args, { onStdout, signal });
+      res = await this.runBounded(kind, args, onStdout, signal);
     } catch (err) {
+      if (err instanceof ProgramTimeout) throw err;
       throw new QemuImgError(`cannot run ${this.binary}: ${(err as Error).message}`, args, '', { cause: err });
     }
     if (signal?.aborted) throw new QemuImgError(`qemu-img ${args[0]} was cancelled`, args, res.stderr);
@@ -80,7 +153,7 @@ export class QemuImg {
     }
     args.push(path);
     if (opts.sizeBytes !== undefined) args.push(String(opts.sizeBytes));
-    await this.run(args);
+    await this.run('quick', args);
   }
 
   /** `qemu-img info --output=json -f qcow2`; forceShare (-U) reads an image a running QEMU holds. */
@@ -88,7 +161,7 @@ export class QemuImg {
     const args = ['info', '--output=json', '-f', 'qcow2'];
     if (opts.forceShare) args.push('-U');
     args.push(path);
-    const out = await this.run(args);
+    const out = await this.run('quick', args);
     let j: Record<string, unknown>;
     try {
       j = JSON.parse(out) as Record<string, unknown>;
@@ -117,12 +190,12 @@ export class QemuImg {
 
   /** `qemu-img snapshot -c`. Only while no QEMU process has the image open (SPEC §2). */
   async snapshotCreate(path: string, name: string): Promise<void> {
-    await this.run(['snapshot', '-q', '-c', name, ...this.imageOpts(path)]);
+    await this.run('snapshot', ['snapshot', '-q', '-c', name, ...this.imageOpts(path)]);
   }
 
   /** `qemu-img snapshot -d`. Only while no QEMU process has the image open (SPEC §2). */
   async snapshotDelete(path: string, name: string): Promise<void> {
-    await this.run(['snapshot', '-q', '-d', name, ...this.imageOpts(path)]);
+    await this.run('snapshot', ['snapshot', '-q', '-d', name, ...this.imageOpts(path)]);
   }
 
   /** Converts a qcow2 image (or one of its internal snapshots) to a sparse raw file. */
@@ -131,8 +204,8 @@ export class QemuImg {
     if (opts.forceShare) args.push('-U');
     if (opts.snapshotName !== undefined) args.push('-l', `snapshot.name=${escapeOptValue(opts.snapshotName)}`);
     if (opts.onProgress) args.push('-p');
-    args.push(src, dest);
-    await this.run(args, progressParser(opts.onProgress));
+    args.push(...(await directTargetArgs(dest)), src, dest);
+    await this.run('export', args, progressParser(opts.onProgress));
   }
 
   /**
@@ -150,8 +223,8 @@ export class QemuImg {
     if (opts.targetExists) args.push('-n', '--target-is-zero');
     if (opts.rateLimit !== undefined && opts.rateLimit > 0) args.push('-r', String(Math.max(1, Math.floor(opts.rateLimit))));
     if (opts.onProgress) args.push('-p');
-    args.push(uri, dest);
-    await this.run(args, progressParser(opts.onProgress), opts.signal);
+    args.push(...(await directTargetArgs(dest)), uri, dest);
+    await this.run('export', args, progressParser(opts.onProgress), opts.signal);
   }
 
   /** `qemu-img check --output=json -f qcow2`. Exit codes 2/3 (errors/leaks) are results, not failures. */
@@ -159,7 +232,8 @@ export class QemuImg {
     const args = ['check', '--output=json', '-f', 'qcow2'];
     if (opts.forceShare) args.push('-U');
     args.push(path);
-    const res = await runProgram(this.binary, args).catch((err: Error) => {
+    const res = await this.runBounded('quick', args).catch((err: Error) => {
+      if (err instanceof ProgramTimeout) throw err;
       throw new QemuImgError(`cannot run ${this.binary}: ${err.message}`, args);
     });
     let j: Record<string, unknown>;

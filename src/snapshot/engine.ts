@@ -1,5 +1,5 @@
 import { STRATEGIES, type StrategyName } from '../config/schema.js';
-import type { Lifecycle } from '../compute/lifecycle.js';
+import type { Lifecycle } from './lifecycle.js';
 import { ImageStore } from '../image-store/image-store.js';
 import type { Hypervisor } from '../hypervisor/types.js';
 import { ConfigError, errorMessage, InvalidInstanceId, SnapshotFailed, UnknownStrategy, UsageError } from '../errors.js';
@@ -8,7 +8,7 @@ import { isUuid } from '../util/uuid.js';
 import { DEFAULT_QUIESCE, type QuiesceOptions } from './guest-freeze.js';
 import type { OperationHandle, OperationJournal } from './operation-journal.js';
 import { runSteps, type BeforeStep } from './run-steps.js';
-import type { SnapshotContext } from './steps.js';
+import type { SnapshotContext } from './context.js';
 import { STRATEGY_STEPS, USES_MANAGED_SAVE } from './strategies.js';
 
 export interface SnapshotRequest {
@@ -195,7 +195,10 @@ export class SnapshotEngine {
       // the next start's recovery tries again rather than nobody ever doing it.
       const undone = !(err instanceof SnapshotFailed) || err.undoErrors.length === 0;
       if (killed && undone) await endRecord(op, log);
-      else log.error({ undo_failed: !undone, image_killed: killed }, 'operation journal record kept: the next start recovers this operation');
+      else {
+        await op.abandon().catch((abandonErr: unknown) => log.error({ err: abandonErr }, `cannot mark the operation record abandoned: ${errorMessage(abandonErr)}`));
+        log.error({ undo_failed: !undone, image_killed: killed }, 'operation journal record kept: recovery puts this operation right (a serving agent within seconds, else the next start)');
+      }
       const state = await hv.info(req.instanceUuid).then((i) => i.state, () => 'unknown');
       // Every failure path thaws, and the freeze's own deadline thaws again; if all of that failed, say so.
       const frozen = ctx.freeze?.mayBeFrozen === true;

@@ -1,5 +1,6 @@
 import { takePointInTime } from './quiesce-steps.js';
-import { holdsDisk, removePartial, type SnapshotContext, type Step } from './steps.js';
+import { holdsDisk, removePartial } from './steps.js';
+import type { SnapshotContext, Step } from './context.js';
 
 /**
  * The `live` strategy's steps (SPEC §3): nothing is suspended and no internal snapshot is made; a

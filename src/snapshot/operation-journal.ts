@@ -5,10 +5,12 @@ import { errorMessage, ImageExists } from '../errors.js';
 import type { PowerState } from '../hypervisor/types.js';
 import type { Logger } from '../log.js';
 import { fsyncDir, isErrno, pathExists, unlinkIfExists, writeFileAtomic } from '../util/durable-fs.js';
-import { selfIdentity, type ProcessIdentity } from '../util/process-identity.js';
+import { isRunning, selfIdentity, type ProcessIdentity } from '../util/process-identity.js';
 import { isUuid } from '../util/uuid.js';
 
 const FILE_MODE = 0o600;
+/** The temp file of an atomic write (src/util/durable-fs.ts writeFileAtomic), with its writer's pid. */
+const TEMP_NAME = /^\.[^/]+\.tmp-(\d+)-[0-9a-f]+$/;
 const DIR_MODE = 0o700;
 
 /**
@@ -36,6 +38,12 @@ export interface OperationRecord {
   step_index: number;
   /** The process carrying the operation out: recovery leaves the records of running ones alone. */
   owner: ProcessIdentity;
+  /**
+   * Set when the operation ended with something left to put right (an undo failed: e.g. a guest left
+   * paused because its `cont` failed) while its owner lives on (a serving agent): recovery takes such
+   * a record although its owner runs.
+   */
+  abandoned?: true;
   started_at: string;
   updated_at: string;
 }
@@ -102,7 +110,8 @@ export class OperationJournal {
 
   /**
    * Every recorded operation, oldest first. An unreadable record is moved aside as `<name>.corrupt`
-   * (and logged); write debris (`.<name>.tmp-*`) of a crash is removed.
+   * (and logged); write debris (`.<name>.tmp-<pid>-<hex>`) of a crash is removed once the process
+   * that wrote it is gone (as the store sweep does); a write under way is never touched.
    */
   async list(): Promise<OperationRecord[]> {
     let names: string[];
@@ -115,10 +124,14 @@ export class OperationJournal {
     const records: OperationRecord[] = [];
     for (const name of names.sort()) {
       const file = path.join(this.dir, name);
-      if (name.startsWith('.') && name.includes('.tmp-')) {
-        await unlinkIfExists(file);
+      const temp = TEMP_NAME.exec(name);
+      if (temp) {
+        // Only a dead writer's: a live one (this process, or another one recording its operation)
+        // renames its temp file into place next, and must find it.
+        if (!(await isRunning({ pid: Number(temp[1]), start: null, boot: null }))) await unlinkIfExists(file);
         continue;
       }
+      if (name.startsWith('.') && name.includes('.tmp-')) continue; // not a name writeFileAtomic makes
       if (!name.endsWith('.json')) continue;
       const parsed = await readRecord(file, name);
       if (typeof parsed === 'string') {
@@ -152,6 +165,15 @@ export class OperationHandle {
   async commit(): Promise<void> {
     this.record.step_index = this.record.steps.length;
     this.record.phase = 'commit';
+    await this.journal.write(this.record);
+  }
+
+  /**
+   * The operation has ended, not put right: its record stays for recovery, which may take it now
+   * (from this process too: a serving agent recovers it without waiting for its own next start).
+   */
+  async abandon(): Promise<void> {
+    this.record.abandoned = true;
     await this.journal.write(this.record);
   }
 
@@ -194,5 +216,6 @@ async function readRecord(file: string, name: string): Promise<OperationRecord |
   if (typeof owner !== 'object' || owner === null || !Number.isSafeInteger(owner.pid) || (owner.pid as number) <= 0) {
     return 'owner is not a process identity';
   }
+  if (r.abandoned !== undefined && r.abandoned !== true) return 'abandoned is not true';
   return r as unknown as OperationRecord;
 }

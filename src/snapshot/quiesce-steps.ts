@@ -1,7 +1,7 @@
 import { errorMessage, GuestAgentError } from '../errors.js';
 import { processHoldsDisk } from '../hypervisor/types.js';
 import { GuestFreeze } from './guest-freeze.js';
-import type { SnapshotContext, Step } from './steps.js';
+import type { SnapshotContext, Step } from './context.js';
 
 /**
  * Quiesce (SPEC §3), for every strategy on a running guest: the guest's filesystems are frozen

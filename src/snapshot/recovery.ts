@@ -1,7 +1,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { StrategyName } from '../config/schema.js';
-import type { Lifecycle } from '../compute/lifecycle.js';
+import type { Lifecycle } from './lifecycle.js';
 import { errorMessage, ImageNotFound, InstanceNotFound } from '../errors.js';
 import { processHoldsDisk, type Hypervisor, type PowerState } from '../hypervisor/types.js';
 import type { ImageStore } from '../image-store/image-store.js';
@@ -10,17 +10,18 @@ import { isRunning, type ProcessIdentity } from '../util/process-identity.js';
 import { isUuid } from '../util/uuid.js';
 import type { OperationJournal, OperationRecord } from './operation-journal.js';
 import type { PendingSnapshots } from './pending.js';
-import type { InstanceLocks } from '../compute/instance-locks.js';
-import { startAgain } from './steps.js';
+import type { InstanceLocks } from './instance-locks.js';
+import { disposeOfFailedSnapshot, startAgain } from './steps.js';
 import { USES_MANAGED_SAVE } from './strategies.js';
 
 /**
  * Start-up recovery (SPEC §2 "on every path, including crashes"): what an agent that died in the
  * middle of a snapshot left behind is put right from the operation journal and the real state of
- * guest, disk and store — guest back in its prior power state, our internal snapshot gone (or pending
- * under deferred-delete), no partial data, the image `killed` (or forgotten when no step had begun,
- * so that the request is carried out again) — and internal snapshots of ours that nothing explains
- * are removed.
+ * guest, disk and store — guest back in its prior power state (also one that a failed undo left
+ * paused: its record is kept for that), our internal snapshot gone by the same rule as a failure's
+ * undo (disposeOfFailedSnapshot: pending only when the guest's QEMU cannot delete it), no partial
+ * data, the image `killed` (or forgotten when no step had begun, so that the request is carried out
+ * again) — and internal snapshots of ours that nothing explains are removed.
  */
 
 export interface RecoveryDeps {
@@ -84,7 +85,7 @@ export async function recoverOperations(deps: RecoveryDeps, uuid?: string): Prom
   const out: RecoveredOperation[] = [];
   for (const rec of await deps.operations.list()) {
     if (uuid !== undefined && rec.instance_uuid.toLowerCase() !== uuid.toLowerCase()) continue;
-    if (await ownerRunning(rec.owner)) {
+    if (rec.abandoned !== true && (await ownerRunning(rec.owner))) {
       deps.log.info({ image_id: rec.image_id, owner_pid: rec.owner.pid }, 'operation under way in another process: left alone');
       continue;
     }
@@ -130,7 +131,9 @@ async function recoverOne(deps: RecoveryDeps, rec: OperationRecord): Promise<Rec
   }
   try {
     const reason =
-      `interrupted: the agent stopped at ${where} of ${rec.strategy} and recovered it at its next start` +
+      (rec.abandoned === true
+        ? `failed at ${where} of ${rec.strategy}, and its undo did not finish: recovered it later`
+        : `interrupted: the agent stopped at ${where} of ${rec.strategy}, and recovery took it over`) +
       (result.actions.length > 0 ? ` (${result.actions.join('; ')})` : '') +
       (guestError !== undefined ? `; the guest could not be brought back: ${errorMessage(guestError)}` : '');
     result.image = await recoverImage(deps, rec, reason);
@@ -204,31 +207,35 @@ function mayHaveFrozen(rec: OperationRecord): boolean {
 }
 
 /**
- * The interrupted operation's own snapshot: deleted with qemu-img when no process holds the disk;
- * on a running guest kept as pending under deferred-delete (its whole point is to never delete
- * through a running QEMU), else deleted through the guest's monitor, as the strategies do.
+ * The interrupted operation's own snapshot. An operation whose image is active had completed: what
+ * is left of its snapshot is what its strategy leaves (deferred-delete: pending on a disk a process
+ * holds, deleted at once on one it does not, as keep-as-pending does). Any other operation failed, and
+ * its snapshot goes by the one rule for a failed operation's snapshot (disposeOfFailedSnapshot): the
+ * same as the undo of a failure the agent lived through.
  */
 async function removeOwnSnapshot(deps: RecoveryDeps, rec: OperationRecord, state: PowerState, out: RecoveredOperation): Promise<void> {
   const uuid = rec.instance_uuid;
   const name = rec.snapshot_name;
-  const exists = async () => (await deps.hv.listInternalSnapshots(uuid)).some((s) => s.name === name);
-  if (!(await exists())) return;
-  if (!processHoldsDisk(state)) {
-    await deps.hv.offlineSnapshotDelete(uuid, name).catch(async (err: unknown) => {
-      // Gone already (e.g. taken for an orphan by another agent on a shared libvirtd): what recovery wants.
-      if (await exists()) throw err;
-      deps.log.warn({ instance_uuid: uuid, snapshot: name, err: errorMessage(err) }, 'internal snapshot already gone when recovery deleted it');
-    });
-    await deps.pending.remove(uuid, name);
-    out.actions.push(`deleted internal snapshot ${name}`);
-  } else if (rec.strategy === 'deferred-delete') {
-    await deps.pending.add(uuid, name);
-    out.actions.push(`kept internal snapshot ${name} as pending (deleted at the guest's next restart)`);
-  } else {
-    await deps.hv.liveSnapshotDelete(uuid, name);
-    await deps.pending.remove(uuid, name);
-    out.actions.push(`deleted internal snapshot ${name} through the guest's monitor`);
+  if (processHoldsDisk(state) && rec.phase === 'commit' && (await imageActive(deps, rec.image_id))) {
+    if ((await deps.hv.listInternalSnapshots(uuid)).some((s) => s.name === name) && !(await deps.pending.list(uuid)).includes(name)) {
+      await deps.pending.add(uuid, name);
+      out.actions.push(`kept internal snapshot ${name} of the completed operation as pending (deleted at the guest's next restart)`);
+    }
+    return;
   }
+  const fate = await disposeOfFailedSnapshot(deps, uuid, name);
+  if (fate === 'deleted') out.actions.push(processHoldsDisk(state) ? `deleted internal snapshot ${name} through the guest's monitor` : `deleted internal snapshot ${name}`);
+  else if (fate === 'pending') out.actions.push(`kept internal snapshot ${name} as pending: the guest's QEMU could not delete it (deleted at its next restart)`);
+}
+
+async function imageActive(deps: RecoveryDeps, imageId: string): Promise<boolean> {
+  return deps.store.show(imageId).then(
+    (image) => image.status === 'active',
+    (err: unknown) => {
+      if (err instanceof ImageNotFound) return false;
+      throw err;
+    },
+  );
 }
 
 async function recoverImage(deps: RecoveryDeps, rec: OperationRecord, reason: string): Promise<RecoveredOperation['image']> {

@@ -1,5 +1,5 @@
 import { errorMessage, SnapshotFailed } from '../errors.js';
-import type { SnapshotContext, Step } from './steps.js';
+import type { SnapshotContext, Step } from './context.js';
 
 /** Called before each step runs; throws to inject a failure there (tests, the fault switch). */
 export type BeforeStep = (step: Step, index: number) => void | Promise<void>;

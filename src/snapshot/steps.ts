@@ -1,53 +1,11 @@
 import fs from 'node:fs/promises';
-import { errorMessage, GuestLost, InstanceInvalidState } from '../errors.js';
+import { errorMessage, GuestLeftPaused, GuestLost, InstanceInvalidState, QmpTimeout } from '../errors.js';
 import type { Logger } from '../log.js';
-import { processHoldsDisk, type BackupJob, type Hypervisor, type PowerState, type ResumeResult } from '../hypervisor/types.js';
-import type { ImageStore } from '../image-store/image-store.js';
-import type { Lifecycle } from '../compute/lifecycle.js';
+import { processHoldsDisk, type Hypervisor, type PowerState, type ResumeResult } from '../hypervisor/types.js';
+import type { SnapshotContext, Step } from './context.js';
 import { windowDowntimeMs, type SuspendWindow } from './downtime.js';
-import type { GuestFreeze, QuiesceOptions } from './guest-freeze.js';
 import type { PendingSnapshots } from './pending.js';
 import { takePointInTime } from './quiesce-steps.js';
-
-/** What every step of one snapshot operation sees and updates. */
-export interface SnapshotContext {
-  readonly hv: Hypervisor;
-  readonly store: ImageStore;
-  readonly lifecycle: Lifecycle;
-  readonly pending: PendingSnapshots;
-  readonly log: Logger;
-  readonly uuid: string;
-  readonly imageId: string;
-  /** The internal snapshot this operation makes: name_prefix + image id. */
-  readonly snapshotName: string;
-  /** Power state before the operation; the guest is back in it afterwards. */
-  readonly priorState: PowerState;
-  readonly quiesce: QuiesceOptions;
-  onProgress?: (fraction: number) => void;
-  /** True from the start of this operation's managed save until the guest is resumed. */
-  suspended: boolean;
-  /** Guest downtime so far, in ms: the time its vCPUs did not run (or its I/O was held). */
-  downtimeMs: number;
-  /** This operation's managed save, until the guest is resumed. */
-  suspendWindow?: SuspendWindow;
-  /** The guest-agent freeze, once one was asked for. */
-  freeze?: GuestFreeze;
-  /** live: the backup job, once started. */
-  backup?: BackupJob;
-  /** The image's point in time was taken (the first managed save, or the backup job's start). */
-  pointInTimeTaken?: boolean;
-  /** The point in time was taken while the guest's filesystems were frozen. */
-  quiesced: boolean;
-  /** The guest's QEMU died during the operation and was booted again (its memory state was lost). */
-  guestRestarted?: boolean;
-}
-
-/** One step of a strategy, and how to undo it when a later step fails. */
-export interface Step {
-  readonly name: string;
-  run(ctx: SnapshotContext): Promise<void>;
-  undo?(ctx: SnapshotContext): Promise<void>;
-}
 
 export async function holdsDisk(ctx: SnapshotContext): Promise<boolean> {
   return processHoldsDisk((await ctx.hv.info(ctx.uuid)).state);
@@ -55,7 +13,9 @@ export async function holdsDisk(ctx: SnapshotContext): Promise<boolean> {
 
 /**
  * Resumes the guest if this operation managed-saved it (also after a save that failed half-way). A
- * guest whose QEMU process died meanwhile (no saved state to resume) is started again, never left down.
+ * guest whose QEMU process died meanwhile (no saved state to resume) is started again, never left down;
+ * one that this operation left paused (a save undone, or a resume loaded, whose final `cont` failed)
+ * is run again. A guest that was paused before the operation stays paused.
  */
 async function resumeIfSuspended(ctx: SnapshotContext): Promise<void> {
   if (!ctx.suspended) return;
@@ -65,11 +25,16 @@ async function resumeIfSuspended(ctx: SnapshotContext): Promise<void> {
     // backend's state query may cost a process (libvirt's virsh).
     resumed = await ctx.lifecycle.resume(ctx.uuid);
   } catch (err) {
-    if (!(err instanceof InstanceInvalidState)) throw err;
-    // Not saved: a save that failed half-way was undone (running, paused), or the QEMU process died.
-    const { state } = await ctx.hv.info(ctx.uuid);
-    if (state === 'shutoff' || state === 'crashed') await startAgain(ctx, state);
-    else if (state === 'saved') throw err;
+    // Not saved: a save that failed half-way was undone (running, paused), or the QEMU process died;
+    // or the resume failed: before the state was loaded (still saved), or after (paused, its `cont` failed).
+    const state = await ctx.hv.info(ctx.uuid).then(
+      (i) => i.state,
+      () => undefined,
+    );
+    if (state === 'paused' && ctx.priorState === 'running') await runAgain(ctx, err);
+    else if (!(err instanceof InstanceInvalidState)) throw err;
+    else if (state === 'shutoff' || state === 'crashed') await startAgain(ctx, state);
+    else if (state === 'saved' || state === undefined) throw err;
   }
   ctx.suspended = false;
   ctx.freeze?.guestRunning();
@@ -77,6 +42,25 @@ async function resumeIfSuspended(ctx: SnapshotContext): Promise<void> {
     ctx.downtimeMs += windowDowntimeMs(ctx.suspendWindow, ctx.priorState, resumed, performance.now());
     ctx.suspendWindow = undefined;
   }
+}
+
+/**
+ * The guest ran before the operation and is paused now, its process alive: this operation's save (or
+ * resume) stopped its vCPUs and the `cont` that should have run them again failed. Asks once more
+ * (every undo that reaches here asks again); if the guest still cannot run, GuestLeftPaused.
+ */
+async function runAgain(ctx: SnapshotContext, cause: unknown): Promise<void> {
+  ctx.log.warn({ err: errorMessage(cause) }, 'the guest was left paused by this operation (its vCPUs did not run again): unpausing it');
+  try {
+    await ctx.hv.unpause(ctx.uuid);
+  } catch (err) {
+    throw new GuestLeftPaused(
+      `instance ${ctx.uuid}: its vCPUs were stopped for a managed save and could not run again ` +
+        `(${errorMessage(cause)}; unpause: ${errorMessage(err)}); it is paused, and recovered once that is possible`,
+      { cause: err },
+    );
+  }
+  ctx.log.warn('guest running again after its save or resume had left it paused');
 }
 
 /**
@@ -104,8 +88,46 @@ async function deleteOwnSnapshotNow(ctx: SnapshotContext): Promise<void> {
   else await ctx.hv.offlineSnapshotDelete(ctx.uuid, ctx.snapshotName);
 }
 
-async function ownSnapshotExists(ctx: SnapshotContext): Promise<boolean> {
-  return (await ctx.hv.listInternalSnapshots(ctx.uuid)).some((s) => s.name === ctx.snapshotName);
+/** What disposeOfFailedSnapshot did with the snapshot. */
+export type FailedSnapshotFate = 'absent' | 'deleted' | 'pending';
+
+/**
+ * THE rule for the internal snapshot of an operation that failed (its undo) or was interrupted
+ * (start-up recovery), whatever the strategy, deferred-delete included. No image needs it, so it is
+ * deleted now wherever SPEC §2 lets the disk be changed now: with qemu-img when no process holds the
+ * disk, through that very process's monitor when one does. Only when the process that holds the disk
+ * cannot delete it (its monitor refuses: e.g. a QEMU whose disk is still inactive after a `cont` that
+ * failed) is it recorded pending, so that the next restart of the guest's process deletes it (SPEC §3).
+ * A qemu-img that fails on a disk no process holds is thrown, not made pending: the next launch would
+ * run into the same failure before the guest could start.
+ */
+export async function disposeOfFailedSnapshot(
+  d: { hv: Hypervisor; pending: PendingSnapshots; log: Logger },
+  uuid: string,
+  name: string,
+): Promise<FailedSnapshotFate> {
+  const exists = async () => (await d.hv.listInternalSnapshots(uuid)).some((s) => s.name === name);
+  const log = d.log.child({ instance_uuid: uuid, snapshot: name });
+  if (!(await exists())) {
+    await d.pending.remove(uuid, name);
+    return 'absent';
+  }
+  const { state } = await d.hv.info(uuid);
+  try {
+    if (processHoldsDisk(state)) await d.hv.liveSnapshotDelete(uuid, name);
+    else await d.hv.offlineSnapshotDelete(uuid, name);
+  } catch (err) {
+    // Gone already (e.g. taken for an orphan by another agent on a shared libvirtd): what was wanted.
+    if (await exists()) {
+      if (!processHoldsDisk(state)) throw err;
+      log.warn({ err: errorMessage(err), state }, "the guest's QEMU cannot delete the internal snapshot now: recorded pending, deleted at its next restart");
+      await d.pending.add(uuid, name);
+      return 'pending';
+    }
+    log.warn({ err: errorMessage(err) }, 'internal snapshot already gone when it was deleted');
+  }
+  await d.pending.remove(uuid, name);
+  return 'deleted';
 }
 
 /** Managed save of a running or paused guest; a shut-off (or saved) guest needs none. */
@@ -139,7 +161,7 @@ export const createSnapshot: Step = {
     await ctx.hv.offlineSnapshotCreate(ctx.uuid, ctx.snapshotName);
   },
   async undo(ctx) {
-    if (await ownSnapshotExists(ctx)) await deleteOwnSnapshotNow(ctx);
+    await disposeOfFailedSnapshot(ctx, ctx.uuid, ctx.snapshotName);
   },
 };
 
@@ -191,7 +213,18 @@ export const exportSnapshot: Step = {
 /** Delete our snapshot: through the running QEMU's monitor, or with qemu-img when it is offline. */
 export const deleteSnapshot: Step = {
   name: 'delete-snapshot',
-  run: deleteOwnSnapshotNow,
+  async run(ctx) {
+    try {
+      await deleteOwnSnapshotNow(ctx);
+    } catch (err) {
+      // The image is finished by now. A monitor delete that only timed out goes on
+      // in QEMU (its late reply is logged): it must not fail the image. The snapshot is recorded
+      // pending, so that the next restart of the guest's process deletes it if it is still there.
+      if (!(err instanceof QmpTimeout)) throw err;
+      ctx.log.warn({ err: errorMessage(err), snapshot: ctx.snapshotName }, 'internal snapshot delete timed out (QEMU goes on with it): recorded pending, the image is kept');
+      await ctx.pending.add(ctx.uuid, ctx.snapshotName);
+    }
+  },
 };
 
 /** Delete the earlier pending snapshots of this disk (the guest's process is gone). */

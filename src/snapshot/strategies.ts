@@ -1,16 +1,6 @@
 import type { StrategyName } from '../config/schema.js';
-import {
-  createSnapshot,
-  deletePending,
-  deleteSnapshot,
-  exportDisk,
-  exportSnapshot,
-  keepAsPending,
-  monitorCreateSnapshot,
-  resume,
-  suspend,
-  type Step,
-} from './steps.js';
+import { createSnapshot, deletePending, deleteSnapshot, exportDisk, exportSnapshot, keepAsPending, monitorCreateSnapshot, resume, suspend } from './steps.js';
+import type { Step } from './context.js';
 import { markSaving, startBackup, waitBackup } from './live-steps.js';
 import { quiesce, thaw } from './quiesce-steps.js';
 

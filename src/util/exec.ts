@@ -1,4 +1,7 @@
 import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import fs from 'node:fs/promises';
+import { ProgramTimeout } from '../errors.js';
 
 export interface RunResult {
   stdout: string;
@@ -9,16 +12,29 @@ export interface RunResult {
 export interface RunOptions {
   /** Called with each chunk of stdout as it arrives (e.g. qemu-img -p progress). */
   onStdout?: (chunk: string) => void;
-  /** Kill the program (SIGKILL) after this many milliseconds. */
+  /**
+   * The program's bound, in ms. Past it the program and every process it started get SIGTERM, and
+   * SIGKILL `killGraceMs` later if still there; runProgram then rejects with ProgramTimeout.
+   */
   timeoutMs?: number;
+  /** The operator's name for the bound (e.g. `[hypervisor] qemu_img_timeout`), for the ProgramTimeout. */
+  timeoutOption?: string;
+  /** From SIGTERM to SIGKILL once the bound has passed; default DEFAULT_KILL_GRACE_MS. */
+  killGraceMs?: number;
   /** Kill the program (SIGKILL) when this is aborted; it then resolves with the code it had. */
   signal?: AbortSignal;
   env?: NodeJS.ProcessEnv;
 }
 
+/** From SIGTERM to SIGKILL when a program overruns its bound. */
+export const DEFAULT_KILL_GRACE_MS = 5000;
+/** After the program was killed, how long its output pipes may stay open (held by an escaped descendant). */
+const PIPE_CLOSE_MS = 1000;
+
 /**
  * Runs a program from an argument vector (never through a shell) and collects its output.
- * Resolves with the exit code; it is up to the caller to treat non-zero as an error.
+ * Resolves with the exit code; it is up to the caller to treat non-zero as an error. Rejects with
+ * ProgramTimeout when it overran `timeoutMs` (it is then gone, with every process it started).
  */
 export function runProgram(file: string, args: readonly string[], opts: RunOptions = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
@@ -27,10 +43,12 @@ export function runProgram(file: string, args: readonly string[], opts: RunOptio
     let stderr = '';
     let timer: NodeJS.Timeout | undefined;
     let timedOut = false;
-    if (opts.timeoutMs !== undefined) {
+    let stopping: Promise<void> | undefined;
+    if (opts.timeoutMs !== undefined && child.pid !== undefined) {
+      const pid = child.pid;
       timer = setTimeout(() => {
         timedOut = true;
-        child.kill('SIGKILL');
+        stopping = stopTree(pid, opts.killGraceMs ?? DEFAULT_KILL_GRACE_MS, () => child.exitCode !== null || child.signalCode !== null);
       }, opts.timeoutMs);
     }
     const onAbort = () => child.kill('SIGKILL');
@@ -45,6 +63,14 @@ export function runProgram(file: string, args: readonly string[], opts: RunOptio
     child.stderr.on('data', (c: string) => {
       stderr += c;
     });
+    child.on('exit', () => {
+      if (!timedOut) return;
+      // A descendant that escaped the kill may hold our pipes open: do not wait on it.
+      setTimeout(() => {
+        child.stdout.destroy();
+        child.stderr.destroy();
+      }, PIPE_CLOSE_MS).unref();
+    });
     child.on('error', (err) => {
       if (timer) clearTimeout(timer);
       opts.signal?.removeEventListener('abort', onAbort);
@@ -53,8 +79,91 @@ export function runProgram(file: string, args: readonly string[], opts: RunOptio
     child.on('close', (code, signal) => {
       if (timer) clearTimeout(timer);
       opts.signal?.removeEventListener('abort', onAbort);
-      if (timedOut) stderr += `\n(killed after ${opts.timeoutMs} ms)`;
+      if (timedOut) {
+        // Resolved once every process of the tree is gone (or SIGKILLed).
+        void (stopping ?? Promise.resolve()).then(() => reject(new ProgramTimeout(file, args, opts.timeoutMs!, opts.timeoutOption, stderr)));
+        return;
+      }
       resolve({ stdout, stderr, code: code ?? (signal ? 128 : 1) });
     });
   });
+}
+
+/** A process as /proc shows it: pid and start time (which tells a reused pid apart). */
+interface ProcRef {
+  pid: number;
+  start: string;
+}
+
+/**
+ * SIGTERM to `pid` and its descendants, then, after `graceMs` unless all are gone, SIGKILL to those
+ * still there (the same processes: a pid reused meanwhile is left alone).
+ */
+async function stopTree(pid: number, graceMs: number, rootExited: () => boolean): Promise<void> {
+  const tree = await processTree(pid);
+  for (const p of tree) signalIfSame(p, 'SIGTERM');
+  const deadline = Date.now() + graceMs;
+  while (Date.now() < deadline) {
+    if (!rootExited() || (await anyAlive(tree))) await sleep(Math.min(50, Math.max(1, deadline - Date.now())));
+    else return;
+  }
+  // Children started during the grace period are part of it too.
+  const late = rootExited() ? [] : await processTree(pid);
+  for (const p of [...tree, ...late]) signalIfSame(p, 'SIGKILL');
+}
+
+async function processTree(root: number): Promise<ProcRef[]> {
+  const byParent = new Map<number, ProcRef[]>();
+  let rootRef: ProcRef | undefined;
+  for (const entry of await fs.readdir('/proc').catch(() => [] as string[])) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = await readStat(Number(entry));
+    if (!stat) continue;
+    if (stat.pid === root) rootRef = stat;
+    const list = byParent.get(stat.ppid) ?? [];
+    list.push(stat);
+    byParent.set(stat.ppid, list);
+  }
+  if (!rootRef) return [];
+  const out: ProcRef[] = [rootRef];
+  for (let i = 0; i < out.length; i++) out.push(...(byParent.get(out[i]!.pid) ?? []));
+  return out;
+}
+
+async function readStat(pid: number): Promise<(ProcRef & { ppid: number; state: string }) | undefined> {
+  const text = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  if (text === '') return undefined;
+  // "pid (comm) S ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime
+  // cstime priority nice threads itrealvalue starttime ...": comm may hold spaces and parentheses.
+  const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
+  return { pid, state: fields[0] ?? '', ppid: Number(fields[1]), start: fields[19] ?? '' };
+}
+
+async function anyAlive(tree: readonly ProcRef[]): Promise<boolean> {
+  for (const p of tree) {
+    const s = await readStat(p.pid);
+    if (s && s.start === p.start && s.state !== 'Z' && s.state !== 'X') return true;
+  }
+  return false;
+}
+
+function signalIfSame(p: ProcRef, signal: NodeJS.Signals): void {
+  // Checked synchronously right before the signal: not another process that got the pid meanwhile.
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${p.pid}/stat`, 'utf8');
+  } catch {
+    return;
+  }
+  const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
+  if (fields[19] !== p.start) return;
+  try {
+    process.kill(p.pid, signal);
+  } catch {
+    // Gone meanwhile.
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
 }

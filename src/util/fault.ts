@@ -1,10 +1,11 @@
 import { InjectedFault } from '../errors.js';
 
-/** The fault-injection switch for tests: `SNAPSHOT_DRIVER_FAULT=kill:<point>` or `fail:<point>`. */
+/** The fault-injection switch for tests: `SNAPSHOT_DRIVER_FAULT=kill:<point>`, `fail:<point>` or `stop:<point>`. */
 export const FAULT_ENV = 'SNAPSHOT_DRIVER_FAULT';
 
 /**
- * A named point where a test may make the agent die (SIGKILL, as in a crash) or fail. Points:
+ * A named point where a test may make the agent die (SIGKILL, as in a crash), fail, or stop (SIGSTOP,
+ * until continued). Points:
  * - `rpc-accepted`: the request is journaled and acknowledged, not yet run;
  * - `operation-recorded`: a snapshot is in the operation journal and its image queued, no step begun;
  * - `step:<name>` and `step:<index>:<name>` (index from 0 in the strategy's list): right before a
@@ -19,6 +20,8 @@ export function faultPoint(point: string): void {
   const spec = process.env[FAULT_ENV];
   if (spec === undefined || spec === '') return;
   if (spec === `kill:${point}`) process.kill(process.pid, 'SIGKILL');
+  // Stopped where it stands (SIGSTOP) until the test sends SIGCONT: a moment a test can act in.
+  if (spec === `stop:${point}`) process.kill(process.pid, 'SIGSTOP');
   if (spec === `fail:${point}`) throw new InjectedFault(`injected failure at ${point} (${FAULT_ENV})`);
 }
 

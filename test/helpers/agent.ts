@@ -212,6 +212,8 @@ export async function writeAgentConfig(dir: string, o: AgentConfigOptions): Prom
       '[hypervisor]',
       'accel = tcg',
       'shutdown_timeout = 1',
+      // The OS-less test guests ignore the ACPI power button: a soft reboot turns hard after 1 s.
+      'wait_soft_reboot_seconds = 1',
       '[image_store]',
       `path = ${o.imageStorePath ?? 'images'}`,
       'reserved_space_mb = 0',

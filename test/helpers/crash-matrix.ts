@@ -6,7 +6,7 @@ import { expect } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
 import { STRATEGY_STEPS, SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
 import { novaInstance, spawnAgent, startAgentProcess, writeAgentConfig, type AgentProcess } from './agent.js';
-import { buildRuntime, type Runtime } from '../../src/compute/runtime.js';
+import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
 import { loadConfig } from '../../src/config/load.js';
 import { silentLogger } from '../../src/log.js';
 import { DISK_QOM_PATH } from '../../src/hypervisor/qemu/launch.js';

@@ -1,8 +1,9 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { existsSync } from 'node:fs';
 import { dir } from 'tmp-promise';
 import { expect } from 'vitest';
-import { Lifecycle } from '../../src/compute/lifecycle.js';
+import { Lifecycle } from '../../src/snapshot/lifecycle.js';
 import type { StrategyName } from '../../src/config/schema.js';
 import { SnapshotFailed } from '../../src/errors.js';
 import { FakeHypervisor, type FakeGuestAgent, type FakeHypervisorOptions } from '../../src/hypervisor/fake/fake-hypervisor.js';
@@ -15,6 +16,8 @@ import { OperationJournal } from '../../src/snapshot/operation-journal.js';
 import { PendingSnapshots } from '../../src/snapshot/pending.js';
 import type { BeforeStep } from '../../src/snapshot/run-steps.js';
 import { SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
+
+const SHM = existsSync('/dev/shm') ? '/dev/shm' : undefined;
 
 export const PREFIX = 'snapdrv-';
 
@@ -31,10 +34,15 @@ export interface FakeEnvOptions {
 
 /** A fake hypervisor, a real image store in a temp dir, and the engine wired over them. */
 export async function makeFakeEnv(opts: FakeEnvOptions = {}) {
-  const tmp = await dir({ unsafeCleanup: true });
+  // In memory where the host has it: these matrices make thousands of small fsynced files, which
+  // the real disk's durability adds nothing to (the integration tests and the store's and journal's
+  // own unit tests cover that) but minutes.
+  const tmp = await dir({ unsafeCleanup: true, ...(SHM !== undefined && { tmpdir: SHM }) });
   const log = opts.log ?? silentLogger();
   const hv = new FakeHypervisor(opts.hv);
-  const store = new ImageStore({ path: path.join(tmp.path, 'images'), reservedSpaceMb: 0, osHashAlgo: 'sha512' });
+  // One process: the store's cross-process image lock (a flock program per change) is left out here;
+  // test/unit/store-lock.test.ts and the integration tests run it.
+  const store = new ImageStore({ path: path.join(tmp.path, 'images'), reservedSpaceMb: 0, osHashAlgo: 'sha512', lockAcrossProcesses: false });
   const pending = new PendingSnapshots(path.join(tmp.path, 'state', 'pending'));
   const lifecycle = new Lifecycle(hv, pending, log);
   const operations = new OperationJournal(path.join(tmp.path, 'state', 'operations'), log);

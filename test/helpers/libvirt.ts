@@ -4,7 +4,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { dir } from 'tmp-promise';
 import { processesWhere } from '../../src/util/processes.js';
-import { buildRuntime, type Runtime } from '../../src/compute/runtime.js';
+import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
 import { defaultConfig, type Config } from '../../src/config/schema.js';
 import { GuestConsole } from '../../src/guest-check/console.js';
 import { waitForGuestReady } from '../../src/guest-check/ready.js';
@@ -145,6 +145,8 @@ export async function makeLibvirtBench(snapshot: Partial<Config['snapshot']> = {
         '[hypervisor]',
         'driver = libvirt',
         'shutdown_timeout = 30',
+        // A bare domain ignores the ACPI power button: a soft reboot turns hard after 1 s.
+        'wait_soft_reboot_seconds = 1',
         '[image_store]',
         'path = images',
         'reserved_space_mb = 0',

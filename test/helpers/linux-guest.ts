@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { dir } from 'tmp-promise';
-import { buildRuntime, type Runtime } from '../../src/compute/runtime.js';
+import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
 import { defaultConfig, type Config } from '../../src/config/schema.js';
 import { silentLogger } from '../../src/log.js';
 import type { BeforeStep } from '../../src/snapshot/run-steps.js';

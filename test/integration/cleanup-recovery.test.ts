@@ -6,7 +6,7 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { InstanceLocks } from '../../src/compute/instance-locks.js';
+import { InstanceLocks } from '../../src/snapshot/instance-locks.js';
 import { silentLogger } from '../../src/log.js';
 import { spawnAgent, startAgentProcess } from '../helpers/agent.js';
 import { cliJson, runCli } from '../helpers/cli.js';

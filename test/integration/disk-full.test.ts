@@ -110,7 +110,9 @@ async function expectSafeAfterFailure(imageId: string, prior: 'running' | 'pause
   expect(ours.length).toBeLessThanOrEqual(SNAPSHOTS_LEFT_MAX[strategy]);
   expect(await storeEntries(path.join(storeDir, '.partial'))).toEqual([]);
   // No temp file of an interrupted metadata write (".<id>.json.tmp-…") either.
-  expect((await storeEntries(storeDir)).filter((n) => n.startsWith('.') && n !== '.partial')).toEqual([]);
+  expect((await storeEntries(storeDir)).filter((n) => n.startsWith('.') && n !== '.partial' && n !== '.locks')).toEqual([]);
+  // No image lock left held or named (each is removed by its holder on release).
+  expect(await storeEntries(path.join(storeDir, '.locks'))).toEqual([]);
   const store = new ImageStore({ path: storeDir, reservedSpaceMb: 0, osHashAlgo: 'sha512' });
   for (const img of await store.list()) {
     if (img.status === 'active') expect(await store.verify(img.id)).toMatchObject({ ok: true });
@@ -281,7 +283,7 @@ describe.each(STRATEGIES)('image store runs out of space: strategy %s (real QEMU
     for (const p of [data, `${data}.json`]) await expect(fs.access(p)).rejects.toThrow(/ENOENT/);
     expect(await small!.freeBytes()).toBeGreaterThanOrEqual(DATA.len + MARK.len);
     // Only the killed images' metadata records are left besides .partial.
-    expect((await storeEntries(storeDir)).filter((n) => n !== '.partial' && !n.endsWith('.json'))).toEqual([]);
+    expect((await storeEntries(storeDir)).filter((n) => n !== '.partial' && n !== '.locks' && !n.endsWith('.json'))).toEqual([]);
     await fs.rm(filler);
   });
 });
@@ -304,13 +306,14 @@ describe('the image store itself on a filesystem full to the last block', () => 
     // The record is the old one, whole (atomic replace): valid, never active.
     expect(await fs.readFile(store.metadataPath(id), 'utf8')).toBe(before);
     expect(await store.show(id)).toMatchObject({ id, status: 'saving' });
-    expect(await fs.readdir(store.path)).toEqual(['.partial', `${id}.json`]);
+    expect((await fs.readdir(store.path)).sort()).toEqual(['.locks', '.partial', `${id}.json`]);
 
     await fs.rm(filler);
     await store.kill(id, 'test');
     expect(await store.show(id)).toMatchObject({ id, status: 'killed', properties: { kill_reason: 'test' } });
     await store.delete(id);
-    expect(await fs.readdir(store.path)).toEqual(['.partial']);
+    expect((await fs.readdir(store.path)).sort()).toEqual(['.locks', '.partial']);
+    expect(await fs.readdir(path.join(store.path, '.locks'))).toEqual([]);
   });
 });
 

@@ -12,6 +12,7 @@
  * files), `qemu-img check` (the real one) is clean, and none of our internal snapshots is left.
  */
 import { randomFillSync, randomUUID } from 'node:crypto';
+import { existsSync, statSync, watch } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -107,7 +108,8 @@ async function expectSafeAfterFailure(uuid: string, imageId: string, prior: 'run
   expect(meta).toMatchObject({ id: imageId, status: 'killed', size: null, checksum: null, properties: { instance_uuid: uuid } });
   await expect(fs.access(path.join(imagesDir, imageId))).rejects.toThrow(/ENOENT/);
   expect(await entries(path.join(imagesDir, '.partial'))).toEqual([]);
-  expect((await entries(imagesDir)).filter((n) => n.startsWith('.') && n !== '.partial')).toEqual([]);
+  expect((await entries(imagesDir)).filter((n) => n.startsWith('.') && n !== '.partial' && n !== '.locks')).toEqual([]);
+  expect(await entries(path.join(imagesDir, '.locks'))).toEqual([]);
   const layout = new InstanceLayout(env!.instancesPath, uuid);
   for (const f of [layout.saveState, layout.saveStatePartial, layout.saveMeta, layout.saveSocket, layout.restoreSocket]) {
     await expect(fs.access(f), f).rejects.toThrow(/ENOENT/);
@@ -151,23 +153,51 @@ async function setPowerState(uuid: string, state: 'running' | 'paused'): Promise
 /**
  * Sends a snapshot of `uuid` and SIGKILLs the guest's QEMU once its managed save has written
  * KILL_AFTER_BYTES of state (and is far from done). Resolves with the outcome and the killed pid.
+ * Woken by the save's own writes (inotify on the instance's folder), not by a clock; the look and
+ * the kill are one synchronous step.
  */
 async function snapshotKillingQemuMidSave(uuid: string, imageId: string): Promise<{ outcome: { failure: OsloFailure | null }; killedPid: number }> {
   const layout = new InstanceLayout(env!.instancesPath, uuid);
   const pid = await guestPid(env!.instancesPath, uuid);
   expect(pid).toBeDefined();
-  const call = snapshotCall(uuid, imageId);
+  expect(await processAlive(pid!)).toBe(true);
+  const partialName = path.basename(layout.saveStatePartial);
+  const stateName = path.basename(layout.saveState);
+  const sizeOf = (file: string): number => {
+    try {
+      return statSync(file).size;
+    } catch {
+      return 0;
+    }
+  };
   let written = 0;
-  for (;;) {
-    written = await fs.stat(layout.saveStatePartial).then((s) => s.size, () => 0);
-    if (written >= KILL_AFTER_BYTES) break;
-    // The save must not have finished (or failed) before we got to it.
-    expect(await fs.access(layout.saveState).then(() => true, () => false)).toBe(false);
-    expect(await processAlive(pid!)).toBe(true);
-    await new Promise((r) => setTimeout(r, 2));
+  let missed: string | undefined;
+  let looked = false;
+  const watcher = watch(layout.dir, (_event, name) => {
+    if (looked || (name !== partialName && name !== stateName)) return;
+    // The save must not have finished (or failed) before it got this far.
+    if (existsSync(layout.saveState)) {
+      missed = 'the save finished before the kill';
+    } else {
+      written = sizeOf(layout.saveStatePartial);
+      if (written < KILL_AFTER_BYTES) return;
+      try {
+        process.kill(pid!, 'SIGKILL');
+      } catch (err) {
+        missed = `the guest's QEMU was gone before the kill: ${(err as Error).message}`;
+      }
+    }
+    looked = true;
+  });
+  let outcome: { failure: OsloFailure | null };
+  try {
+    outcome = await snapshotCall(uuid, imageId);
+  } finally {
+    watcher.close();
   }
-  process.kill(pid!, 'SIGKILL');
-  const outcome = await call;
+  expect(missed).toBeUndefined();
+  expect(looked).toBe(true); // else the call ended with the save short of KILL_AFTER_BYTES: never killed
+  expect(written).toBeGreaterThanOrEqual(KILL_AFTER_BYTES);
   expect(written).toBeLessThan(BIG_RAM_MB * MiB);
   return { outcome, killedPid: pid! };
 }

@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SnapshotFailed } from '../../src/errors.js';
 import { PROBE_NOISE_MS } from '../../src/guest-check/console.js';
 import { observeRunningGuest } from '../../src/guest-check/observe.js';
-import type { Runtime } from '../../src/compute/runtime.js';
+import type { Runtime } from '../../src/service/runtime.js';
 import { report } from '../helpers/guest-downtime.js';
 import { libvirtView, makeLibvirtBench, type LibvirtBench, type TestDomain } from '../helpers/libvirt.js';
 import { writerPasses } from '../helpers/linux-guest.js';

@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SnapshotFailed } from '../../src/errors.js';
 import { DomainEventWatch } from '../../src/hypervisor/libvirt/monitor-events.js';
 import { silentLogger } from '../../src/log.js';
-import type { Step } from '../../src/snapshot/steps.js';
+import type { Step } from '../../src/snapshot/context.js';
 import { writerPasses } from '../helpers/linux-guest.js';
 import { LIBVIRT_URI, libvirtdScript, libvirtView, makeLibvirtBench, virsh, type LibvirtBench, type TestDomain } from '../helpers/libvirt.js';
 import { checkGuestImage } from '../../src/guest-check/ext4.js';

@@ -8,7 +8,7 @@ import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SnapshotFailed } from '../../src/errors.js';
 import { observeRunningGuest } from '../../src/guest-check/observe.js';
-import type { Step } from '../../src/snapshot/steps.js';
+import type { Step } from '../../src/snapshot/context.js';
 import { cliJson, runCli } from '../helpers/cli.js';
 import { HOST_STALL_ALLOWANCE_MS, report } from '../helpers/guest-downtime.js';
 import { createLinuxGuest, freezeStatus, makeLinuxBench, writerPasses, type LinuxBench, type LinuxGuest } from '../helpers/linux-guest.js';

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Lifecycle } from '../../src/compute/lifecycle.js';
+import { Lifecycle } from '../../src/snapshot/lifecycle.js';
 import { GuestAgentError, SnapshotFailed } from '../../src/errors.js';
 import type { QemuHypervisor } from '../../src/hypervisor/qemu/qemu-hypervisor.js';
 import { ImageStore } from '../../src/image-store/image-store.js';

@@ -23,7 +23,7 @@ import { dir } from 'tmp-promise';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { processesWhere } from '../../src/util/processes.js';
 import type { QuiesceMode } from '../../src/config/schema.js';
-import { Lifecycle } from '../../src/compute/lifecycle.js';
+import { Lifecycle } from '../../src/snapshot/lifecycle.js';
 import { SnapshotFailed } from '../../src/errors.js';
 import { observed, PROBE_NOISE_MS, type ConsoleEvent } from '../../src/guest-check/console.js';
 import { checkGuestImage } from '../../src/guest-check/ext4.js';

@@ -1,7 +1,8 @@
 import { createHash, randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { pino } from 'pino';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { processesWhere } from '../../src/util/processes.js';
 import { GuestAgentError, InstanceBusy, InstanceInvalidState, QemuImgError, QmpError, QmpTimeout } from '../../src/errors.js';
 import { DISK_NODE, DISK_QOM_PATH } from '../../src/hypervisor/qemu/launch.js';
@@ -97,6 +98,18 @@ async function readersOf(socket: string): Promise<number[]> {
   return (await processesWhere((argv) => argv.some((a) => a.endsWith(`?socket=${socket}`)))).map((p) => p.pid);
 }
 
+/**
+ * Turns of the event loop (socket I/O goes on; no timer is involved, so faked timers do not matter)
+ * until `cond` holds. The deadline only ends a test that is failing anyway.
+ */
+async function turnsUntil(what: string, cond: () => boolean): Promise<void> {
+  const deadline = Date.now() + 30_000;
+  do {
+    if (Date.now() > deadline) throw new Error(`no ${what} within 30 s`);
+    await new Promise<void>((r) => setImmediate(r));
+  } while (!cond());
+}
+
 async function waitFor(what: string, timeoutMs: number, check: () => Promise<boolean>): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await check())) {
@@ -166,10 +179,15 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
     const watch = await watchQmpEvents(slow, uuid);
     const dest = path.join(env.tmpPath, 'live.raw');
     const before = Date.now();
+    const callStart = performance.now();
     const job = await slow.startLiveBackup(uuid, dest);
+    const callMs = performance.now() - callStart;
     expect(job.startedAt).toBeGreaterThanOrEqual(before);
     expect(job.startedAt).toBeLessThanOrEqual(Date.now());
-    expect(job.startPauseMs).toBeGreaterThanOrEqual(0);
+    // The switch of the device onto the filter, timed around its QMP round trip: some time (a round
+    // trip to QEMU is never free; 0 would mean it was not measured), and a part of the start's.
+    expect(job.startPauseMs).toBeGreaterThan(0);
+    expect(job.startPauseMs).toBeLessThan(callMs);
     figures.startPauseMs = job.startPauseMs;
     figures.startMs = job.startedAt - before;
 
@@ -305,15 +323,32 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
     async (stallBefore) => {
       const pid = (await guestPid(env.instancesPath, uuid))!;
       const QMP_TIMEOUT = 2000;
-      let resumed: Promise<void> | undefined;
+      let stopped = false;
+      let resumedBy: 'the timeout' | 'the test' | undefined;
+      const resume = (by: NonNullable<typeof resumedBy>): void => {
+        if (!stopped || resumedBy !== undefined) return;
+        resumedBy = by;
+        process.kill(pid, 'SIGCONT');
+      };
+      // QEMU runs again on the event itself, not after a guessed delay: the start's command has
+      // timed out, and the teardown (logged just before it) has sent nothing yet.
+      const log = pino(
+        { level: 'warn' },
+        {
+          write: (line: string) => {
+            if (line.includes('live backup start failed: tearing down what it set up')) resume('the timeout');
+          },
+        },
+      );
       const stalling = env.newHypervisor({
         qmpTimeoutMs: QMP_TIMEOUT,
+        log,
         liveBackupBeforeStartCommand: (step) => {
           if (step !== stallBefore) return;
           // QEMU's main loop stops: the next command gets no answer within the timeout, and takes
           // effect late, once QEMU runs again (after the timeout, before the teardown's commands).
           process.kill(pid, 'SIGSTOP');
-          resumed = new Promise((r) => setTimeout(r, QMP_TIMEOUT + 1000)).then(() => void process.kill(pid, 'SIGCONT'));
+          stopped = true;
         },
       });
       const dest = path.join(env.tmpPath, `timeout-${stallBefore}.raw`);
@@ -322,9 +357,10 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
         expect(err).toBeInstanceOf(QmpTimeout);
         expect((err as Error).message).toMatch(stallBefore === 'switch-drive' ? /qom-set/ : /block-export-add/);
       } finally {
-        await resumed;
+        resume('the test'); // whatever happened, the guest's QEMU must not stay stopped
       }
-      expect(resumed).toBeDefined();
+      expect(stopped).toBe(true);
+      expect(resumedBy).toBe('the timeout');
       expect((await hv.info(uuid)).state).toBe('running');
       expect(await leftovers(hv, env.instancesPath, uuid)).toEqual(NOTHING_LEFT);
       // The guest writes straight to its disk again.
@@ -490,9 +526,26 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
       expect(await withAgent.thawFilesystems(uuid, 1000)).toBe(2);
       expect(responder.frozen).toBe(false);
 
-      // A freeze answered too late: reported as failed, and the guest is thawed right away.
+      // A freeze answered too late: reported as failed, and the guest is thawed right away. The
+      // timers (the client's timeouts, the agent's delay) are faked, the sockets real: the answer
+      // comes after the timeout because the test says so, not because 300 ms outlast 200 on this machine.
       responder.delayMs.set('guest-fsfreeze-freeze', 300);
-      const err = await withAgent.freezeFilesystems(uuid, 200).catch((e: unknown) => e);
+      vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+      let settled = false;
+      const late = withAgent
+        .freezeFilesystems(uuid, 200)
+        .catch((e: unknown) => e)
+        .finally(() => (settled = true));
+      // The agent has the freeze (and sits on it): the client's 200 ms and the agent's 300 ms both run.
+      await turnsUntil('the agent to take the second freeze', () => responder.received.filter((c) => c === 'guest-fsfreeze-freeze').length === 2);
+      vi.advanceTimersByTime(199);
+      await turnsUntil('a moment of I/O', () => true);
+      expect(settled).toBe(false);
+      expect(responder.frozen).toBe(false);
+      vi.advanceTimersByTime(1); // the client gives up on the freeze and goes to thaw
+      vi.advanceTimersByTime(100); // the agent freezes (late), then takes the thaw: nothing else times out
+      const err = await late;
+      vi.useRealTimers();
       expect(err).toBeInstanceOf(GuestAgentError);
       expect((err as Error).message).toMatch(/did not answer guest-fsfreeze-freeze within 200 ms \(thawed 2 afterwards\)$/);
       expect(responder.frozen).toBe(false);
@@ -503,6 +556,7 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
         'guest-fsfreeze-thaw',
       ]);
     } finally {
+      vi.useRealTimers();
       await responder.close();
     }
   });

@@ -3,7 +3,7 @@ import { createReadStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildRuntime, type Runtime } from '../../src/compute/runtime.js';
+import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
 import { defaultConfig, STRATEGIES, type StrategyName } from '../../src/config/schema.js';
 import type { QemuHypervisor } from '../../src/hypervisor/qemu/qemu-hypervisor.js';
 import type { QmpEvent } from '../../src/hypervisor/qemu/qmp.js';

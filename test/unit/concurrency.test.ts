@@ -16,7 +16,7 @@ import { pino } from 'pino';
 import { dir } from 'tmp-promise';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FileJournal } from '../../src/compute/journal.js';
-import { Lifecycle } from '../../src/compute/lifecycle.js';
+import { Lifecycle } from '../../src/snapshot/lifecycle.js';
 import { ComputeManager, type SnapshotNotifier } from '../../src/compute/manager.js';
 import { STRATEGIES, type StrategyName } from '../../src/config/schema.js';
 import { FakeHypervisor } from '../../src/hypervisor/fake/fake-hypervisor.js';

@@ -799,3 +799,90 @@ describe('guest agent', () => {
     expect(fake.frozen(A)).toBe(true);
   });
 });
+
+describe('a cont that fails, a save that fails half-way, a foreign lock on the disk', () => {
+  beforeEach(async () => {
+    await fake.createInstance(spec(A));
+    await fake.start(A);
+  });
+
+  it("a fault on cont fails a running guest's resume after its state is loaded: left paused, the state gone", async () => {
+    await fake.managedSave(A);
+    fake.injectFault({ op: 'cont', uuid: A });
+    expect(await rejection(fake.resume(A))).toBeInstanceOf(InjectedFault);
+    expect(fake.powerState(A)).toBe('paused');
+    expect(fake.launches(A)).toBe(2);
+    // The state was loaded: there is no saved state to resume any more.
+    expect(await rejection(fake.resume(A))).toBeInstanceOf(InstanceInvalidState);
+    await fake.unpause(A);
+    expect(fake.powerState(A)).toBe('running');
+    expect(fake.callCount('cont', A)).toBe(2);
+  });
+
+  it('a paused guest resumes with no cont, so a cont fault does not touch it', async () => {
+    await fake.pause(A);
+    await fake.managedSave(A);
+    fake.injectFault({ op: 'cont', uuid: A });
+    expect(await fake.resume(A)).toEqual({ state: 'paused' });
+    expect(fake.callCount('cont', A)).toBe(0);
+    expect(fake.pendingFaults()).toHaveLength(1);
+  });
+
+  it('a save that fails half-way is undone: a running guest runs again, no saved state', async () => {
+    fake.injectFault({ op: 'saveMigration', uuid: A });
+    expect(await rejection(fake.managedSave(A))).toBeInstanceOf(InjectedFault);
+    expect(fake.powerState(A)).toBe('running');
+    expect(fake.callCount('cont', A)).toBe(1);
+    expect(await rejection(fake.resume(A))).toBeInstanceOf(InstanceInvalidState);
+    // A paused guest is left paused, with no cont.
+    await fake.pause(A);
+    fake.injectFault({ op: 'saveMigration', uuid: A });
+    expect(await rejection(fake.managedSave(A))).toBeInstanceOf(InjectedFault);
+    expect(fake.powerState(A)).toBe('paused');
+    expect(fake.callCount('cont', A)).toBe(1);
+  });
+
+  it("a save that fails half-way whose undo's cont fails too leaves the guest paused, throwing the save's error", async () => {
+    const saveError = new Error('migration failed: Broken pipe');
+    fake.injectFault({ op: 'saveMigration', uuid: A, error: saveError });
+    fake.injectFault({ op: 'cont', uuid: A });
+    expect(await rejection(fake.managedSave(A))).toBe(saveError);
+    expect(fake.powerState(A)).toBe('paused');
+    await fake.unpause(A);
+    expect(fake.powerState(A)).toBe('running');
+  });
+
+  it('a foreign write lock: cannot be taken while the QEMU holds the disk; a resume loads, its cont fails until the lock goes', async () => {
+    expect(() => fake.holdDiskLock(A)).toThrow(/Failed to get "write" lock/);
+    await fake.liveSnapshotCreate(A, 's1');
+    await fake.managedSave(A);
+    fake.holdDiskLock(A);
+    // Nothing may open the disk meanwhile.
+    expect(await rejection(fake.offlineSnapshotDelete(A, 's1'))).toBeInstanceOf(QemuImgError);
+    const err = await rejection(fake.resume(A));
+    expect(err).toBeInstanceOf(QmpError);
+    expect((err as QmpError).message).toBe('QMP cont failed: GenericError: Failed to get "write" lock');
+    expect(fake.powerState(A)).toBe('paused');
+    // The disk is inactive: no internal snapshot through the monitor; unpause (cont) fails as long as the lock is held.
+    expect(await rejection(fake.liveSnapshotDelete(A, 's1'))).toBeInstanceOf(QmpError);
+    expect(await rejection(fake.unpause(A))).toBeInstanceOf(QmpError);
+    expect(fake.powerState(A)).toBe('paused');
+    fake.releaseDiskLock(A);
+    await fake.unpause(A);
+    expect(fake.powerState(A)).toBe('running');
+    await fake.liveSnapshotDelete(A, 's1');
+    expect(fake.snapshotNames(A)).toEqual([]);
+    expect(() => fake.holdDiskLock(A)).toThrow(/write/);
+    expect(fake.violations).toEqual([]);
+  });
+
+  it('a foreign write lock fails a start', async () => {
+    await fake.stop(A, { graceful: false });
+    fake.holdDiskLock(A);
+    expect(String(await rejection(fake.start(A)))).toMatch(/Failed to get "write" lock/);
+    expect(fake.powerState(A)).toBe('shutoff');
+    fake.releaseDiskLock(A);
+    await fake.start(A);
+    expect(fake.powerState(A)).toBe('running');
+  });
+});

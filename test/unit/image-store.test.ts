@@ -122,7 +122,7 @@ describe('ImageStore: image ids', () => {
     expect(meta.id).toBe(uuid);
     expect(store.partialPath(uuid.toUpperCase())).toBe(path.join(storePath, '.partial', uuid));
     expect((await store.show(uuid.toUpperCase())).id).toBe(uuid);
-    expect(await tree(storePath)).toEqual(['.partial', `${uuid}.json`]);
+    expect(await tree(storePath)).toEqual(['.locks', '.partial', `${uuid}.json`]);
   });
 
   it('refuses an instance uuid that is not a UUID, before touching anything', async () => {
@@ -181,7 +181,7 @@ describe('ImageStore: create → markSaving → commit', () => {
     expect(st.mode & 0o777).toBe(0o640);
     expect((await stat(path.join(storePath, `${id}.json`))).mode & 0o777).toBe(0o640);
     expect(await readdir(path.join(storePath, '.partial'))).toEqual([]);
-    expect(await tree(storePath)).toEqual(['.partial', id, `${id}.json`]); // no temp files left
+    expect(await tree(storePath)).toEqual(['.locks', '.partial', id, `${id}.json`]); // no temp files left
 
     expect(fractions.length).toBeGreaterThan(1);
     expect(fractions.at(-1)).toBe(1);
@@ -275,7 +275,7 @@ describe('ImageStore: create → markSaving → commit', () => {
     await store.create(newImage(id));
     await symlink(outside, store.partialPath(id));
     await expect(store.commit(id)).rejects.toThrow(/symbolic link/);
-    expect(await tree(storePath)).toEqual(['.partial', `.partial/${id}`, `${id}.json`]);
+    expect(await tree(storePath)).toEqual(['.locks', '.partial', `.partial/${id}`, `${id}.json`]);
     expect((await store.show(id)).status).toBe('queued');
   });
 
@@ -301,7 +301,7 @@ describe('ImageStore: kill', () => {
     const meta = await store.show(id);
     expect(meta.status).toBe('killed');
     expect(meta.properties.kill_reason).toBe('export failed');
-    expect(await tree(storePath)).toEqual(['.partial', `${id}.json`]);
+    expect(await tree(storePath)).toEqual(['.locks', '.partial', `${id}.json`]);
     await store.kill(id); // idempotent
     expect((await store.show(id)).status).toBe('killed');
     await expect(store.commit(id)).rejects.toBeInstanceOf(ImageInvalidState);
@@ -315,7 +315,7 @@ describe('ImageStore: kill', () => {
     await store.markSaving(id);
     await writeFile(path.join(storePath, id), 'half-committed'); // renamed, metadata never updated
     await store.kill(id);
-    expect(await tree(storePath)).toEqual(['.partial', `${id}.json`]);
+    expect(await tree(storePath)).toEqual(['.locks', '.partial', `${id}.json`]);
 
     const active = await committedImage(store);
     await expect(store.kill(active.id)).rejects.toBeInstanceOf(ImageInvalidState);
@@ -396,7 +396,7 @@ describe('ImageStore: create conflicts, list, show, delete', () => {
     const results = await Promise.allSettled([a.create(newImage(id)), b.create(newImage(id)), a.create(newImage(id))]);
     expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
     for (const r of results) if (r.status === 'rejected') expect(r.reason).toBeInstanceOf(ImageExists);
-    expect(await tree(storePath)).toEqual(['.partial', `${id}.json`]);
+    expect(await tree(storePath)).toEqual(['.locks', '.partial', `${id}.json`]);
   });
 
   it('lists images oldest first, shows and deletes them', async () => {
@@ -420,13 +420,13 @@ describe('ImageStore: create conflicts, list, show, delete', () => {
     await store.delete(ids[1]!);
     await expect(store.show(ids[1]!)).rejects.toBeInstanceOf(ImageNotFound);
     expect((await store.list()).map((m) => m.id)).toEqual([ids[0], ids[2]]);
-    expect(await tree(storePath)).toEqual(['.partial', `${ids[0]}.json`, `${ids[2]}.json`].sort());
+    expect(await tree(storePath)).toEqual(['.locks', '.partial', `${ids[0]}.json`, `${ids[2]}.json`].sort());
     await expect(store.delete(ids[1]!)).rejects.toBeInstanceOf(ImageNotFound);
 
     // Deleting an image being written removes its partial data too.
     await writeSparsePartial(store, ids[2]!);
     await store.delete(ids[2]!);
-    expect(await tree(storePath)).toEqual(['.partial', `${ids[0]}.json`]);
+    expect(await tree(storePath)).toEqual(['.locks', '.partial', `${ids[0]}.json`]);
   });
 
   it('names the file when metadata does not parse, and can still delete that image', async () => {

@@ -1,13 +1,13 @@
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { randomUUID } from 'node:crypto';
+import pino from 'pino';
 import { dir } from 'tmp-promise';
 import { afterEach, describe, expect, it } from 'vitest';
-import { InstanceLocks } from '../../src/compute/instance-locks.js';
+import { InstanceLocks } from '../../src/snapshot/instance-locks.js';
 import { InstanceBusy, InvalidInstanceId } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
-import { selfIdentity } from '../../src/util/process-identity.js';
+import { LockChild } from '../helpers/lock-child.js';
 
 const cleanups: (() => Promise<unknown>)[] = [];
 afterEach(async () => {
@@ -20,15 +20,11 @@ async function setup() {
   return { locksDir: path.join(tmp.path, 'locks'), locks: new InstanceLocks(path.join(tmp.path, 'locks'), silentLogger()) };
 }
 
-/** A lock file for `uuid` naming a running child process (another process holding the instance). */
-async function heldByChild(locksDir: string, uuid: string): Promise<ChildProcess> {
-  const child = spawn('sleep', ['60'], { stdio: 'ignore' });
-  cleanups.push(async () => child.kill('SIGKILL'));
-  const self = await selfIdentity();
-  const stat = await fs.readFile(`/proc/${child.pid}/stat`, 'utf8');
-  const start = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
-  await fs.mkdir(locksDir, { recursive: true });
-  await fs.writeFile(path.join(locksDir, `${uuid}.lock`), JSON.stringify({ pid: child.pid, start, boot: self.boot, what: 'snapshot command req-x' }));
+/** Another process holding the instance's lock (as a `snapshot` command would), until killed. */
+async function heldByChild(locksDir: string, uuid: string): Promise<LockChild> {
+  const child = await LockChild.start(path.join(locksDir, `${uuid}.lock`), 'snapshot command req-x');
+  cleanups.push(() => child.kill());
+  expect(await child.command('acquire')).toEqual({ held: true });
   return child;
 }
 
@@ -60,20 +56,23 @@ describe('instance locks', () => {
     const uuid = randomUUID();
     const child = await heldByChild(locksDir, uuid);
     let killed = false;
-    setTimeout(() => {
-      killed = true;
-      child.kill('SIGKILL');
-    }, 300);
+    const waits: unknown[] = [];
+    const log = pino({ level: 'info' }, { write: (line: string) => void waits.push(JSON.parse(line)) });
+    const holding = locks.hold(uuid, 'mine', { waitMs: 60_000, log }, async () => killed);
+    // Killed once the wait has begun (its log line says so), not after some time.
+    while (waits.length === 0) await new Promise((r) => setImmediate(r));
+    expect(waits[0]).toMatchObject({ instance_uuid: uuid, holder_pid: child.pid, holder_what: 'snapshot command req-x' });
+    killed = true;
+    await child.kill();
     // The work runs only once the holder is gone.
-    expect(await locks.hold(uuid, 'mine', { waitMs: 30_000 }, async () => killed)).toBe(true);
+    expect(await holding).toBe(true);
   });
 
   it('takes over a lock left by a process that is gone', async () => {
     const { locks, locksDir } = await setup();
     const uuid = randomUUID();
     const child = await heldByChild(locksDir, uuid);
-    child.kill('SIGKILL');
-    await new Promise((r) => child.once('exit', r));
+    await child.kill();
     expect(await locks.tryHold(uuid, 'mine', async () => 'ran')).toEqual({ value: 'ran' });
   });
 

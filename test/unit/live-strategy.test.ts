@@ -5,7 +5,7 @@ import { pino } from 'pino';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { loadConfigFromText } from '../../src/config/load.js';
 import { defaultConfig } from '../../src/config/schema.js';
-import { ConfigError, GuestAgentError, SnapshotFailed } from '../../src/errors.js';
+import { ConfigError, GuestAgentError, InjectedFault, SnapshotFailed } from '../../src/errors.js';
 import type { FakeGuestAgent } from '../../src/hypervisor/fake/fake-hypervisor.js';
 import { SnapshotEngine, type SnapshotResult } from '../../src/snapshot/engine.js';
 import { DEFAULT_QUIESCE, quiesceOptions } from '../../src/snapshot/guest-freeze.js';
@@ -82,6 +82,19 @@ function deadlineDuring(e: FakeEnv, op: 'startLiveBackup' | 'liveSnapshotCreate'
   });
 }
 
+/**
+ * `ms` of the operation's clock (performance.now, faked: it moves only when told) pass while `op`
+ * is under way, so that what the engine times over it is exactly known. Call useRealTimers afterwards.
+ */
+function clockMovesDuring(e: FakeEnv, op: 'startLiveBackup', ms: number): void {
+  vi.useFakeTimers({ toFake: ['performance'] });
+  const original = e.hv[op].bind(e.hv) as (...args: unknown[]) => Promise<unknown>;
+  (e.hv as unknown as Record<string, unknown>)[op] = (...args: unknown[]) => {
+    vi.advanceTimersByTime(ms);
+    return original(...args);
+  };
+}
+
 /** Resolves when thawFilesystems of the fake has answered (the wrapper leaves it a public call). */
 function onThaw(e: FakeEnv): Promise<void> {
   return new Promise((resolve) => {
@@ -96,9 +109,21 @@ function onThaw(e: FakeEnv): Promise<void> {
   });
 }
 
+/** The InjectedFaults in an error: itself, its causes, and its undo errors, recursively. */
+function faultsIn(err: unknown): InjectedFault[] {
+  if (err instanceof InjectedFault) return [err];
+  if (!(err instanceof Error)) return [];
+  const undo = err instanceof SnapshotFailed ? err.undoErrors : [];
+  return [err.cause, ...undo].flatMap(faultsIn);
+}
+
 const STOPS = /^(managedSave|resume|pause|unpause|stop|start)$/;
 
 describe('live: quiesce', () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
   it('config: strategy live, quiesce modes, and positive limits', () => {
     const conf = loadConfigFromText('[snapshot]\nstrategy = live\nquiesce = required\nmax_freeze_seconds = 2.5\nguest_agent_timeout = 1\n', 'a.conf');
     expect(conf.snapshot).toMatchObject({ strategy: 'live', quiesce: 'required', max_freeze_seconds: 2.5, guest_agent_timeout: 1 });
@@ -118,6 +143,8 @@ describe('live: quiesce', () => {
 
   it('auto with an agent: freeze, start the job, thaw, wait; the image is the disk at the job start', async () => {
     const { e, uuid, ops } = await liveGuest('running', { present: true });
+    // The freeze spans the job's start, and nothing else takes time: freeze_ms is exactly that.
+    clockMovesDuring(e, 'startLiveBackup', 1234);
     const imageId = randomUUID();
     const progress: number[] = [];
     const result = await e.engine.take({
@@ -126,8 +153,7 @@ describe('live: quiesce', () => {
       imageId,
       onProgress: (phase, f) => phase === 'export' && progress.push(f),
     });
-    expect(result).toMatchObject({ status: 'active', strategy: 'live', quiesced: true, downtime_ms: 0, internal_snapshots: 0 });
-    expect(result.freeze_ms).toBeGreaterThanOrEqual(0);
+    expect(result).toMatchObject({ status: 'active', strategy: 'live', quiesced: true, downtime_ms: 0, freeze_ms: 1234, internal_snapshots: 0 });
     expect(ops().filter((op) => /Filesystems|guestAgent|Backup|backup/.test(op))).toEqual([
       'guestAgentAvailable',
       'freezeFilesystems',
@@ -316,12 +342,19 @@ describe('live: the freeze never outlasts max_freeze_seconds', () => {
   });
 
   it('a thaw that fails in the step and in the undo is reported; the timer thaws at the limit', async () => {
-    // The limit must outlast the failure path (its journal records are fsynced) on a loaded machine.
-    const { e, uuid, ops } = await liveGuest('running', { present: true, thawFails: 2 }, { quiesce: { maxFreezeMs: 1500 } });
+    // The deadline's timer faked: the failure path takes no time on it, however slow the machine.
+    const LIMIT = 10_000;
+    const { e, uuid, ops } = await liveGuest('running', { present: true, thawFails: 2 }, { quiesce: { maxFreezeMs: LIMIT } });
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
     const err = await failure(take(e, uuid));
     expect(err.undoErrors.some((u) => u instanceof GuestAgentError)).toBe(true);
+    const thawed = onThaw(e);
+    vi.advanceTimersByTime(LIMIT - 1);
     expect(e.hv.frozen(uuid)).toBe(true);
-    await vi.waitFor(() => expect(e.hv.frozen(uuid)).toBe(false), { timeout: 5000, interval: 20 });
+    expect(ops().filter((op) => /Filesystems/.test(op))).toEqual(['freezeFilesystems', 'thawFilesystems', 'thawFilesystems']);
+    vi.advanceTimersByTime(1);
+    await thawed;
+    expect(e.hv.frozen(uuid)).toBe(false);
     expect(ops().filter((op) => /Filesystems/.test(op))).toEqual(['freezeFilesystems', 'thawFilesystems', 'thawFilesystems', 'thawFilesystems']);
   });
 });
@@ -357,7 +390,8 @@ describe('live: a failure anywhere thaws the guest', () => {
         const { e, uuid, ops } = await liveGuest('running', { present: true }, { quiesce });
         e.hv.injectFault({ op, nth: e.hv.callCount(op) + nth, when });
         const err = await expectSafeFailure(e, uuid, 'running', 'live', randomUUID());
-        expect(err).toBeDefined();
+        // It is the injected fault that failed the snapshot (as its cause, or an undo's).
+        expect(faultsIn(err).map((f) => f.message)).toContainEqual(expect.stringMatching(new RegExp(`^injected fault: ${op} call #\\d+ \\(${when}\\)$`)));
         const agentOps = ops().filter((o) => /Filesystems/.test(o));
         if (agentOps.includes('freezeFilesystems')) expect(agentOps.at(-1)).toBe('thawFilesystems');
         expect(e.hv.liveBackups(uuid).filter((j) => j.status === 'running').length).toBeLessThanOrEqual(when === 'after' && op === 'startLiveBackup' ? 1 : 0);

@@ -1,8 +1,11 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ComputeManager, type SnapshotInfo, type SnapshotNotifier } from '../../src/compute/manager.js';
+import { ComputeManager, RESULT_PROPERTY, type SnapshotInfo, type SnapshotNotifier } from '../../src/compute/manager.js';
+import type { StrategyName } from '../../src/config/schema.js';
 import { ImageExists, ImageNotFound, SnapshotInterrupted } from '../../src/errors.js';
+import type { FakeHypervisorOptions } from '../../src/hypervisor/fake/fake-hypervisor.js';
+import { ImageStore } from '../../src/image-store/image-store.js';
 import { silentLogger } from '../../src/log.js';
 import type { RpcContext } from '../../src/messaging/rpc-types.js';
 import type { SnapshotRequest, SnapshotResult } from '../../src/snapshot/engine.js';
@@ -29,13 +32,20 @@ interface Event {
   extra?: unknown;
 }
 
-/** A manager over the env with the real engine (every call to it recorded) and a recording notifier. */
-function managerOver(env: FakeEnv) {
+/**
+ * A manager over the env with the real engine (every call to it recorded) and a recording notifier.
+ * Its configured default strategy is suspend-create-resume-extract whatever the engine runs (as after
+ * a restart with another [snapshot] strategy): a reply naming it was not necessarily what ran.
+ */
+function managerOver(env: FakeEnv, store: ImageStore = env.store, onEnd?: () => Promise<void>) {
   const takes: SnapshotRequest[] = [];
   const events: Event[] = [];
   const notifier: SnapshotNotifier = {
     snapshotStart: (info) => void events.push({ kind: 'start', info }),
-    snapshotEnd: (info, result) => void events.push({ kind: 'end', info, extra: result }),
+    snapshotEnd: async (info, result) => {
+      await onEnd?.();
+      events.push({ kind: 'end', info, extra: result });
+    },
     snapshotError: (info, err) => void events.push({ kind: 'error', info, extra: err }),
   };
   const manager = new ComputeManager({
@@ -46,7 +56,7 @@ function managerOver(env: FakeEnv) {
       },
     },
     lifecycle: env.lifecycle,
-    store: env.store,
+    store,
     hv: env.hv,
     log: silentLogger(),
     maxConcurrentSnapshots: 2,
@@ -56,8 +66,8 @@ function managerOver(env: FakeEnv) {
   return { manager, takes, events };
 }
 
-async function setup() {
-  const env = await makeFakeEnv({ strategy: 'suspend-create-resume-extract' });
+async function setup(opts: { strategy?: StrategyName; hv?: FakeHypervisorOptions } = {}) {
+  const env = await makeFakeEnv({ strategy: opts.strategy ?? 'suspend-create-resume-extract', hv: opts.hv });
   envs.push(env);
   const uuid = randomUUID();
   await guestIn(env, 'running', uuid);
@@ -117,31 +127,137 @@ function mark(s: Setup): void {
 }
 
 describe('ComputeManager: a replayed snapshot request', () => {
-  it('whose image is active returns the result from the image and notifies end once; the engine is not called', async () => {
+  it('whose image is active returns the result its first run returned, exactly, and notifies end once; the engine is not called', async () => {
     const s = await setup();
     const imageId = randomUUID();
     const first = (await snapshot(s, imageId, CTX)) as SnapshotResult;
     mark(s);
     const result = (await snapshot(s, imageId, REPLAYED)) as SnapshotResult;
+    expect(result).toEqual(first);
     const meta = await s.env.store.show(imageId);
-    expect(result).toMatchObject({
-      image_id: imageId,
-      status: 'active',
-      strategy: 'suspend-create-resume-extract',
-      size: meta.size,
-      checksum: meta.checksum,
-      os_hash_algo: meta.os_hash_algo,
-      os_hash_value: meta.os_hash_value,
-    });
-    expect(result.checksum).toBe(first.checksum);
-    expect(result.os_hash_value).toBe(first.os_hash_value);
-    expect(result.size).toBe(first.size);
+    expect(result).toMatchObject({ image_id: imageId, status: 'active', size: meta.size, checksum: meta.checksum, os_hash_value: meta.os_hash_value });
     expect(s.takes).toEqual([]);
     expect(s.events.map((e) => e.kind)).toEqual(['end']);
-    expect(s.events[0]!.info).toMatchObject({ instanceUuid: s.uuid, imageId, requestId: 'req-first', imageType: 'snapshot' });
+    expect(s.events[0]!.info).toMatchObject({ instanceUuid: s.uuid, imageId, requestId: 'req-first', imageType: 'snapshot', strategy: first.strategy });
     expect(s.events[0]!.extra).toEqual(result);
     expect(s.env.hv.calls.map((c) => c.op)).toEqual([]); // the guest is not touched
     expect((await s.env.store.verify(imageId)).ok).toBe(true);
+  });
+
+  /** A fake clock that moves 25 ms at every look: a managed save's vCPU stop → resume is some ticks. */
+  function ticking(): () => number {
+    let t = Date.parse('2026-01-01T00:00:00Z');
+    return () => (t += 25);
+  }
+
+  it.each([
+    { strategy: 'monitor-snapshot', hv: { liveSnapshotIoHeldMs: 37 }, expected: { downtime_ms: 37, quiesced: true, internal_snapshots: 0 } },
+    { strategy: 'live', hv: { backupStartPauseMs: 23 }, expected: { downtime_ms: 23, quiesced: true, internal_snapshots: 0 } },
+    { strategy: 'deferred-delete', hv: { now: ticking() }, expected: { quiesced: true, internal_snapshots: 1 } },
+  ] as const)(
+    'after a restart (new manager, new store object, configured default suspend-create-resume-extract): answers with what $strategy really did, not the default and zeros',
+    async ({ strategy, hv, expected }) => {
+      const s = await setup({ strategy, hv });
+      const imageId = randomUUID();
+      const first = (await snapshot(s, imageId, CTX)) as SnapshotResult;
+      expect(first).toMatchObject({ strategy, status: 'active', ...expected });
+      expect(first.downtime_ms).toBeGreaterThan(0);
+      // What a restarted agent has: nothing in memory, only the store's files.
+      const again = managerOver(s.env, new ImageStore({ path: s.env.store.path, reservedSpaceMb: 0, osHashAlgo: 'sha512' }));
+      s.env.hv.calls.length = 0;
+      const result = await again.manager.call('snapshot_instance', { instance: { uuid: s.uuid }, image_id: imageId }, REPLAYED);
+      expect(result).toEqual(first);
+      expect(again.takes).toEqual([]);
+      expect(again.events.map((e) => [e.kind, e.info.strategy])).toEqual([['end', strategy]]);
+      expect(again.events[0]!.extra).toEqual(first);
+      expect(s.env.hv.calls).toEqual([]);
+    },
+  );
+
+  it('has its result kept in the image metadata file (written before the end is notified), which is what a replay answers with', async () => {
+    const s = await setup({ strategy: 'monitor-snapshot', hv: { liveSnapshotIoHeldMs: 12 } });
+    const imageId = randomUUID();
+    const metaFile = s.env.store.metadataPath(imageId);
+    let onDiskAtEnd: unknown;
+    const seen = managerOver(s.env, s.env.store, async () => {
+      onDiskAtEnd = JSON.parse(await fs.readFile(metaFile, 'utf8')).properties[RESULT_PROPERTY];
+    });
+    const first = (await seen.manager.call('snapshot_instance', { instance: { uuid: s.uuid }, image_id: imageId }, CTX)) as SnapshotResult;
+    expect(onDiskAtEnd).toEqual(first);
+    const meta = JSON.parse(await fs.readFile(metaFile, 'utf8'));
+    expect(meta).toMatchObject({ status: 'active', properties: { instance_uuid: s.uuid, [RESULT_PROPERTY]: first } });
+    expect((await s.env.store.verify(imageId)).ok).toBe(true);
+  });
+
+  const noRecord = [
+    ['no recorded result (the agent stopped between the commit and the record)', undefined],
+    ['a recorded result of other data', (r: SnapshotResult) => ({ ...r, checksum: '0'.repeat(32) })],
+    ['a malformed recorded result', (r: SnapshotResult) => ({ ...r, downtime_ms: 'soon' })],
+  ] as const;
+  it.each(noRecord)(
+    "whose image is active with %s: answers with the image's own facts only (no strategy or timings made up), end notified without a strategy",
+    async (_what, record) => {
+      const s = await setup({ strategy: 'monitor-snapshot', hv: { liveSnapshotIoHeldMs: 12 } });
+      const imageId = randomUUID();
+      // The engine alone: the image is committed, the manager never recorded the result.
+      const ran = await s.env.engine.take({ requestId: 'req-first', instanceUuid: s.uuid, imageId });
+      if (record) await s.env.store.setProperties(imageId, { [RESULT_PROPERTY]: record(ran) });
+      mark(s);
+      const result = await snapshot(s, imageId, REPLAYED);
+      const meta = await s.env.store.show(imageId);
+      expect(result).toStrictEqual({
+        image_id: imageId,
+        status: 'active',
+        size: meta.size,
+        checksum: meta.checksum,
+        os_hash_algo: 'sha512',
+        os_hash_value: meta.os_hash_value,
+      });
+      expect(result).toMatchObject({ size: ran.size, checksum: ran.checksum, os_hash_value: ran.os_hash_value });
+      expect(s.takes).toEqual([]);
+      expect(s.events.map((e) => e.kind)).toEqual(['end']);
+      expect(s.events[0]!.info.strategy).toBeUndefined();
+      expect(s.events[0]!.extra).toStrictEqual(result);
+      expect(s.env.hv.calls).toEqual([]);
+    },
+  );
+
+  it('a snapshot whose result cannot be recorded still succeeds (the image is made); a replay then answers with the image', async () => {
+    const s = await setup();
+    const failing = new (class extends ImageStore {
+      override setProperties(): Promise<never> {
+        return Promise.reject(Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' }));
+      }
+    })({ path: s.env.store.path, reservedSpaceMb: 0, osHashAlgo: 'sha512' });
+    const full = managerOver(s.env, failing);
+    const imageId = randomUUID();
+    const first = (await full.manager.call('snapshot_instance', { instance: { uuid: s.uuid }, image_id: imageId }, CTX)) as SnapshotResult;
+    expect(first).toMatchObject({ image_id: imageId, status: 'active', strategy: 'suspend-create-resume-extract' });
+    expect(full.events.map((e) => e.kind)).toEqual(['start', 'end']);
+    expect((await s.env.store.show(imageId)).properties[RESULT_PROPERTY]).toBeUndefined();
+    const result = await snapshot(s, imageId, REPLAYED);
+    expect(result).not.toHaveProperty('strategy');
+    expect(result).not.toHaveProperty('downtime_ms');
+    expect(result).toMatchObject({ image_id: imageId, status: 'active', checksum: first.checksum });
+  });
+
+  it('whose first run failed (image killed with its error) before the journal recorded the end: SnapshotInterrupted naming that error, no result', async () => {
+    const s = await setup();
+    const imageId = randomUUID();
+    s.env.beforeStep = (_step, i) => {
+      if (i === 2) throw new Error('qcow2 header unreadable');
+    };
+    const firstErr = await rejection(snapshot(s, imageId, CTX));
+    s.env.beforeStep = undefined;
+    expect((firstErr as Error).message).toContain('qcow2 header unreadable');
+    mark(s);
+    const err = await rejection(snapshot(s, imageId, REPLAYED));
+    expect(err).toBeInstanceOf(SnapshotInterrupted);
+    expect((err as Error).message).toContain('qcow2 header unreadable');
+    expect((err as Error).message).toContain(`image ${imageId} is killed`);
+    expect(s.takes).toEqual([]);
+    expect(s.events.map((e) => e.kind)).toEqual(['error']);
+    expect(s.events[0]!.extra).toBe(err);
   });
 
   it('matches the image to the instance whatever the case of the uuid', async () => {

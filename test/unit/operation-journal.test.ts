@@ -148,13 +148,47 @@ describe('OperationJournal', () => {
     const j = await journal();
     const op = newOp();
     await j.begin(op);
-    const debris = [`.${op.image_id}.json.tmp-123-abcdef`, `.${randomUUID()}.json.tmp-9-0`];
+    const debris = [`.${op.image_id}.json.tmp-${await deadPid()}-abcdef`, `.${randomUUID()}.json.tmp-${await deadPid()}-0`];
     for (const d of debris) await fs.writeFile(path.join(j.dir, d), '{"version":1');
     await fs.writeFile(path.join(j.dir, 'README'), 'not a record');
     await fs.writeFile(path.join(j.dir, '.hidden'), 'not debris');
     const list = await j.list();
     expect(list.map((r) => r.image_id)).toEqual([op.image_id]);
     expect((await fs.readdir(j.dir)).sort()).toEqual(['.hidden', `${op.image_id}.json`, 'README'].sort());
+  });
+
+  it('list() leaves alone the temp file of a write under way in a live process, and removes a dead writer\'s', async () => {
+    const j = await journal();
+    await j.begin(newOp()); // creates the folder
+    // Another process (alive) is recording an operation: its atomic write's temp file, not yet renamed.
+    const writer = spawn('sleep', ['60'], { stdio: 'ignore' });
+    children.push(writer);
+    const id = randomUUID();
+    const record = { ...valid(id), owner: { pid: writer.pid!, start: null, boot: null } };
+    const live = path.join(j.dir, `.${id}.json.tmp-${writer.pid}-0a1b2c3d4e5f`);
+    await fs.writeFile(live, JSON.stringify(record));
+    // And this process too: the agent lists the journal while its own operations write to it.
+    const mine = path.join(j.dir, `.${randomUUID()}.json.tmp-${process.pid}-abcdef012345`);
+    await fs.writeFile(mine, '{"version":1');
+    const dead = path.join(j.dir, `.${randomUUID()}.json.tmp-${await deadPid()}-0123456789ab`);
+    await fs.writeFile(dead, '{"version":1');
+
+    expect(await j.list()).toHaveLength(1);
+    await expect(fs.access(live)).resolves.toBeUndefined();
+    await expect(fs.access(mine)).resolves.toBeUndefined();
+    await expect(fs.access(dead)).rejects.toThrow();
+    // The writer's rename still finds its file: its record is there.
+    await fs.rename(live, path.join(j.dir, `${id}.json`));
+    expect((await j.list()).map((r) => r.image_id)).toContain(id);
+
+    // Once the writer is gone (killed and reaped), its debris goes.
+    const debris = path.join(j.dir, `.${randomUUID()}.json.tmp-${writer.pid}-ffffffffffff`);
+    await fs.writeFile(debris, '{');
+    writer.kill('SIGKILL');
+    await once(writer, 'exit');
+    await j.list();
+    await expect(fs.access(debris)).rejects.toThrow();
+    await fs.rm(mine);
   });
 
   const valid = (id: string): Record<string, unknown> => ({

@@ -1,7 +1,7 @@
 import net from 'node:net';
 import path from 'node:path';
 import { dir, type DirectoryResult } from 'tmp-promise';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { QmpDisconnected, QmpError, QmpTimeout } from '../../src/errors.js';
 import { QmpClient, type QmpEvent } from '../../src/hypervisor/qemu/qmp.js';
 
@@ -59,6 +59,28 @@ function reply(socket: net.Socket, msg: unknown): void {
   socket.write(JSON.stringify(msg) + '\r\n');
 }
 
+/**
+ * Lets the event loop turn (real socket I/O goes on; no timer is involved, so faked timers do not
+ * matter) until `cond` holds. The deadline only ends a test that is failing anyway.
+ */
+async function until(what: string, cond: () => boolean): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`${what}: not within 10 s`);
+    await new Promise<void>((r) => setImmediate(r));
+  }
+}
+
+/** Whether a promise has settled yet (read after the microtasks have run). */
+function watch(p: Promise<unknown>): { readonly settled: boolean } {
+  const state = { settled: false };
+  p.then(
+    () => (state.settled = true),
+    () => (state.settled = true),
+  );
+  return state;
+}
+
 describe('QmpClient', () => {
   let tmp: DirectoryResult;
   let server: FakeQmpServer;
@@ -71,13 +93,15 @@ describe('QmpClient', () => {
   });
 
   afterEach(async () => {
+    vi.useRealTimers();
     client?.destroy();
     client = undefined;
     await server.close();
     await tmp.cleanup();
   });
 
-  const connect = async (timeoutMs = 2000) => {
+  // A timeout no machine's load reaches, where the test is not about timeouts.
+  const connect = async (timeoutMs = 30_000) => {
     client = await QmpClient.connect(server.socketPath, { timeoutMs });
     return client;
   };
@@ -112,14 +136,17 @@ describe('QmpClient', () => {
   it('matches replies that arrive out of order by id', async () => {
     const qmp = await connect();
     const held: Command[] = [];
-    let sock!: net.Socket;
+    const replied: string[] = [];
     server.onCommand = (cmd, s) => {
       held.push(cmd);
-      sock = s;
-      if (held.length === 3) for (const c of [...held].reverse()) reply(s, { return: { name: c.execute }, id: c.id });
+      if (held.length !== 3) return;
+      for (const c of [...held].reverse()) {
+        replied.push(c.execute);
+        reply(s, { return: { name: c.execute }, id: c.id });
+      }
     };
     const results = await Promise.all([qmp.execute('one'), qmp.execute('two'), qmp.execute('three')]);
-    expect(sock).toBeDefined();
+    expect(replied).toEqual(['three', 'two', 'one']); // really out of order
     expect(results).toEqual([{ name: 'one' }, { name: 'two' }, { name: 'three' }]);
   });
 
@@ -162,20 +189,36 @@ describe('QmpClient', () => {
     });
   });
 
-  it('times out a command with the default or a per-call timeout, and keeps working after', async () => {
+  it('times out a command at the default or a per-call timeout, not before, and keeps working after', async () => {
+    // The client's timers faked (its socket is real): a timeout runs out when the test says, however
+    // slow the machine, and no other exchange can run out of time.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
     const qmp = await connect(150);
     const late: Command[] = [];
     server.onCommand = (cmd, s) => {
       if (cmd.execute === 'slow') late.push(cmd);
       else reply(s, { return: 'ok', id: cmd.id });
     };
-    const e1 = await qmp.execute('slow').catch((e: unknown) => e);
+    const p1 = qmp.execute('slow').catch((e: unknown) => e);
+    const w1 = watch(p1);
+    await vi.advanceTimersByTimeAsync(149);
+    expect(w1.settled).toBe(false);
+    await vi.advanceTimersByTimeAsync(1);
+    const e1 = await p1;
     expect(e1).toBeInstanceOf(QmpTimeout);
-    expect((e1 as Error).message).toContain('slow');
-    const e2 = await qmp.execute('slow', undefined, { timeoutMs: 30 }).catch((e: unknown) => e);
+    expect((e1 as Error).message).toContain('QMP slow got no answer within 150 ms');
+
+    const p2 = qmp.execute('slow', undefined, { timeoutMs: 30 }).catch((e: unknown) => e);
+    const w2 = watch(p2);
+    await vi.advanceTimersByTimeAsync(29);
+    expect(w2.settled).toBe(false);
+    await vi.advanceTimersByTimeAsync(1);
+    const e2 = await p2;
     expect(e2).toBeInstanceOf(QmpTimeout);
     expect((e2 as Error).message).toContain('30 ms');
+
     // Late replies to the timed-out commands must not be taken for the next command's reply.
+    await until('both slow commands at the server', () => late.length === 2);
     for (const c of late) reply(server.sockets[0]!, { return: 'late', id: c.id });
     await expect(qmp.execute('fast')).resolves.toBe('ok');
     expect(qmp.connected).toBe(true);
@@ -191,19 +234,30 @@ describe('QmpClient', () => {
       } else if (cmd.execute === 'migrate') {
         reply(s, { return: {}, id: cmd.id });
         reply(s, { event: 'MIGRATION', data: { status: 'setup' } });
-        setTimeout(() => reply(s, { event: 'MIGRATION', data: { status: 'completed' } }), 30);
       }
     };
     const shutdown = qmp.waitForEvent('SHUTDOWN');
     await expect(qmp.execute('quit')).resolves.toEqual({});
     await expect(shutdown).resolves.toMatchObject({ event: 'SHUTDOWN', data: { reason: 'host-qmp-quit' } });
 
-    const completed = qmp.waitForEvent('MIGRATION', (e) => e.data?.status === 'completed', 2000);
+    // The event the waiter wants comes after the command's reply and after another MIGRATION event.
+    const completed = qmp.waitForEvent('MIGRATION', (e) => e.data?.status === 'completed', 30_000);
+    const w = watch(completed);
     await qmp.execute('migrate', { uri: 'unix:/x' });
+    const setupSeen = qmp.waitForEvent('STOP'); // any later message: here, a marker sent after `setup`
+    reply(server.sockets[0]!, { event: 'STOP' });
+    await setupSeen;
+    expect(w.settled).toBe(false); // `setup` did not satisfy it
+    reply(server.sockets[0]!, { event: 'MIGRATION', data: { status: 'completed' } });
     await expect(completed).resolves.toMatchObject({ data: { status: 'completed' } });
 
-    const never = await qmp.waitForEvent('RESUME', undefined, 40).catch((e: unknown) => e);
-    expect(never).toBeInstanceOf(QmpTimeout);
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    const never = qmp.waitForEvent('RESUME', undefined, 40).catch((e: unknown) => e);
+    const wn = watch(never);
+    await vi.advanceTimersByTimeAsync(39);
+    expect(wn.settled).toBe(false);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(await never).toBeInstanceOf(QmpTimeout);
   });
 
   it('rejects all pending commands and event waits with QmpDisconnected when the connection is lost', async () => {
@@ -216,7 +270,7 @@ describe('QmpClient', () => {
     const a = qmp.execute('a').catch((e: unknown) => e);
     const b = qmp.execute('b').catch((e: unknown) => e);
     const ev = qmp.waitForEvent('SHUTDOWN').catch((e: unknown) => e);
-    await new Promise((r) => setTimeout(r, 20));
+    await until('both commands at the server', () => server.received.length === 3);
     server.sockets[0]!.destroy();
     expect(await a).toBeInstanceOf(QmpDisconnected);
     expect(await b).toBeInstanceOf(QmpDisconnected);
@@ -243,7 +297,7 @@ describe('QmpClient', () => {
     const qmp = await connect();
     await qmp.close();
     expect(qmp.connected).toBe(false);
-    await new Promise((r) => setTimeout(r, 20));
+    // close() resolves when the socket has closed, the server having ended its side on our end.
     expect(server.ended).toBe(true);
     await expect(qmp.execute('x')).rejects.toBeInstanceOf(QmpDisconnected);
   });

@@ -6,7 +6,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { loadConfigFromText } from '../../src/config/load.js';
 import { defaultConfig, rabbitOptionsSchema, type RabbitOptions } from '../../src/config/schema.js';
 import { ConfigError } from '../../src/errors.js';
-import { parseTransportUrl, percentDecode, redactTransportUrl, transportUrlProblem } from '../../src/messaging/transport-url.js';
+import { parseTransportUrl, percentDecode, redactTransportUrl, transportUrlProblem } from '../../src/config/transport-url.js';
 import { tlsOptions } from '../../src/messaging/transport/rabbit-bus.js';
 
 const SECRET = 'S3cr3t-pw';

@@ -7,6 +7,7 @@ import {
   InstanceNotFound,
   InvalidInstanceId,
   QemuImgError,
+  QemuProcessError,
   QmpError,
   SafetyViolation,
 } from '../../errors.js';
@@ -77,7 +78,18 @@ interface FakeInstance {
   frozen: boolean;
   /** thawFails given as a count: thaws still to fail. */
   thawFailuresLeft: number;
+  /**
+   * The process holds the disk inactive (no image lock taken): a resume's new process until its vCPUs
+   * first run (QMP `cont` activates the disk, taking the lock), when activating it at the end of the
+   * load failed. Such a disk cannot take an internal snapshot through the monitor.
+   */
+  diskInactive: boolean;
+  /** Another process holds the disk's write lock (holdDiskLock): no process may activate or open the disk. */
+  foreignLock: boolean;
 }
+
+/** What QEMU 7.2 says when another process holds the image's lock. */
+const WRITE_LOCK_ERROR = 'Failed to get "write" lock';
 
 const EXPORT_CHUNKS = 4;
 const ROOT_DEVICE = 'root';
@@ -133,6 +145,8 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
         agent: { present: false },
         frozen: false,
         thawFailuresLeft: 0,
+        diskInactive: false,
+        foreignLock: false,
       };
       this.instances.set(spec.uuid, inst);
       return infoOf(inst);
@@ -170,6 +184,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
       const inst = this.get(uuid);
       requireState(inst, 'start', ['shutoff', 'crashed']);
       await hooks?.beforeLaunch?.(uuid);
+      if (inst.foreignLock) throw new QemuProcessError(`QEMU failed to start (exit code 1): ${fakeDiskPath(uuid)}: ${WRITE_LOCK_ERROR}`);
       this.launch(inst, 'start', ['shutoff', 'crashed'], 'running');
     });
   }
@@ -180,12 +195,14 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
       requireState(inst, 'stop', ['running', 'paused']);
       this.requireThawed(inst, 'stop');
       inst.state = 'shutoff';
+      inst.diskInactive = false;
     });
   }
 
-  softReboot(uuid: string): Promise<void> {
-    return this.call('softReboot', uuid, [uuid], () => {
+  softReboot(uuid: string, opts: { waitMs: number } = { waitMs: 0 }): Promise<boolean> {
+    return this.call('softReboot', uuid, [uuid, opts], () => {
       requireState(this.get(uuid), 'softReboot', ['running', 'paused']);
+      return true;
     });
   }
 
@@ -198,36 +215,63 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
   }
 
   unpause(uuid: string): Promise<void> {
-    return this.call('unpause', uuid, [uuid], () => {
+    return this.call('unpause', uuid, [uuid], async () => {
       const inst = this.get(uuid);
       requireState(inst, 'unpause', ['paused']);
-      inst.state = 'running';
+      await this.cont(inst);
     });
   }
 
+  /**
+   * Stops the vCPUs of a running guest, writes its state (the `saveMigration` point), and ends its
+   * process. A save that fails half-way is undone as the qemu backend does: no state file, and the
+   * vCPUs run again if they ran (a `cont` that fails then leaves the guest paused; the save throws its
+   * own error).
+   */
   managedSave(uuid: string): Promise<SaveResult> {
-    return this.call('managedSave', uuid, [uuid], () => {
+    return this.call('managedSave', uuid, [uuid], async () => {
       const inst = this.get(uuid);
       // A frozen guest may be saved (SPEC §3 freezes right before the save): the freeze is in its RAM.
       const prior = requireState(inst, 'managedSave', ['running', 'paused']);
-      inst.priorState = prior;
-      inst.state = 'saved';
+      const vcpusStoppedAt = prior === 'running' ? this.now() : undefined;
+      inst.state = 'paused';
+      try {
+        await this.point('saveMigration', uuid, async () => {
+          requireState(inst, 'managedSave', ['paused']);
+          inst.priorState = prior;
+          inst.state = 'saved';
+          inst.diskInactive = false;
+        });
+      } catch (err) {
+        if (inst.state === 'paused' && prior === 'running') await this.cont(inst).catch(() => undefined);
+        throw err;
+      }
       const result: SaveResult = { priorState: prior, bytes: inst.memoryMb * 1024 * 1024 };
-      if (prior === 'running') result.vcpusStoppedAt = this.now();
+      if (vcpusStoppedAt !== undefined) result.vcpusStoppedAt = vcpusStoppedAt;
       return result;
     });
   }
 
+  /**
+   * A new process loads the saved state (the state file is gone from then on) and its vCPUs run again
+   * if they ran (the `cont` point). Under a foreign lock the disk cannot be activated: the state loads,
+   * the `cont` fails and the guest is left paused, as with real QEMU.
+   */
   resume(uuid: string, hooks?: LaunchHooks): Promise<ResumeResult> {
     return this.call('resume', uuid, [uuid, hooks], async () => {
       const inst = this.get(uuid);
       requireState(inst, 'resume', ['saved']);
       await hooks?.beforeLaunch?.(uuid);
       const prior = inst.priorState ?? 'running';
-      this.launch(inst, 'resume', ['saved'], prior);
+      this.launch(inst, 'resume', ['saved'], 'paused');
       delete inst.priorState;
+      // The load ends by activating the disk; under a foreign lock that fails (QEMU only reports it).
+      inst.diskInactive = inst.foreignLock;
       const result: ResumeResult = { state: prior };
-      if (prior === 'running') result.vcpusResumedAt = this.now();
+      if (prior === 'running') {
+        await this.cont(inst);
+        result.vcpusResumedAt = this.now();
+      }
       return result;
     });
   }
@@ -243,6 +287,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     return this.call('startLiveBackup', uuid, [uuid, dest], async () => {
       const inst = this.get(uuid);
       requireProcess(inst, 'startLiveBackup');
+      if (inst.diskInactive) throw new QemuProcessError(`cannot start a live backup: the disk of instance ${uuid} is inactive in its QEMU`);
       const launch = inst.launches;
       const rec: FakeBackupRecord = { uuid, dest, startedAt: this.now(), pointInTime: Buffer.from(inst.disk.active), status: 'running' };
       await createTarget(dest, rec.pointInTime.length);
@@ -297,7 +342,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     };
   }
 
-  /** The fake's managed save is atomic: only backup jobs can be left going by a dead agent. */
+  /** The fake's managed save runs within one call (a dead agent cannot stop it half-way): only backup jobs can be left going. */
   endInterruptedWork(uuid: string): Promise<string[]> {
     return this.call('endInterruptedWork', uuid, [uuid], () => {
       this.get(uuid);
@@ -368,6 +413,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
       const inst = this.get(uuid);
       this.requireNoProcess(inst, `offlineSnapshotCreate(${uuid}, ${JSON.stringify(name)})`);
       await this.offline(inst, () => {
+        if (inst.foreignLock) throw qemuImgFailure(['snapshot', '-c', name, fakeDiskPath(uuid)], `Could not open '${fakeDiskPath(uuid)}': ${WRITE_LOCK_ERROR}`);
         if (inst.disk.snapshots.has(name)) {
           throw qemuImgFailure(['snapshot', '-c', name, fakeDiskPath(uuid)], `Could not create snapshot '${name}': a snapshot with this name already exists`);
         }
@@ -382,6 +428,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
       const what = `offlineSnapshotDelete(${uuid}, ${JSON.stringify(name)})`;
       this.requireNoProcess(inst, what);
       await this.offline(inst, () => {
+        if (inst.foreignLock) throw qemuImgFailure(['snapshot', '-d', name, fakeDiskPath(uuid)], `Could not open '${fakeDiskPath(uuid)}': ${WRITE_LOCK_ERROR}`);
         if (!inst.disk.snapshots.has(name)) {
           throw qemuImgFailure(['snapshot', '-d', name, fakeDiskPath(uuid)], `Could not delete snapshot '${name}': snapshot not found`);
         }
@@ -395,6 +442,9 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     return this.call('liveSnapshotCreate', uuid, [uuid, name], () => {
       const inst = this.get(uuid);
       requireProcess(inst, 'liveSnapshotCreate');
+      if (inst.diskInactive) {
+        throw new QmpError('blockdev-snapshot-internal-sync', 'GenericError', `Block format 'qcow2' used by device '${ROOT_DEVICE}' does not support internal snapshots`);
+      }
       if (inst.disk.snapshots.has(name)) {
         throw new QmpError('blockdev-snapshot-internal-sync', 'GenericError', `Snapshot with name '${name}' already exists on device '${ROOT_DEVICE}'`);
       }
@@ -407,6 +457,9 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     return this.call('liveSnapshotDelete', uuid, [uuid, name], () => {
       const inst = this.get(uuid);
       requireProcess(inst, 'liveSnapshotDelete');
+      if (inst.diskInactive) {
+        throw new QmpError('blockdev-snapshot-delete-internal-sync', 'GenericError', `Node '${ROOT_DEVICE}' is inactive: ${WRITE_LOCK_ERROR}`);
+      }
       if (!inst.disk.snapshots.has(name)) {
         throw new QmpError(
           'blockdev-snapshot-delete-internal-sync',
@@ -484,6 +537,24 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     requireState(inst, 'crash', ['running', 'paused']);
     inst.state = 'crashed';
     inst.frozen = false;
+    inst.diskInactive = false;
+  }
+
+  /**
+   * Another process (an operator's qemu-io, a backup tool) takes the disk's write lock. Only possible
+   * while no process holds the disk active (shut off, saved, or a resume's process whose disk could not
+   * be activated), as with real image locks. While held, nothing can activate or open the disk: a `cont`
+   * that must activate it fails (the guest stays paused), and so do a start and qemu-img's changes.
+   */
+  holdDiskLock(uuid: string): void {
+    const inst = this.get(uuid);
+    if (processHoldsDisk(inst.state) && !inst.diskInactive) throw new Error(`${fakeDiskPath(uuid)}: ${WRITE_LOCK_ERROR}: the guest's QEMU holds it`);
+    inst.foreignLock = true;
+  }
+
+  /** The other process lets go of the disk's write lock. */
+  releaseDiskLock(uuid: string): void {
+    this.get(uuid).foreignLock = false;
   }
 
   /** The current power state, without counting as a call. */
@@ -558,6 +629,30 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
       if (fired.after !== undefined) throw fired.after;
       return result;
     })();
+  }
+
+  /**
+   * A point inside a call (`cont`, `saveMigration`): counted, held and faulted like a call. `effect` is
+   * what the point does; a fault 'before' throws instead, 'after' throws once it is done.
+   */
+  private async point(op: FakeOp, uuid: string, effect: () => void | Promise<void>): Promise<void> {
+    const fired = this.faults.onCall(op, uuid);
+    if (fired.hold !== undefined) await fired.hold;
+    if (fired.before !== undefined) throw fired.before;
+    await effect();
+    if (fired.after !== undefined) throw fired.after;
+  }
+
+  /** QMP `cont` of a paused guest: activates its disk first if it is inactive (fails under a foreign lock). */
+  private cont(inst: FakeInstance): Promise<void> {
+    return this.point('cont', inst.uuid, () => {
+      requireState(inst, 'cont', ['paused']);
+      if (inst.diskInactive) {
+        if (inst.foreignLock) throw new QmpError('cont', 'GenericError', WRITE_LOCK_ERROR);
+        inst.diskInactive = false;
+      }
+      inst.state = 'running';
+    });
   }
 
   private get(uuid: string): FakeInstance {

@@ -2,10 +2,23 @@ import { InjectedFault } from '../../errors.js';
 import type { Hypervisor, InstanceFactory } from '../types.js';
 
 /**
- * A public operation of the fake hypervisor. `backupWait` and `backupCancel` are a live backup job's
- * `wait()` and `cancel()`.
+ * A public operation of the fake hypervisor, or a point inside one. `backupWait` and `backupCancel`
+ * are a live backup job's `wait()` and `cancel()`. Points inside calls (counted and faulted like
+ * calls, but not in `calls`):
+ * - `cont`: the vCPUs of a paused guest run again (QMP `cont`): in `unpause`, at the end of the
+ *   `resume` of a guest that ran (the saved state is loaded by then: a fault leaves the guest paused
+ *   and the resume throws), and in the undo of a failed `managedSave` of a guest that ran (a fault
+ *   leaves it paused; the save throws its own error);
+ * - `saveMigration`: a `managedSave` writing the guest's state, its vCPUs stopped: a fault fails the
+ *   save half-way, undone as the qemu backend does (no state file, the vCPUs run again if they ran).
  */
-export type FakeOp = Exclude<keyof Hypervisor, 'driver'> | keyof InstanceFactory | 'backupWait' | 'backupCancel';
+export type FakeOp =
+  | Exclude<keyof Hypervisor, 'driver'>
+  | keyof InstanceFactory
+  | 'backupWait'
+  | 'backupCancel'
+  | 'cont'
+  | 'saveMigration';
 
 export interface FaultSpec {
   op: FakeOp;

@@ -1,7 +1,7 @@
 import type { Config } from '../../config/schema.js';
 import { InstanceInvalidState, QmpError } from '../../errors.js';
 import type { Logger } from '../../log.js';
-import { QemuImg } from '../../qemu-img/qemu-img.js';
+import { QemuImg, qemuImgFromConfig } from '../../qemu-img/qemu-img.js';
 import { isUuid } from '../../util/uuid.js';
 import type {
   BackupJob,
@@ -20,7 +20,7 @@ import { startPullBackup } from './backup.js';
 import { formatNodeName, type DomainXml } from './domain-xml.js';
 import { LibvirtDomains, parseDomInfo, powerStateOf, type DomainInfo } from './domains.js';
 import { abortJob, managedSave, resume, type SaveRestoreContext } from './managed-save.js';
-import type { DomainEventWatch } from './monitor-events.js';
+import { DomainEventWatch } from './monitor-events.js';
 import { freezeFilesystems, guestAgentAvailable, thawFilesystems, type AgentContext } from './quiesce.js';
 import { Virsh } from './virsh.js';
 
@@ -138,10 +138,29 @@ export class LibvirtHypervisor implements Hypervisor {
     log.info('domain stopped');
   }
 
-  /** libvirt's reboot of a QEMU domain is guest-cooperative (ACPI), its QEMU process kept. */
-  async softReboot(uuid: string): Promise<void> {
-    const d = await this.domains.requireActive(uuid, 'reboot');
-    await this.virsh.run(['reboot', d.uuid], { uuid: d.uuid });
+  /**
+   * libvirt's own reboot of a QEMU domain, with the ACPI power button (`--mode acpi`, as the qemu
+   * backend: libvirt would otherwise prefer the guest agent): its QEMU process is kept, and once the
+   * guest has shut down libvirt resets and continues it ("fake reboot"), which QEMU reports as RESET.
+   * False when no RESET came within `waitMs` (or the domain is paused): the caller hard reboots it.
+   */
+  async softReboot(uuid: string, opts: { waitMs: number }): Promise<boolean> {
+    const d = await this.domains.probe(uuid);
+    if (d.state !== 'running' && d.state !== 'paused') throw invalidState(d, 'reboot');
+    if (d.state === 'paused' || opts.waitMs <= 0) return false;
+    const watch = await DomainEventWatch.open(this.virsh.opts, d.uuid, this.log, this.opts.commandTimeoutMs);
+    try {
+      const since = Date.now();
+      await this.virsh.run(['reboot', d.uuid, '--mode', 'acpi'], { uuid: d.uuid });
+      const reset = await watch.find('RESET', since, opts.waitMs);
+      if (reset === undefined) {
+        this.log.warn({ instance_uuid: d.uuid, wait_ms: opts.waitMs }, 'guest did not shut down on the ACPI power button in time');
+        return false;
+      }
+      return true;
+    } finally {
+      watch.close();
+    }
   }
 
   async pause(uuid: string): Promise<void> {
@@ -279,7 +298,7 @@ export function fromConfig(config: Config, log: Logger): LibvirtHypervisor {
   return new LibvirtHypervisor({
     virsh: config.hypervisor.virsh,
     uri: config.hypervisor.libvirt_uri,
-    qemuImg: new QemuImg(config.hypervisor.qemu_img),
+    qemuImg: qemuImgFromConfig(config.hypervisor),
     commandTimeoutMs: config.hypervisor.qmp_timeout * 1000,
     jobTimeoutMs: config.hypervisor.job_timeout * 1000,
     shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,

@@ -1,4 +1,4 @@
-import { InstanceNotFound, LibvirtError } from '../../errors.js';
+import { InstanceNotFound, LibvirtError, ProgramTimeout } from '../../errors.js';
 import { runProgram } from '../../util/exec.js';
 
 /**
@@ -30,6 +30,8 @@ const TIMING = /\n?\(Time: (\d+(?:\.\d+)?) ms\)\s*$/;
 
 export interface RunOptions {
   timeoutMs?: number;
+  /** The option `timeoutMs` comes from, named when it fires (default: qmp_timeout's, when timeoutMs is unset). */
+  timeoutOption?: string;
   /** The domain the command is about: its absence is InstanceNotFound. */
   uuid?: string;
   verbose?: boolean;
@@ -64,8 +66,13 @@ export class Virsh {
     let res;
     for (;;) {
       try {
-        res = await runProgram(this.opts.binary, argv, { timeoutMs, env: { ...process.env, LC_ALL: 'C' } });
+        res = await runProgram(this.opts.binary, argv, {
+          timeoutMs,
+          timeoutOption: opts.timeoutOption ?? (opts.timeoutMs === undefined ? '[hypervisor] qmp_timeout' : undefined),
+          env: { ...process.env, LC_ALL: 'C' },
+        });
       } catch (err) {
+        if (err instanceof ProgramTimeout) throw new LibvirtError(`virsh ${args[0]}: ${err.message}`, args, { cause: err });
         throw new LibvirtError(`cannot run ${this.opts.binary}: ${(err as Error).message}`, args, { cause: err });
       }
       if (res.code === 0 || !NOT_REACHED.test(res.stderr) || Date.now() > reconnectUntil) break;

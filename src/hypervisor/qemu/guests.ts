@@ -79,7 +79,7 @@ export class QemuGuests {
     this.qemuImg = opts.qemuImg;
     this.log = opts.log;
     this.qmpTimeoutMs = opts.qmpTimeoutMs;
-    this.sessions = new QmpSessions(opts.qmpTimeoutMs);
+    this.sessions = new QmpSessions(opts.qmpTimeoutMs, opts.log);
   }
 
   layoutOf(uuid: string): InstanceLayout {
@@ -169,7 +169,7 @@ export class QemuGuests {
     await removeFiles(layout.staleRuntimeFiles);
     const argv = [...qemuArgv(record, layout, this.opts.accel, boot), ...extraArgs];
     this.log.debug({ instance_uuid: layout.uuid, argv }, 'launching QEMU');
-    await launchDaemonized(this.opts.qemuBinary, argv, layout.qemuLog, `QEMU of instance ${layout.uuid}`);
+    await launchDaemonized(this.opts.qemuBinary, argv, layout.qemuLog, `QEMU of instance ${layout.uuid}`, this.qmpTimeoutMs);
     const pid = await findGuestProcess(layout.pidFile, layout.uuid);
     if (pid === undefined) {
       const out = (await fs.readFile(layout.qemuLog, 'utf8').catch(() => '')).trim();

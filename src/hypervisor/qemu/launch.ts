@@ -85,18 +85,42 @@ export async function launchDaemonized(
   argv: readonly string[],
   logFile: string,
   label = 'QEMU',
+  /** Bound on the launch until QEMU has daemonized (`[hypervisor] qmp_timeout`); unbounded when unset. */
+  timeoutMs?: number,
 ): Promise<void> {
   const log = await fs.open(logFile, 'w', 0o640);
   let code: number | null;
   let signal: NodeJS.Signals | null;
+  let timedOut = false;
   try {
     [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {
       const child = spawn(binary, [...argv], { stdio: ['ignore', log.fd, log.fd] });
-      child.on('error', (err) => reject(new QemuProcessError(`cannot run ${binary}: ${err.message}`, { cause: err })));
-      child.on('exit', (c, s) => resolve([c, s]));
+      // The launching parent exits once the daemon is up; one that does not is killed (its daemon
+      // child, finding no parent to report to, exits too).
+      const timer =
+        timeoutMs === undefined
+          ? undefined
+          : setTimeout(() => {
+              timedOut = true;
+              child.kill('SIGKILL');
+            }, timeoutMs);
+      child.on('error', (err) => {
+        clearTimeout(timer);
+        reject(new QemuProcessError(`cannot run ${binary}: ${err.message}`, { cause: err }));
+      });
+      child.on('exit', (c, s) => {
+        clearTimeout(timer);
+        resolve([c, s]);
+      });
     });
   } finally {
     await log.close();
+  }
+  if (timedOut) {
+    const out = (await fs.readFile(logFile, 'utf8').catch(() => '')).trim();
+    throw new QemuProcessError(
+      `${label} did not start within ${timeoutMs! / 1000} s ([hypervisor] qmp_timeout): killed${out ? `: ${out}` : ''}`,
+    );
   }
   if (code !== 0) {
     const stderr = (await fs.readFile(logFile, 'utf8').catch(() => '')).trim();

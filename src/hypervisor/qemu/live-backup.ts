@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { ConfigError, InstanceBusy, QemuImgError, QmpError, QmpTimeout, errorMessage } from '../../errors.js';
+import { ConfigError, InstanceBusy, ProgramTimeout, QemuImgError, QmpError, QmpTimeout, errorMessage } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { QemuImg } from '../../qemu-img/qemu-img.js';
 import type { BackupJob } from '../types.js';
@@ -330,6 +330,8 @@ export class QemuBackupJob implements BackupJob {
 
   /** The copy's error, with what it means here. */
   private async explain(err: unknown): Promise<Error> {
+    // The copy overran [hypervisor] export_timeout: it was killed, the fleecing is torn down.
+    if (err instanceof ProgramTimeout) return err;
     const msg = errorMessage(err);
     const argv = err instanceof QemuImgError ? err.argv : [];
     const stderr = err instanceof QemuImgError ? err.stderr : '';

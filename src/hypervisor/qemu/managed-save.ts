@@ -1,13 +1,14 @@
 import fs from 'node:fs/promises';
-import { QemuProcessError, QmpDisconnected, errorMessage } from '../../errors.js';
+import type net from 'node:net';
+import { QemuProcessError, QmpDisconnected, QmpError, errorMessage } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { fsyncDir } from '../../util/durable-fs.js';
 import { faultPoint, faultPointAfterOutput } from '../../util/fault.js';
 import type { LaunchHooks, ResumeResult, SaveResult } from '../types.js';
 import { invalidState, type QemuGuests, removeFiles } from './guests.js';
-import { INCOMING_ARGS } from './launch.js';
+import { DISK_NODE, INCOMING_ARGS } from './launch.js';
 import { type InstanceLayout, type ManagedSaveRecord, readManagedSaveRecord, writeJsonAtomic } from './layout.js';
-import { cancelMigration, waitForMigration } from './migration.js';
+import { cancelMigration, waitForMigration, withinJobTimeout, type MigrationBounds } from './migration.js';
 import { MigrationReceiver, sendMigrationStream } from './migration-stream.js';
 import { findGuestProcess } from './qemu-process.js';
 import { eventTimeMs, type QmpClient } from './qmp.js';
@@ -23,7 +24,19 @@ const UNLIMITED_BANDWIDTH = Number.MAX_SAFE_INTEGER;
 
 type PriorState = SaveResult['priorState'];
 
-export async function managedSave(g: QemuGuests, uuid: string): Promise<SaveResult> {
+export interface SaveOptions {
+  /** Bound on the whole migration of a save or a resume (`[hypervisor] job_timeout`). */
+  jobTimeoutMs: number;
+  /** Test hook: sees the connection a save's stream arrives on before it is read (to stall it). */
+  beforeReadingSaveStream?: (socket: net.Socket) => Promise<void> | void;
+}
+
+/**
+ * Managed save. A save whose migration fails or does not complete within the job timeout is cancelled
+ * and undone: the guest is left as it was (its vCPUs run again if they ran); if they cannot run again,
+ * the error says that the guest is paused.
+ */
+export async function managedSave(g: QemuGuests, uuid: string, opts: SaveOptions): Promise<SaveResult> {
   const p = await g.probe(uuid);
   if ((p.state !== 'running' && p.state !== 'paused') || p.pid === undefined) throw invalidState(p, 'save');
   const { layout } = p;
@@ -32,7 +45,7 @@ export async function managedSave(g: QemuGuests, uuid: string): Promise<SaveResu
   layout.assertSocketPathsFit();
 
   const { bytes, vcpusStoppedAt } = await g.withQmp(layout, async (qmp) => {
-    const saved = await saveState(g, qmp, layout, priorState, log);
+    const saved = await saveState(g, qmp, layout, priorState, opts, log);
     // The state is on disk: from here the process only has to go.
     await qmp.execute('quit').catch((err: unknown) => {
       if (!(err instanceof QmpDisconnected)) log.warn({ err: errorMessage(err) }, 'quit after managed save failed');
@@ -44,7 +57,13 @@ export async function managedSave(g: QemuGuests, uuid: string): Promise<SaveResu
   return vcpusStoppedAt === undefined ? { priorState, bytes } : { priorState, bytes, vcpusStoppedAt };
 }
 
-export async function resume(g: QemuGuests, uuid: string, hooks: LaunchHooks): Promise<ResumeResult> {
+/**
+ * Resume from the managed save. A resume that fails before the state is loaded ends its new process
+ * and keeps the saved state; once loaded, the new process is the guest: if its vCPUs cannot run again
+ * (`cont` fails: e.g. another process holds the disk's write lock, which `cont` must take), it is
+ * left paused and the error says so.
+ */
+export async function resume(g: QemuGuests, uuid: string, hooks: LaunchHooks, opts: SaveOptions): Promise<ResumeResult> {
   const p = await g.probe(uuid);
   if (p.state !== 'saved') throw invalidState(p, 'resume');
   const { layout } = p;
@@ -57,7 +76,7 @@ export async function resume(g: QemuGuests, uuid: string, hooks: LaunchHooks): P
   const progress = { loaded: false };
   let result: ResumeResult;
   try {
-    result = await g.withQmp(layout, (qmp) => loadState(g, qmp, layout, saved, progress, log));
+    result = await g.withQmp(layout, (qmp) => loadState(g, qmp, layout, saved, progress, opts, log));
   } catch (err) {
     // Once loaded, the new process is the guest: it must not be killed.
     if (progress.loaded) throw err;
@@ -76,18 +95,26 @@ async function saveState(
   qmp: QmpClient,
   layout: InstanceLayout,
   priorState: PriorState,
+  opts: SaveOptions,
   log: Logger,
 ): Promise<{ bytes: number; vcpusStoppedAt: number | undefined }> {
   // Everything that can be prepared is, before the guest stops: downtime starts at `stop`.
   await removeFiles([layout.saveSocket, layout.saveStatePartial]);
   await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNLIMITED_BANDWIDTH });
-  const receiver = await MigrationReceiver.listen(layout.saveSocket, layout.saveStatePartial);
+  const receiver = await MigrationReceiver.listen(layout.saveSocket, layout.saveStatePartial, opts.beforeReadingSaveStream);
   let vcpusStoppedAt: number | undefined;
   try {
     if (priorState === 'running') vcpusStoppedAt = await stopVcpus(qmp, log, g.qmpTimeoutMs);
     await qmp.execute('migrate', { uri: `unix:${layout.saveSocket}` });
     await faultPointAfterOutput('managed-save:migrating');
-    const [, bytes] = await Promise.all([waitForMigration(qmp, 'save', g.qmpTimeoutMs), receiver.done]);
+    // Bounded as a whole: QEMU's side (query-migrate) and ours (the stream into the file).
+    const startedAt = Date.now();
+    const [, bytes] = await withinJobTimeout(
+      Promise.all([waitForMigration(qmp, 'save', bounds(g, opts)), receiver.done]),
+      'save',
+      opts.jobTimeoutMs,
+      startedAt,
+    );
     await receiver.close();
     // managed-save.json first: a state file never exists without it.
     await writeJsonAtomic(layout.saveMeta, { prior_state: priorState, bytes });
@@ -95,21 +122,48 @@ async function saveState(
     await fsyncDir(layout.dir);
     return { bytes, vcpusStoppedAt };
   } catch (err) {
-    await receiver.close().catch(() => undefined);
-    await undoSave(qmp, layout, priorState, log, g.qmpTimeoutMs);
-    throw err;
+    // The migration is cancelled before our end of its stream is: QEMU then stops on its own terms.
+    const contError = await undoSave(qmp, layout, priorState, receiver, log, g.qmpTimeoutMs);
+    if (contError === undefined) throw err;
+    throw new QemuProcessError(
+      `managed save of instance ${layout.uuid} failed (${errorMessage(err)}), and its vCPUs could not run again ` +
+        `(cont: ${errorMessage(contError)}): it is paused`,
+      { cause: err },
+    );
   }
 }
 
-/** Leaves a guest whose save failed as it was: partial files removed, vCPUs running again if they were. */
-async function undoSave(qmp: QmpClient, layout: InstanceLayout, priorState: PriorState, log: Logger, timeoutMs: number): Promise<void> {
+function bounds(g: QemuGuests, opts: SaveOptions): MigrationBounds {
+  return { beginTimeoutMs: g.qmpTimeoutMs, jobTimeoutMs: opts.jobTimeoutMs };
+}
+
+/**
+ * Leaves a guest whose save failed as it was: the migration cancelled, partial files removed, vCPUs
+ * running again if they were. Resolves with the error of a `cont` that failed (the guest is paused).
+ */
+async function undoSave(
+  qmp: QmpClient,
+  layout: InstanceLayout,
+  priorState: PriorState,
+  receiver: MigrationReceiver,
+  log: Logger,
+  timeoutMs: number,
+): Promise<unknown> {
   await cancelMigration(qmp, timeoutMs).catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'migrate_cancel failed'));
+  await receiver.abort().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'cannot end the save stream'));
   await removeFiles([layout.saveStatePartial, layout.saveState, layout.saveMeta, `${layout.saveMeta}.tmp`, layout.saveSocket]).catch(
     (err: unknown) => log.warn({ err: errorMessage(err) }, 'cannot remove partial managed-save files'),
   );
-  if (priorState === 'running') {
-    await qmp.execute('cont').catch((err: unknown) => log.error({ err: errorMessage(err) }, 'cannot resume the guest after a failed save'));
-  }
+  if (priorState !== 'running') return undefined;
+  return qmp.execute('cont').then(
+    () => undefined,
+    (err: unknown) => {
+      // A QEMU that is gone (e.g. killed during the save) is not paused: the caller finds it dead.
+      if (err instanceof QmpDisconnected) return undefined;
+      log.error({ err: errorMessage(err) }, 'cannot run the guest again after a failed save: it is paused');
+      return err;
+    },
+  );
 }
 
 /**
@@ -123,19 +177,32 @@ async function loadState(
   layout: InstanceLayout,
   saved: ManagedSaveRecord,
   progress: { loaded: boolean },
+  opts: SaveOptions,
   log: Logger,
 ): Promise<ResumeResult> {
   await qmp.execute('migrate-incoming', { uri: `unix:${layout.restoreSocket}` });
   faultPoint('resume:loading');
-  await sendMigrationStream(layout.restoreSocket, layout.saveState);
-  await waitForMigration(qmp, 'restore', g.qmpTimeoutMs);
+  // Bounded as a whole (a QEMU that stops reading the stream leaves our send waiting).
+  const startedAt = Date.now();
+  await withinJobTimeout(sendMigrationStream(layout.restoreSocket, layout.saveState), 'restore', opts.jobTimeoutMs, startedAt);
+  await waitForMigration(qmp, 'restore', { ...bounds(g, opts), jobTimeoutMs: Math.max(0, startedAt + opts.jobTimeoutMs - Date.now()) });
   progress.loaded = true;
   // The new process holds the state now. Remove the file before the guest runs again: a
   // state file older than the disk must never be resumed later.
   await removeFiles([layout.saveState, layout.saveMeta, layout.restoreSocket]);
   await fsyncDir(layout.dir);
   faultPoint('resume:loaded');
-  const vcpusResumedAt = saved.prior_state === 'running' ? await continueVcpus(qmp, log, g.qmpTimeoutMs) : undefined;
+  let vcpusResumedAt: number | undefined;
+  if (saved.prior_state === 'running') {
+    vcpusResumedAt = await continueVcpus(qmp, log, g.qmpTimeoutMs).catch((err: unknown) => {
+      if (err instanceof QmpDisconnected) throw err; // gone, not paused
+      log.error({ err: errorMessage(err) }, 'the saved state is loaded, but the vCPUs cannot run again: the guest is paused');
+      throw new QemuProcessError(
+        `instance ${layout.uuid}: the saved state is loaded, but its vCPUs could not run again (cont: ${errorMessage(err)}): it is paused`,
+        { cause: err },
+      );
+    });
+  }
   const state = await g.queryPowerState(qmp);
   return vcpusResumedAt === undefined ? { state } : { state, vcpusResumedAt };
 }
@@ -182,4 +249,33 @@ async function continueVcpus(qmp: QmpClient, log: Logger, timeoutMs: number): Pr
     log.warn({ err: errorMessage(err) }, 'no RESUME event after cont: downtime measured to the reply');
     return answeredAt;
   });
+}
+
+/** `x-debug-query-block-graph` reply (the fields used here). */
+interface BlockGraph {
+  nodes: { id: number; type: string; name: string }[];
+  edges: { parent: number; child: number; perm: string[] }[];
+}
+
+/**
+ * Whether the guest's disk is inactive in its QEMU: a resume's process holds it so (no permissions,
+ * no image lock) from its start until the disk is activated, at the end of the load or by the first
+ * `cont`; when that fails (another process holds the write lock) it stays inactive while the guest is
+ * paused. QEMU 7.2 must then not be asked for an internal snapshot: `blockdev-snapshot-delete-internal-
+ * sync` on an inactive qcow2 node kills the process (seen on 7.2.22). QEMU 7.2 tells it only through
+ * the block graph (`x-debug-query-block-graph`): no edge into the disk's node holds any permission.
+ * A QEMU without that command is taken to have it active.
+ */
+export async function diskInactive(qmp: QmpClient): Promise<boolean> {
+  let graph: BlockGraph;
+  try {
+    graph = await qmp.execute<BlockGraph>('x-debug-query-block-graph');
+  } catch (err) {
+    if (err instanceof QmpError && err.errorClass === 'CommandNotFound') return false;
+    throw err;
+  }
+  const disk = graph.nodes.find((n) => n.type === 'block-driver' && n.name === DISK_NODE);
+  if (disk === undefined) return false;
+  const into = graph.edges.filter((e) => e.child === disk.id);
+  return into.length > 0 && into.every((e) => e.perm.length === 0);
 }

@@ -18,14 +18,22 @@ export class MigrationReceiver {
     private readonly server: net.Server,
     readonly socketPath: string,
     done: Promise<number>,
+    private readonly stop: () => Promise<void>,
   ) {
     this.done = done;
     // The caller may give up before awaiting `done` (e.g. the migrate command failed).
     this.done.catch(() => undefined);
   }
 
-  /** Listens on `socketPath` (must not exist) and accepts a single connection. */
-  static async listen(socketPath: string, destFile: string): Promise<MigrationReceiver> {
+  /**
+   * Listens on `socketPath` (must not exist) and accepts a single connection. `beforeReading` (a test
+   * hook: a destination that stalls) is called with that connection; the stream is read once it settles.
+   */
+  static async listen(
+    socketPath: string,
+    destFile: string,
+    beforeReading?: (socket: net.Socket) => Promise<void> | void,
+  ): Promise<MigrationReceiver> {
     const server = net.createServer();
     let resolveDone!: (n: number) => void;
     let rejectDone!: (err: Error) => void;
@@ -34,10 +42,19 @@ export class MigrationReceiver {
       rejectDone = rej;
     });
     let connected = false;
+    let accepted: net.Socket | undefined;
+    /** The file's writing, once begun: settles when the file is closed. */
+    let receiving: Promise<number> | undefined;
     server.once('connection', (socket) => {
       connected = true;
+      accepted = socket;
       server.close();
-      receiveInto(socket, destFile).then(resolveDone, rejectDone);
+      const ready = beforeReading === undefined ? Promise.resolve() : Promise.resolve().then(() => beforeReading(socket));
+      ready.then(() => {
+        if (socket.destroyed) throw new QemuProcessError(`migration stream on ${socketPath} aborted`);
+        receiving = receiveInto(socket, destFile);
+        return receiving;
+      }).then(resolveDone, rejectDone);
     });
     server.on('close', () => {
       if (!connected) rejectDone(new QemuProcessError(`no migration stream arrived on ${socketPath}`));
@@ -49,13 +66,25 @@ export class MigrationReceiver {
         resolve();
       });
     });
-    return new MigrationReceiver(server, socketPath, done);
+    const stop = async () => {
+      rejectDone(new QemuProcessError(`migration stream on ${socketPath} aborted`));
+      accepted?.destroy();
+      // Its file closed before the caller removes it (else a late open could create it again).
+      await receiving?.catch(() => undefined);
+    };
+    return new MigrationReceiver(server, socketPath, done, stop);
   }
 
   /** Stops listening and removes the socket file (a stream in progress is not affected). */
   async close(): Promise<void> {
     if (this.server.listening) await new Promise<void>((r) => this.server.close(() => r()));
     await fs.rm(this.socketPath, { force: true });
+  }
+
+  /** A failed save: also ends a stream in progress (`done` rejects), and resolves once its file is closed. */
+  async abort(): Promise<void> {
+    await this.stop();
+    await this.close();
   }
 }
 

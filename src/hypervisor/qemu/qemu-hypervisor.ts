@@ -1,6 +1,7 @@
 import type { Config } from '../../config/schema.js';
+import { QemuProcessError } from '../../errors.js';
 import type { Logger } from '../../log.js';
-import { QemuImg } from '../../qemu-img/qemu-img.js';
+import { qemuImgFromConfig } from '../../qemu-img/qemu-img.js';
 import type {
   DiskInfo,
   ExportOptions,
@@ -33,9 +34,12 @@ export interface QemuHypervisorOptions extends QemuGuestsOptions {
   shutdownTimeoutMs: number;
   /**
    * Bound on a long job in the guest's QEMU that must not be abandoned half-way (an internal snapshot
-   * created or deleted through the monitor walks the whole disk's refcounts). Default 600 s.
+   * created or deleted through the monitor walks the whole disk's refcounts), and on the migration of
+   * a managed save (cancelled when it fires: the guest runs on) or of a resume. Default 600 s.
    */
   jobTimeoutMs?: number;
+  /** Test hook: sees the connection a managed save's stream arrives on, before it is read (saves.SaveOptions). */
+  beforeReadingSaveStream?: saves.SaveOptions['beforeReadingSaveStream'];
   /** Copy rate limit of live backups in bytes/s (qemu-img convert -r); unset or 0: unlimited. */
   liveBackupSpeed?: number;
   /**
@@ -94,8 +98,8 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     return power.stop(this.guests, uuid, opts, this.opts.shutdownTimeoutMs);
   }
 
-  softReboot(uuid: string): Promise<void> {
-    return power.softReboot(this.guests, uuid);
+  softReboot(uuid: string, opts: { waitMs: number }): Promise<boolean> {
+    return power.softReboot(this.guests, uuid, opts.waitMs);
   }
 
   pause(uuid: string): Promise<void> {
@@ -109,11 +113,15 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
   // ---- managed save ---------------------------------------------------------------------------
 
   managedSave(uuid: string): Promise<SaveResult> {
-    return saves.managedSave(this.guests, uuid);
+    return saves.managedSave(this.guests, uuid, this.saveOptions());
   }
 
   resume(uuid: string, hooks: LaunchHooks = {}): Promise<ResumeResult> {
-    return saves.resume(this.guests, uuid, hooks);
+    return saves.resume(this.guests, uuid, hooks, this.saveOptions());
+  }
+
+  private saveOptions(): saves.SaveOptions {
+    return { jobTimeoutMs: this.jobTimeoutMs, beforeReadingSaveStream: this.opts.beforeReadingSaveStream };
   }
 
   endInterruptedWork(uuid: string): Promise<string[]> {
@@ -138,19 +146,36 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     return disk.offlineSnapshotDelete(this.guests, uuid, name);
   }
 
-  liveSnapshotCreate(uuid: string, name: string): Promise<LiveSnapshotResult> {
+  async liveSnapshotCreate(uuid: string, name: string): Promise<LiveSnapshotResult> {
+    await this.requireActiveDisk(uuid, `create internal snapshot ${name} through its monitor`);
     return disk.liveSnapshotCreate(this.guests, uuid, name, this.jobTimeoutMs);
   }
 
-  liveSnapshotDelete(uuid: string, name: string): Promise<void> {
+  async liveSnapshotDelete(uuid: string, name: string): Promise<void> {
+    await this.requireActiveDisk(uuid, `delete internal snapshot ${name} through its monitor`);
     return disk.liveSnapshotDelete(this.guests, uuid, name, this.jobTimeoutMs);
+  }
+
+  /**
+   * Refuses to work on a disk its QEMU holds inactive (a resume whose `cont` failed: saves.diskInactive):
+   * QEMU 7.2 dies when asked to delete an internal snapshot of it. The guest has to run first.
+   */
+  private async requireActiveDisk(uuid: string, what: string): Promise<void> {
+    const p = await this.guests.requireProcess(uuid, what);
+    if (await this.guests.withQmp(p.layout, (qmp) => saves.diskInactive(qmp))) {
+      throw new QemuProcessError(
+        `cannot ${what}: the disk of instance ${p.layout.uuid} is inactive in its QEMU (the saved state was loaded, ` +
+          `but the disk could not be activated: another process may hold its write lock); the guest must run first`,
+      );
+    }
   }
 
   exportDisk(uuid: string, opts: ExportOptions): Promise<void> {
     return disk.exportDisk(this.guests, uuid, opts);
   }
 
-  startLiveBackup(uuid: string, dest: string): Promise<QemuBackupJob> {
+  async startLiveBackup(uuid: string, dest: string): Promise<QemuBackupJob> {
+    await this.requireActiveDisk(uuid, 'start a live backup');
     return disk.startLiveBackup(this.guests, uuid, dest, {
       speed: this.opts.liveBackupSpeed,
       cbwTimeoutS: this.opts.liveBackupCbwTimeoutS,
@@ -200,7 +225,7 @@ export function fromConfig(config: Config, log: Logger): QemuHypervisor {
   return new QemuHypervisor({
     instancesPath: config.DEFAULT.instances_path,
     qemuBinary: config.hypervisor.qemu_binary,
-    qemuImg: new QemuImg(config.hypervisor.qemu_img),
+    qemuImg: qemuImgFromConfig(config.hypervisor),
     accel: config.hypervisor.accel,
     shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,
     jobTimeoutMs: config.hypervisor.job_timeout * 1000,

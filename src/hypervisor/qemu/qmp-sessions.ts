@@ -1,3 +1,4 @@
+import type { Logger } from '../../log.js';
 import { QmpClient } from './qmp.js';
 
 /**
@@ -5,11 +6,19 @@ import { QmpClient } from './qmp.js';
  * at a time (the agent and the CLI may both act on a guest), so a connection is never kept idle;
  * operations of this process that overlap on one guest (e.g. a status query during a managed save)
  * share its connection instead of queueing behind it.
+ *
+ * Except after a timeout: a session left with a timed-out command unanswered stays open, for as
+ * long again as that command's timeout, so that its late reply is read and logged (QmpClient) rather
+ * than lost with the connection; this process's next operations on the guest share it meanwhile (in
+ * QEMU's order: after the timed-out command). It does not keep the process alive.
  */
 export class QmpSessions {
   private readonly open = new Map<string, Session>();
 
-  constructor(private readonly timeoutMs: number) {}
+  constructor(
+    private readonly timeoutMs: number,
+    private readonly log?: Logger,
+  ) {}
 
   async use<T>(socketPath: string, fn: (qmp: QmpClient) => Promise<T>): Promise<T> {
     const entry = await this.acquire(socketPath);
@@ -24,10 +33,14 @@ export class QmpSessions {
     const existing = this.open.get(socketPath);
     if (existing) {
       existing.users++;
-      if (await existing.client.then((c) => c.connected, () => false)) return existing;
+      const client = await existing.client.catch(() => undefined);
+      if (client?.connected) {
+        client.ref();
+        return existing;
+      }
       await this.release(socketPath, existing);
     }
-    const created: Session = { client: QmpClient.connect(socketPath, { timeoutMs: this.timeoutMs }), users: 1 };
+    const created: Session = { client: QmpClient.connect(socketPath, { timeoutMs: this.timeoutMs, log: this.log }), users: 1 };
     created.client.catch(() => undefined);
     this.open.set(socketPath, created);
     return created;
@@ -36,8 +49,19 @@ export class QmpSessions {
   private async release(socketPath: string, session: Session): Promise<void> {
     session.users--;
     if (session.users > 0) return;
+    const client = await session.client.catch(() => undefined);
+    if (client?.connected && client.unanswered > 0) {
+      // Kept for the late replies, without holding the caller or the process.
+      client.unref();
+      void client.whenSettled(client.lateReplyWindowMs).then(() => {
+        if (session.users > 0) return;
+        if (this.open.get(socketPath) === session) this.open.delete(socketPath);
+        return client.close();
+      });
+      return;
+    }
     if (this.open.get(socketPath) === session) this.open.delete(socketPath);
-    await session.client.then((c) => c.close(), () => undefined);
+    await client?.close();
   }
 }
 

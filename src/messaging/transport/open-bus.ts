@@ -1,7 +1,7 @@
 import type { Logger } from '../../log.js';
 import type { RabbitOptions } from '../../config/schema.js';
 import type { Bus } from '../bus.js';
-import { parseTransportUrl, TransportUrl } from '../transport-url.js';
+import { parseTransportUrl, TransportUrl } from '../../config/transport-url.js';
 import { openMemoryBus } from './memory-bus.js';
 import { RabbitBus } from './rabbit-bus.js';
 

@@ -14,7 +14,7 @@ import type {
   MessageProperties,
   QueueOptions,
 } from '../bus.js';
-import type { BrokerHost, TransportUrl } from '../transport-url.js';
+import type { BrokerHost, TransportUrl } from '../../config/transport-url.js';
 import { Declarations, type ExchangeType, type RecordedConsumer, type RedeclareOps } from './declarations.js';
 import { normalizeProperties, runHandler } from './properties.js';
 

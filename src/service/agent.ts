@@ -4,11 +4,13 @@ import { OsloNotifier } from '../messaging/notifier.js';
 import { RpcServer } from '../messaging/rpc-server.js';
 import { rabbitTopologyFromConfig } from '../messaging/topology.js';
 import { openBus } from '../messaging/transport/open-bus.js';
-import { AgentAlreadyRunning } from '../errors.js';
+import { AgentAlreadyRunning, errorMessage } from '../errors.js';
+import { recoverOperations } from '../snapshot/recovery.js';
+import { isRunning } from '../util/process-identity.js';
 import { PidLock } from '../util/pid-lock.js';
-import { FileJournal } from './journal.js';
-import { ComputeManager } from './manager.js';
-import { recoverAtStart, type RecoveryReport } from './startup-recovery.js';
+import { FileJournal } from '../compute/journal.js';
+import { ComputeManager } from '../compute/manager.js';
+import { recoverAtStart, recoveryDeps, type RecoveryReport } from './startup-recovery.js';
 import type { Runtime } from './runtime.js';
 
 /** The running agent: the RPC server on the configured transport, over the compute manager. */
@@ -80,6 +82,7 @@ export async function startAgent(rt: Runtime): Promise<Agent> {
     const openedBus = bus;
     const { manager, rpc } = await buildServer(rt, bus);
     await rpc.start();
+    const orphans = watchOrphanedOperations(rt);
     log.info({ host: config.DEFAULT.host, control_exchange: config.DEFAULT.control_exchange }, 'agent serving');
     return {
       bus: openedBus,
@@ -87,6 +90,7 @@ export async function startAgent(rt: Runtime): Promise<Agent> {
       rpc,
       recovery,
       async stop() {
+        await orphans.stop();
         await rpc.stop();
         await openedBus.close();
         await lock.release();
@@ -102,4 +106,56 @@ export async function startAgent(rt: Runtime): Promise<Agent> {
 /** Held by a serving agent: one agent per state_path (its request journal is for one process). */
 export function agentLock(rt: Runtime): PidLock {
   return new PidLock(path.join(rt.config.DEFAULT.state_path, 'agent.lock'));
+}
+
+/**
+ * How often a serving agent looks for operations whose process died (a `snapshot` command killed
+ * while the guest was managed-saved): not a config option.
+ */
+export const ORPHANED_OPERATION_SCAN_MS = 3_000;
+
+/**
+ * While the agent serves: every ORPHANED_OPERATION_SCAN_MS, the operation journal's records whose
+ * owner is another process that is gone (its instance lock released, the kernel saw to that, with the
+ * record left), and those abandoned (an operation that ended with an undo that failed, in this
+ * process or another), are recovered as start-up recovery does (src/snapshot/recovery.ts: the guest back in
+ * its prior state, the image killed, the record removed), instead of waiting for the next start.
+ * Records of running processes (this agent's own operations, a `snapshot` command under way) are
+ * left alone, and so is an instance another process holds (recovery takes its lock, not waiting).
+ */
+export function watchOrphanedOperations(rt: Runtime, everyMs = ORPHANED_OPERATION_SCAN_MS): { stop(): Promise<void> } {
+  const { log } = rt;
+  let scanning: Promise<void> | undefined;
+  let stopped = false;
+  const scan = async (): Promise<void> => {
+    const orphaned = new Set<string>();
+    for (const rec of await rt.operations.list()) {
+      // This agent's own operations under way, or a command's: theirs to end. An abandoned one
+      // (ended with an undo that failed, e.g. a guest left paused) is recovery's now, whoever owns it.
+      if (rec.abandoned !== true && (await isRunning(rec.owner))) continue;
+      orphaned.add(rec.instance_uuid.toLowerCase());
+    }
+    for (const uuid of orphaned) {
+      if (stopped) return;
+      log.warn({ instance_uuid: uuid }, 'an operation on this instance was left by a process that is gone: recovering it');
+      const recovered = await recoverOperations(recoveryDeps(rt), uuid);
+      for (const r of recovered) {
+        if (r.error !== undefined) log.error({ ...r }, `recovery of an orphaned operation failed (tried again later): ${r.error}`);
+      }
+    }
+  };
+  const timer = setInterval(() => {
+    if (stopped || scanning !== undefined) return;
+    scanning = scan()
+      .catch((err: unknown) => log.error({ err }, `scan for orphaned operations failed: ${errorMessage(err)}`))
+      .finally(() => (scanning = undefined));
+  }, everyMs);
+  timer.unref();
+  return {
+    async stop() {
+      stopped = true;
+      clearInterval(timer);
+      await scanning;
+    },
+  };
 }

@@ -1,7 +1,15 @@
 import type { Logger } from '../log.js';
 import { processHoldsDisk, type Hypervisor, type LaunchHooks, type PowerState, type ResumeResult, type SaveResult } from '../hypervisor/types.js';
-import type { PendingSnapshots } from '../snapshot/pending.js';
+import type { PendingSnapshots } from './pending.js';
 import { InstanceInvalidState } from '../errors.js';
+
+/** Nova's default of [libvirt] wait_soft_reboot_seconds. */
+export const DEFAULT_SOFT_REBOOT_WAIT_MS = 120_000;
+
+export interface LifecycleOptions {
+  /** `[hypervisor] wait_soft_reboot_seconds` in ms; default DEFAULT_SOFT_REBOOT_WAIT_MS. */
+  softRebootWaitMs?: number;
+}
 
 /**
  * Power operations on an instance, with deferred deletion hooked into every restart of the guest's
@@ -10,12 +18,17 @@ import { InstanceInvalidState } from '../errors.js';
 export class Lifecycle {
   private readonly hooks: LaunchHooks;
 
+  /** How long a soft reboot waits for the guest to shut down before a hard reboot. */
+  readonly softRebootWaitMs: number;
+
   constructor(
     readonly hv: Hypervisor,
     readonly pending: PendingSnapshots,
     private readonly log: Logger,
+    opts: LifecycleOptions = {},
   ) {
     this.hooks = { beforeLaunch: (uuid) => this.pending.deleteAll(this.hv, uuid, this.log).then(() => undefined) };
+    this.softRebootWaitMs = opts.softRebootWaitMs ?? DEFAULT_SOFT_REBOOT_WAIT_MS;
   }
 
   start(uuid: string): Promise<void> {
@@ -26,9 +39,23 @@ export class Lifecycle {
     return this.hv.stop(uuid, { graceful });
   }
 
-  /** Resets the guest without restarting its process: deletes nothing. */
-  softReboot(uuid: string): Promise<void> {
-    return this.hv.softReboot(uuid);
+  /**
+   * Nova's soft reboot: guest-cooperative (the ACPI power button; the guest shuts down and is reset
+   * in the same process: deletes nothing), and a hard reboot when the guest has not shut down within
+   * `[hypervisor] wait_soft_reboot_seconds` (a paused guest cannot: hard at once). Resolves with
+   * which one it was.
+   */
+  async softReboot(uuid: string): Promise<'soft' | 'hard'> {
+    if (await this.hv.softReboot(uuid, { waitMs: this.softRebootWaitMs })) {
+      this.log.info({ instance_uuid: uuid }, 'instance soft rebooted');
+      return 'soft';
+    }
+    this.log.warn(
+      { instance_uuid: uuid, wait_ms: this.softRebootWaitMs },
+      'guest did not shut down on the ACPI power button in time ([hypervisor] wait_soft_reboot_seconds): hard reboot',
+    );
+    await this.hardReboot(uuid);
+    return 'hard';
   }
 
   /** Restarts the guest's QEMU process (a paused or saved guest comes back running). */

@@ -1,10 +1,9 @@
 import path from 'node:path';
 import { InstanceBusy, InvalidInstanceId } from '../errors.js';
 import type { Logger } from '../log.js';
-import { PidLock, type LockHolder } from '../util/pid-lock.js';
+import { LockTimeout, PidLock, type LockHolder } from '../util/pid-lock.js';
 import { isUuid } from '../util/uuid.js';
 
-const POLL_MS = 100;
 const LOG_EVERY_MS = 30_000;
 
 /**
@@ -53,17 +52,32 @@ export class InstanceLocks {
   private async acquire(uuid: string, what: string, waitMs: number, log: Logger): Promise<PidLock> {
     if (!isUuid(uuid)) throw new InvalidInstanceId(uuid);
     const lock = new PidLock(path.join(this.dir, `${uuid.toLowerCase()}.lock`), what);
-    const deadline = Date.now() + waitMs;
-    let loggedAt = 0;
-    for (;;) {
+    if (waitMs <= 0) {
       const holder = await lock.acquire();
-      if (holder === undefined) return lock;
-      if (Date.now() >= deadline) throw busy(uuid, holder);
-      if (Date.now() - loggedAt >= LOG_EVERY_MS) {
-        loggedAt = Date.now();
-        log.info({ instance_uuid: uuid, holder_pid: holder.pid, holder_what: holder.what }, 'waiting for another process to finish with the instance');
-      }
-      await new Promise((r) => setTimeout(r, POLL_MS));
+      if (holder !== undefined) throw busy(uuid, holder);
+      return lock;
+    }
+    // Waiting in the kernel: woken the moment the holder releases the lock or dies.
+    let holder: LockHolder | undefined;
+    const logWait = () =>
+      holder && log.info({ instance_uuid: uuid, holder_pid: holder.pid, holder_what: holder.what }, 'waiting for another process to finish with the instance');
+    const every = setInterval(logWait, LOG_EVERY_MS);
+    try {
+      await lock.acquire({
+        wait: {
+          timeoutMs: waitMs,
+          onWait: (h) => {
+            holder = h;
+            logWait();
+          },
+        },
+      });
+      return lock;
+    } catch (err) {
+      if (err instanceof LockTimeout) throw busy(uuid, err.holder);
+      throw err;
+    } finally {
+      clearInterval(every);
     }
   }
 }

@@ -5,15 +5,15 @@ import { hypervisorFromConfig } from '../hypervisor/from-config.js';
 import type { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
 import type { Hypervisor } from '../hypervisor/types.js';
 import type { Logger } from '../log.js';
-import { QemuImg } from '../qemu-img/qemu-img.js';
+import { QemuImg, qemuImgFromConfig } from '../qemu-img/qemu-img.js';
 import { SnapshotEngine } from '../snapshot/engine.js';
 import { quiesceOptions } from '../snapshot/guest-freeze.js';
 import type { BeforeStep } from '../snapshot/run-steps.js';
 import { OperationJournal } from '../snapshot/operation-journal.js';
 import { PendingSnapshots } from '../snapshot/pending.js';
 import { faultPoint } from '../util/fault.js';
-import { InstanceLocks } from './instance-locks.js';
-import { Lifecycle } from './lifecycle.js';
+import { InstanceLocks } from '../snapshot/instance-locks.js';
+import { Lifecycle } from '../snapshot/lifecycle.js';
 
 /** The agent's parts, wired from a config: what the CLI and the RPC server act through. */
 export interface Runtime {
@@ -30,10 +30,16 @@ export interface Runtime {
   /** One process at a time per instance (the agent, a command, recovery). */
   locks: InstanceLocks;
   engine: SnapshotEngine;
+  /**
+   * Aborted by a one-shot command on a signal (`snapshot`, on SIGINT, SIGTERM, SIGHUP): every
+   * operation of this runtime then fails at its next step with the abort's reason, and so undoes
+   * what it did (guest back in its prior state, image killed, record ended), as on any failure.
+   */
+  interrupt: AbortController;
 }
 
 export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: BeforeStep } = {}): Runtime {
-  const qemuImg = new QemuImg(config.hypervisor.qemu_img);
+  const qemuImg = qemuImgFromConfig(config.hypervisor);
   const { hv, qemu } = hypervisorFromConfig(config, log);
   const store = new ImageStore({
     path: config.image_store.path,
@@ -41,9 +47,10 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
     osHashAlgo: config.image_store.os_hash_algo,
   });
   const pending = new PendingSnapshots(path.join(config.DEFAULT.state_path, 'pending'));
-  const lifecycle = new Lifecycle(hv, pending, log);
+  const lifecycle = new Lifecycle(hv, pending, log, { softRebootWaitMs: config.hypervisor.wait_soft_reboot_seconds * 1000 });
   const operations = new OperationJournal(path.join(config.DEFAULT.state_path, 'operations'), log);
   const locks = new InstanceLocks(path.join(config.DEFAULT.state_path, 'locks'), log);
+  const interrupt = new AbortController();
   const engine = new SnapshotEngine({
     hv,
     store,
@@ -57,8 +64,12 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
     beforeStep: async (step, index) => {
       faultPoint(`step:${step.name}`);
       faultPoint(`step:${index}:${step.name}`);
+      interrupt.signal.throwIfAborted();
       await opts.beforeStep?.(step, index);
     },
   });
-  return { config, log, hv, ...(qemu && { qemu }), qemuImg, store, pending, lifecycle, operations, locks, engine };
+  return { config, log, hv, ...(qemu && { qemu }), qemuImg, store, pending, lifecycle, operations, locks, engine, interrupt };
 }
+
+/** Builds the runtime of a command from its global options (the config files), once per command. */
+export type RuntimeFactory = () => Promise<Runtime>;

@@ -1,7 +1,7 @@
 import { isIPv6 } from 'node:net';
 import { inspect } from 'node:util';
 import { ConfigError } from '../errors.js';
-import { rabbitOptionsSchema, type RabbitOptions } from '../config/schema.js';
+import { rabbitOptionsSchema, type RabbitOptions } from './rabbit-options.js';
 
 /**
  * `[DEFAULT] transport_url` (SPEC §5), parsed by hand because WHATWG URL cannot hold several hosts:
