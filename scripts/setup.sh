@@ -14,6 +14,9 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install o
 missing=()
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+# The agent's locks: flock(2) applied by util-linux's flock program (essential in Debian; a slim image
+# may lack it).
+command -v flock >/dev/null || missing+=(util-linux)
 # RabbitMQ for the messaging tests (started by scripts/rabbitmq.sh, not by systemd), and the Python
 # oslo.messaging that the wire-compatibility tests talk to.
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)

@@ -86,7 +86,8 @@ async function setup(strategy: StrategyName) {
   cleanups.push(() => tmp.cleanup());
   const { log, lines } = captureLogger();
   const hv = new SlowExportHypervisor();
-  const store = new ImageStore({ path: path.join(tmp.path, 'images'), reservedSpaceMb: 0, osHashAlgo: 'sha512' });
+  // One process: the store's cross-process image lock is left out (test/unit/store-lock.test.ts has it).
+  const store = new ImageStore({ path: path.join(tmp.path, 'images'), reservedSpaceMb: 0, osHashAlgo: 'sha512', lockAcrossProcesses: false });
   const pending = new PendingSnapshots(path.join(tmp.path, 'state', 'pending'));
   const lifecycle = new Lifecycle(hv, pending, log);
   const operations = new OperationJournal(path.join(tmp.path, 'state', 'operations'), log);
