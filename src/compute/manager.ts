@@ -39,7 +39,7 @@ export interface SnapshotNotifier {
 
 /**
  * The image property that keeps the result of the run that made the image (the SnapshotResult the
- * request was answered with), written durably once the image is active: a request carried out again
+ * request was answered with, as a JSON string), written durably once the image is active: a request carried out again
  * after a crash answers with it rather than running twice.
  */
 export const RESULT_PROPERTY = 'snapshot_result';
@@ -222,7 +222,8 @@ export class ComputeManager implements RpcTarget {
    */
   private async recordResult(result: SnapshotResult, log: Logger): Promise<void> {
     try {
-      await this.deps.store.setProperties(result.image_id, { [RESULT_PROPERTY]: { ...result } });
+      // A JSON string: image properties are strings in Glance, where this store's records go too.
+      await this.deps.store.setProperties(result.image_id, { [RESULT_PROPERTY]: JSON.stringify(result) });
     } catch (err) {
       log.error({ err, image_id: result.image_id }, `could not record the snapshot's result with its image: ${errorMessage(err)}`);
     }
@@ -298,7 +299,14 @@ export class ComputeManager implements RpcTarget {
  * agrees with the image; undefined otherwise.
  */
 function recordedResult(meta: ImageMeta): SnapshotResult | undefined {
-  const r = meta.properties[RESULT_PROPERTY];
+  const raw = meta.properties[RESULT_PROPERTY];
+  if (typeof raw !== 'string') return undefined;
+  let r: unknown;
+  try {
+    r = JSON.parse(raw);
+  } catch {
+    return undefined;
+  }
   if (typeof r !== 'object' || r === null || Array.isArray(r)) return undefined;
   const v = r as Record<string, unknown>;
   const count = (x: unknown): x is number => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;

@@ -1,7 +1,6 @@
 import { spawn } from 'node:child_process';
-import { readFileSync } from 'node:fs';
-import fs from 'node:fs/promises';
 import { ProgramTimeout } from '../errors.js';
+import { anyAlive, processTree, signalIfSame } from './processes.js';
 
 export interface RunResult {
   stdout: string;
@@ -89,12 +88,6 @@ export function runProgram(file: string, args: readonly string[], opts: RunOptio
   });
 }
 
-/** A process as /proc shows it: pid and start time (which tells a reused pid apart). */
-interface ProcRef {
-  pid: number;
-  start: string;
-}
-
 /**
  * SIGTERM to `pid` and its descendants, then, after `graceMs` unless all are gone, SIGKILL to those
  * still there (the same processes: a pid reused meanwhile is left alone).
@@ -110,58 +103,6 @@ async function stopTree(pid: number, graceMs: number, rootExited: () => boolean)
   // Children started during the grace period are part of it too.
   const late = rootExited() ? [] : await processTree(pid);
   for (const p of [...tree, ...late]) signalIfSame(p, 'SIGKILL');
-}
-
-async function processTree(root: number): Promise<ProcRef[]> {
-  const byParent = new Map<number, ProcRef[]>();
-  let rootRef: ProcRef | undefined;
-  for (const entry of await fs.readdir('/proc').catch(() => [] as string[])) {
-    if (!/^\d+$/.test(entry)) continue;
-    const stat = await readStat(Number(entry));
-    if (!stat) continue;
-    if (stat.pid === root) rootRef = stat;
-    const list = byParent.get(stat.ppid) ?? [];
-    list.push(stat);
-    byParent.set(stat.ppid, list);
-  }
-  if (!rootRef) return [];
-  const out: ProcRef[] = [rootRef];
-  for (let i = 0; i < out.length; i++) out.push(...(byParent.get(out[i]!.pid) ?? []));
-  return out;
-}
-
-async function readStat(pid: number): Promise<(ProcRef & { ppid: number; state: string }) | undefined> {
-  const text = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
-  if (text === '') return undefined;
-  // "pid (comm) S ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime
-  // cstime priority nice threads itrealvalue starttime ...": comm may hold spaces and parentheses.
-  const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
-  return { pid, state: fields[0] ?? '', ppid: Number(fields[1]), start: fields[19] ?? '' };
-}
-
-async function anyAlive(tree: readonly ProcRef[]): Promise<boolean> {
-  for (const p of tree) {
-    const s = await readStat(p.pid);
-    if (s && s.start === p.start && s.state !== 'Z' && s.state !== 'X') return true;
-  }
-  return false;
-}
-
-function signalIfSame(p: ProcRef, signal: NodeJS.Signals): void {
-  // Checked synchronously right before the signal: not another process that got the pid meanwhile.
-  let text: string;
-  try {
-    text = readFileSync(`/proc/${p.pid}/stat`, 'utf8');
-  } catch {
-    return;
-  }
-  const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
-  if (fields[19] !== p.start) return;
-  try {
-    process.kill(p.pid, signal);
-  } catch {
-    // Gone meanwhile.
-  }
 }
 
 function sleep(ms: number): Promise<void> {

@@ -183,16 +183,20 @@ describe('ComputeManager: a replayed snapshot request', () => {
       onDiskAtEnd = JSON.parse(await fs.readFile(metaFile, 'utf8')).properties[RESULT_PROPERTY];
     });
     const first = (await seen.manager.call('snapshot_instance', { instance: { uuid: s.uuid }, image_id: imageId }, CTX)) as SnapshotResult;
-    expect(onDiskAtEnd).toEqual(first);
+    // A JSON string, as Glance's image properties are strings.
+    expect(typeof onDiskAtEnd).toBe('string');
+    expect(JSON.parse(onDiskAtEnd as string)).toEqual(first);
     const meta = JSON.parse(await fs.readFile(metaFile, 'utf8'));
-    expect(meta).toMatchObject({ status: 'active', properties: { instance_uuid: s.uuid, [RESULT_PROPERTY]: first } });
+    expect(meta).toMatchObject({ status: 'active', properties: { instance_uuid: s.uuid, [RESULT_PROPERTY]: JSON.stringify(first) } });
     expect((await s.env.store.verify(imageId)).ok).toBe(true);
   });
 
   const noRecord = [
     ['no recorded result (the agent stopped between the commit and the record)', undefined],
-    ['a recorded result of other data', (r: SnapshotResult) => ({ ...r, checksum: '0'.repeat(32) })],
-    ['a malformed recorded result', (r: SnapshotResult) => ({ ...r, downtime_ms: 'soon' })],
+    ['a recorded result of other data', (r: SnapshotResult) => JSON.stringify({ ...r, checksum: '0'.repeat(32) })],
+    ['a malformed recorded result', (r: SnapshotResult) => JSON.stringify({ ...r, downtime_ms: 'soon' })],
+    ['a recorded result that is not JSON', (r: SnapshotResult) => `${JSON.stringify(r)}}`],
+    ['a recorded result that is an object, not a JSON string', (r: SnapshotResult) => ({ ...r })],
   ] as const;
   it.each(noRecord)(
     "whose image is active with %s: answers with the image's own facts only (no strategy or timings made up), end notified without a strategy",
