@@ -24,6 +24,13 @@ export * from './types.js';
 export { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
 
 const DIR_MODE = 0o750;
+/**
+ * How long a change of an image waits for another process's change of the same image (a commit
+ * hashes the whole image under it): as long as the agent waits for an instance, then LockTimeout
+ * naming the holder. A holder that is stopped (not dead: the kernel frees a dead one's lock) must not
+ * hold the agent forever.
+ */
+const STORE_LOCK_WAIT_MS = 15 * 60 * 1000;
 /** Properties set when an image is created, which say what it is: setProperties leaves them alone. */
 const FIXED_PROPERTIES: ReadonlySet<string> = new Set(['image_type', 'instance_uuid', 'user_id', 'base_image_ref', 'image_location', 'backup_type']);
 
@@ -100,7 +107,7 @@ export class ImageStore {
       if (!this.lockAcrossProcesses) return task();
       const lock = new PidLock(this.paths.lock(id), `image store: ${what} ${id}`);
       let waiting: Promise<void> | undefined;
-      await lock.acquire({ wait: { onWait: () => void (waiting = Promise.resolve(this.hook?.('lock-wait', id))) } });
+      await lock.acquire({ wait: { timeoutMs: STORE_LOCK_WAIT_MS, onWait: () => void (waiting = Promise.resolve(this.hook?.('lock-wait', id))) } });
       try {
         await waiting;
         return await task();

@@ -23,7 +23,6 @@ export interface MigrationBounds {
   jobTimeoutMs: number;
 }
 
-
 /**
  * Polls `query-migrate` until the migration completed; throws if it failed, and MigrationTimeout if
  * it has not completed within `bounds.jobTimeoutMs` (e.g. its destination stalls). The caller cancels it.
