@@ -14,6 +14,7 @@ import { SnapshotEngine } from '../../src/snapshot/engine.js';
 import { DEFAULT_QUIESCE, type QuiesceOptions } from '../../src/snapshot/guest-freeze.js';
 import { OperationJournal } from '../../src/snapshot/operation-journal.js';
 import { PendingSnapshots } from '../../src/snapshot/pending.js';
+import type { RecoveryDeps } from '../../src/snapshot/recovery.js';
 import type { BeforeStep } from '../../src/snapshot/run-steps.js';
 import { SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
 
@@ -82,6 +83,14 @@ export async function makeFakeEnv(opts: FakeEnvOptions = {}) {
 }
 
 export type FakeEnv = Awaited<ReturnType<typeof makeFakeEnv>>;
+
+/** Recovery's dependencies on a fake environment (its hypervisor, store, journal), with `over` on top. */
+export function fakeRecoveryDeps(
+  e: FakeEnv,
+  base: Pick<RecoveryDeps, 'strategy' | 'agentTimeoutMs'> & Partial<RecoveryDeps>,
+): RecoveryDeps {
+  return { hv: e.hv, store: e.store, lifecycle: e.lifecycle, pending: e.pending, operations: e.operations, log: silentLogger(), namePrefix: PREFIX, ...base };
+}
 
 /** Creates a guest (with a guest agent unless told otherwise) and brings it to the given power state. */
 export async function guestIn(

@@ -3,7 +3,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { dir } from 'tmp-promise';
 import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
-import { defaultConfig, type Config } from '../../src/config/schema.js';
+import type { Config } from '../../src/config/schema.js';
 import { silentLogger } from '../../src/log.js';
 import type { BeforeStep } from '../../src/snapshot/run-steps.js';
 import { assertQemuInstalled, killQemuUnder } from './qemu-guest.js';
@@ -12,6 +12,7 @@ import { readGuestImage, type GuestImage } from '../../src/guest-check/guest-ima
 import { waitForGuestReady } from '../../src/guest-check/ready.js';
 import { withGuestAgent } from '../../src/hypervisor/qemu/guest-agent.js';
 import type { QemuHypervisor } from '../../src/hypervisor/qemu/qemu-hypervisor.js';
+import { tempDirsConfig } from './temp-config.js';
 
 /**
  * The real Linux test guest (scripts/guest-image.sh) in integration tests: a cloud kernel booted
@@ -114,13 +115,7 @@ export async function makeLinuxBench(snapshot: Partial<Config['snapshot']> = {})
   // A short prefix keeps unix socket paths far below 108 bytes.
   const base = (await dir({ prefix: 'sdl-' })).path;
   const runtimeWith = (opts: Partial<Config['snapshot']>, hooks: { beforeStep?: BeforeStep } = {}): Runtime => {
-    const config = defaultConfig();
-    config.DEFAULT.instances_path = path.join(base, 'i');
-    config.DEFAULT.state_path = path.join(base, 's');
-    config.image_store.path = path.join(base, 'images');
-    config.image_store.reserved_space_mb = 0;
-    config.hypervisor.accel = 'tcg';
-    config.hypervisor.shutdown_timeout = 30;
+    const config = tempDirsConfig(base, { shutdownTimeoutS: 30 });
     Object.assign(config.snapshot, opts);
     return buildRuntime(config, silentLogger(), hooks);
   };

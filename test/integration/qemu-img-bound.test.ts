@@ -4,10 +4,10 @@ import path from 'node:path';
 import { dir } from 'tmp-promise';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
-import { defaultConfig } from '../../src/config/schema.js';
 import { SnapshotFailed } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
 import { assertQemuInstalled, killQemuUnder, processAlive, QEMU_IMG } from '../helpers/qemu-guest.js';
+import { tempDirsConfig } from '../helpers/temp-config.js';
 
 /**
  * Issue 12 item 4, on real QEMU: an export that never ends while the guest is suspended (cold: the
@@ -38,13 +38,7 @@ beforeAll(async () => {
     ].join('\n'),
     { mode: 0o755 },
   );
-  const config = defaultConfig();
-  config.DEFAULT.instances_path = path.join(base, 'i');
-  config.DEFAULT.state_path = path.join(base, 's');
-  config.image_store.path = path.join(base, 'images');
-  config.image_store.reserved_space_mb = 0;
-  config.hypervisor.accel = 'tcg';
-  config.hypervisor.shutdown_timeout = 1;
+  const config = tempDirsConfig(base, { shutdownTimeoutS: 1 });
   config.hypervisor.qemu_img = stub;
   config.hypervisor.export_timeout = 1;
   rt = buildRuntime(config, silentLogger());

@@ -1,14 +1,13 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
-import path from 'node:path';
 import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { dir } from 'tmp-promise';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
-import { defaultConfig } from '../../src/config/schema.js';
 import type { ExecuteOptions } from '../../src/hypervisor/qemu/qmp.js';
 import { assertQemuInstalled, guestPid, killQemuUnder } from '../helpers/qemu-guest.js';
+import { tempDirsConfig } from '../helpers/temp-config.js';
 
 /**
  * Issue 12 item 3, on real QEMU: a snapshot delete through the monitor that is merely slow (here:
@@ -26,13 +25,7 @@ const logLines: Array<Record<string, unknown>> = [];
 beforeAll(async () => {
   await assertQemuInstalled();
   base = (await dir({ prefix: 'sdt-' })).path;
-  const config = defaultConfig();
-  config.DEFAULT.instances_path = path.join(base, 'i');
-  config.DEFAULT.state_path = path.join(base, 's');
-  config.image_store.path = path.join(base, 'images');
-  config.image_store.reserved_space_mb = 0;
-  config.hypervisor.accel = 'tcg';
-  config.hypervisor.shutdown_timeout = 1;
+  const config = tempDirsConfig(base, { shutdownTimeoutS: 1 });
   // The bound of a monitor create/delete: small, since QEMU is held still for the delete (no race:
   // a stopped process never answers).
   config.hypervisor.job_timeout = 2;

@@ -4,13 +4,14 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
-import { defaultConfig, STRATEGIES, type StrategyName } from '../../src/config/schema.js';
+import { STRATEGIES, type StrategyName } from '../../src/config/schema.js';
 import type { QemuHypervisor } from '../../src/hypervisor/qemu/qemu-hypervisor.js';
 import type { QmpEvent } from '../../src/hypervisor/qemu/qmp.js';
 import { silentLogger } from '../../src/log.js';
 import { SNAPSHOTS_LEFT_MAX, USES_MANAGED_SAVE } from '../../src/snapshot/strategies.js';
 import { dir } from 'tmp-promise';
 import { assertQemuInstalled, guestFlush, guestWrite as writeThroughGuest, killQemuUnder } from '../helpers/qemu-guest.js';
+import { tempDirsConfig } from '../helpers/temp-config.js';
 
 const MiB = 2 ** 20;
 const PREFIX = 'snapdrv-';
@@ -30,13 +31,7 @@ async function sha512(file: string): Promise<string> {
 beforeAll(async () => {
   await assertQemuInstalled();
   base = (await dir({ prefix: 'sds-' })).path;
-  const config = defaultConfig();
-  config.DEFAULT.instances_path = path.join(base, 'i');
-  config.DEFAULT.state_path = path.join(base, 's');
-  config.image_store.path = path.join(base, 'images');
-  config.image_store.reserved_space_mb = 0;
-  config.hypervisor.shutdown_timeout = 1;
-  config.hypervisor.accel = 'tcg';
+  const config = tempDirsConfig(base, { shutdownTimeoutS: 1 });
   // Right before the step that fixes the point in time, convert the disk as it is then: offline when
   // the guest is suspended or off; for live and monitor-snapshot (the guest runs) after a flush of
   // its QEMU's caches — the test guest has no OS, so nothing writes between that flush and the job

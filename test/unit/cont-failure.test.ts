@@ -6,7 +6,7 @@ import { silentLogger } from '../../src/log.js';
 import { recoverOperations, type RecoveryDeps } from '../../src/snapshot/recovery.js';
 import { disposeOfFailedSnapshot } from '../../src/snapshot/steps.js';
 import { STRATEGY_STEPS, USES_MANAGED_SAVE } from '../../src/snapshot/strategies.js';
-import { expectSafeFailure, guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
+import { expectSafeFailure, fakeRecoveryDeps, guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
 
 /**
  * Issue 12 items 1 and 9 on the fake hypervisor:
@@ -35,18 +35,7 @@ async function env(strategy: StrategyName): Promise<FakeEnv> {
 }
 
 function recoveryDeps(e: FakeEnv, strategy: StrategyName, ownerAlive = false): RecoveryDeps {
-  return {
-    hv: e.hv,
-    store: e.store,
-    lifecycle: e.lifecycle,
-    pending: e.pending,
-    operations: e.operations,
-    log: silentLogger(),
-    namePrefix: PREFIX,
-    strategy,
-    agentTimeoutMs: 50,
-    ownerRunning: async () => ownerAlive,
-  };
+  return fakeRecoveryDeps(e, { strategy, agentTimeoutMs: 50, ownerRunning: async () => ownerAlive });
 }
 
 async function failureOf(p: Promise<unknown>): Promise<SnapshotFailed> {

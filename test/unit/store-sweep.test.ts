@@ -3,9 +3,8 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { silentLogger } from '../../src/log.js';
 import { sweepStore, type RecoveryDeps } from '../../src/snapshot/recovery.js';
-import { makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
+import { fakeRecoveryDeps, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
 
 const envs: FakeEnv[] = [];
 afterEach(async () => {
@@ -13,17 +12,7 @@ afterEach(async () => {
 });
 
 function deps(e: FakeEnv): RecoveryDeps {
-  return {
-    hv: e.hv,
-    store: e.store,
-    lifecycle: e.lifecycle,
-    pending: e.pending,
-    operations: e.operations,
-    log: silentLogger(),
-    namePrefix: PREFIX,
-    strategy: 'suspend-create-resume-extract',
-    agentTimeoutMs: 100,
-  };
+  return fakeRecoveryDeps(e, { strategy: 'suspend-create-resume-extract', agentTimeoutMs: 100 });
 }
 
 async function newImage(e: FakeEnv, id: string, status: 'queued' | 'saving'): Promise<void> {

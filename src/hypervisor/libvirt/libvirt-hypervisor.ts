@@ -1,5 +1,5 @@
 import type { Config } from '../../config/schema.js';
-import { InstanceInvalidState, QmpError } from '../../errors.js';
+import { InstanceInvalidState, InstanceNotFound, LibvirtError, QmpError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { QemuImg, qemuImgFromConfig } from '../../qemu-img/qemu-img.js';
 import { isUuid } from '../../util/uuid.js';
@@ -76,10 +76,25 @@ export class LibvirtHypervisor implements Hypervisor {
   async list(): Promise<InstanceInfo[]> {
     const uuids = (await this.virsh.run(['list', '--all', '--uuid'])).split('\n').map((l) => l.trim()).filter(isUuid);
     if (uuids.length === 0) return [];
-    // One virsh process for all of them (each costs 60–120 ms to start).
-    const out = await this.virsh.run([uuids.map((u) => `dominfo ${u}`).join('; ')]);
-    const infos = out
-      .split(/^(?=Id:)/m)
+    let blocks: string[];
+    try {
+      // One virsh process for all of them (each costs 60–120 ms to start).
+      blocks = [await this.virsh.run([uuids.map((u) => `dominfo ${u}`).join('; ')])];
+    } catch (err) {
+      if (!(err instanceof LibvirtError)) throw err;
+      // A domain undefined between the two calls fails the whole batch: ask one by one, and a
+      // domain that is gone by then is simply not listed.
+      blocks = [];
+      for (const u of uuids) {
+        try {
+          blocks.push(await this.virsh.run(['dominfo', u], { uuid: u }));
+        } catch (e) {
+          if (!(e instanceof InstanceNotFound)) throw e;
+        }
+      }
+    }
+    const infos = blocks
+      .flatMap((out) => out.split(/^(?=Id:)/m))
       .filter((block) => block.trim() !== '')
       .map((block) => {
         const i = parseDomInfo(block);
