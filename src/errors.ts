@@ -82,6 +82,9 @@ export class InsufficientSpace extends SnapshotDriverError {}
 /** A recomputed checksum differs from the one recorded in the image metadata. */
 export class ChecksumMismatch extends SnapshotDriverError {}
 
+/** A hash worker thread died or failed before its digest (the image is not committed). */
+export class HashWorkerFailed extends SnapshotDriverError {}
+
 /**
  * A violation of the safety rule (SPEC §2): changing a qcow2 file's metadata while a QEMU process
  * holds it open, or reading the active layer of an open disk as if it were a point in time.

@@ -44,9 +44,10 @@ export function registerSnapshotCommand(program: Command, runtime: RuntimeFactor
       const progress = progressReporter(rt.log);
       try {
         const requestId = `req-${randomUUID()}`;
-        const result = await rt.locks.hold(uuid, `snapshot command ${requestId}`, { waitMs: 0 }, () => {
+        // The instance is released once its data is in the store; the hashing needs only the image.
+        const unfinished = await rt.locks.hold(uuid, `snapshot command ${requestId}`, { waitMs: 0 }, () => {
           rt.interrupt.signal.throwIfAborted(); // nothing touched yet
-          return rt.engine.take({
+          return rt.engine.takeFromGuest({
             requestId,
             instanceUuid: uuid,
             imageId,
@@ -55,6 +56,7 @@ export function registerSnapshotCommand(program: Command, runtime: RuntimeFactor
             onProgress: progress.onProgress,
           });
         });
+        const result = await unfinished.finish();
         progress.stop();
         if (interrupts.signal !== undefined) {
           rt.log.warn({ signal: interrupts.signal, image_id: imageId }, 'the snapshot had completed when the signal came: kept');

@@ -4,7 +4,7 @@ import type { Hypervisor } from '../hypervisor/types.js';
 import type { ImageMeta, ImageStore } from '../image-store/image-store.js';
 import { operationLogger, type Logger } from '../log.js';
 import type { RpcContext, RpcTarget } from '../messaging/rpc-types.js';
-import type { SnapshotEngine, SnapshotRequest, SnapshotResult } from '../snapshot/engine.js';
+import type { SnapshotEngine, SnapshotRequest, SnapshotResult, UnfinishedImage } from '../snapshot/engine.js';
 import { rotateBackups } from './backup-rotation.js';
 import { FifoSemaphore } from './fifo-semaphore.js';
 import type { InstanceLocks } from '../snapshot/instance-locks.js';
@@ -57,8 +57,11 @@ export type SnapshotReply = SnapshotResult | UnrecordedSnapshotResult;
 
 const DEFAULT_LOCK_WAIT_MS = 15 * 60 * 1000;
 
+/** What is left of an operation once it has released its instance. */
+type Rest = () => Promise<unknown>;
+
 export interface ComputeManagerDeps {
-  engine: Pick<SnapshotEngine, 'take'>;
+  engine: Pick<SnapshotEngine, 'takeFromGuest'>;
   lifecycle: Lifecycle;
   store: ImageStore;
   hv: Hypervisor;
@@ -110,7 +113,9 @@ export class ComputeManager implements RpcTarget {
     } catch (err) {
       return Promise.reject(err);
     }
-    return this.perInstance.run(parsed.instance.uuid, () => this.run(parsed, ctx));
+    // The instance's line (and its lock) is held for the part that involves the guest; what is left
+    // (a snapshot's hashing and commit) runs after the next operation on the instance may start.
+    return this.perInstance.run(parsed.instance.uuid, () => this.run(parsed, ctx)).then((rest) => rest());
   }
 
   /** Snapshots/backups running now, and waiting for a slot. */
@@ -118,53 +123,73 @@ export class ComputeManager implements RpcTarget {
     return { running: this.snapshotSlots.active, waiting: this.snapshotSlots.waiting, limit: this.snapshotSlots.limit };
   }
 
-  private async run(call: ParsedCall, ctx: RpcContext): Promise<unknown> {
+  /**
+   * The operation's part that holds the instance (its place in line, and its lock against other
+   * processes); resolves with the rest, to be run once the instance is released.
+   */
+  private async run(call: ParsedCall, ctx: RpcContext): Promise<Rest> {
     const log = operationLogger(this.deps.log, ctx.requestId, call.instance.uuid).child({ method: call.method });
+    const failed = (err: unknown) => {
+      log.error({ err }, `operation failed: ${errorMessage(err)}`);
+      throw err;
+    };
     log.info('operation start');
+    let rest: Rest;
     try {
       const locks = this.deps.locks;
-      const result = locks
+      rest = locks
         ? await locks.hold(call.instance.uuid, `${call.method} request ${ctx.requestId}`, { waitMs: this.deps.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, log }, () =>
             this.dispatch(call, ctx, log),
           )
         : await this.dispatch(call, ctx, log);
-      log.info('operation end');
-      return result;
     } catch (err) {
-      log.error({ err }, `operation failed: ${errorMessage(err)}`);
-      throw err;
+      return failed(err);
     }
+    log.info('instance released');
+    return () =>
+      rest().then((result) => {
+        log.info('operation end');
+        return result;
+      }, failed);
   }
 
-  private async dispatch(call: ParsedCall, ctx: RpcContext, log: Logger): Promise<unknown> {
+  private async dispatch(call: ParsedCall, ctx: RpcContext, log: Logger): Promise<Rest> {
     const { lifecycle } = this.deps;
     const uuid = call.instance.uuid;
+    const done = (value: unknown) => () => Promise.resolve(value);
     switch (call.method) {
       case 'snapshot_instance':
         return this.snapshot(call.instance, call.imageId, ctx, log);
       case 'backup_instance': {
-        const result = await this.snapshot(call.instance, call.imageId, ctx, log, call.backupType);
-        // Best effort, as in nova: the backup is made and active whatever happens to older ones.
-        await rotateBackups(
-          this.deps.store,
-          { instanceUuid: uuid, backupType: call.backupType, rotation: call.rotation, newImageId: call.imageId },
-          log,
-        ).catch((err: unknown) => log.error({ err }, `backup rotation failed: ${errorMessage(err)}`));
-        return result;
+        const finish = await this.snapshot(call.instance, call.imageId, ctx, log, call.backupType);
+        return async () => {
+          const result = await finish();
+          // Best effort, as in nova: the backup is made and active whatever happens to older ones.
+          await rotateBackups(
+            this.deps.store,
+            { instanceUuid: uuid, backupType: call.backupType, rotation: call.rotation, newImageId: call.imageId },
+            log,
+          ).catch((err: unknown) => log.error({ err }, `backup rotation failed: ${errorMessage(err)}`));
+          return result;
+        };
       }
       case 'reboot_instance':
         await (call.rebootType === 'HARD' ? lifecycle.hardReboot(uuid) : lifecycle.softReboot(uuid));
-        return null;
+        return done(null);
       case 'start_instance':
         await lifecycle.start(uuid);
-        return null;
+        return done(null);
       case 'stop_instance':
         await lifecycle.stop(uuid, call.cleanShutdown);
-        return null;
+        return done(null);
     }
   }
 
-  private async snapshot(instance: InstanceRef, imageId: string, ctx: RpcContext, log: Logger, backupType?: string): Promise<SnapshotReply> {
+  /**
+   * The snapshot's guest part; resolves with its finish (hash, commit, record, notify), which holds
+   * the snapshot slot but not the instance.
+   */
+  private async snapshot(instance: InstanceRef, imageId: string, ctx: RpcContext, log: Logger, backupType?: string): Promise<() => Promise<SnapshotReply>> {
     const imageType = backupType === undefined ? 'snapshot' : 'backup';
     const info: SnapshotInfo = {
       instanceUuid: instance.uuid,
@@ -179,41 +204,54 @@ export class ComputeManager implements RpcTarget {
     };
     if (ctx.replayed) {
       const earlier = await this.earlierOutcome(info, log);
-      if (earlier !== undefined) return earlier;
+      if (earlier !== undefined) return () => Promise.resolve(earlier);
     }
     if (this.snapshotSlots.active >= this.snapshotSlots.limit) log.info(this.snapshotStats(), 'snapshot waiting for a slot');
     const release = await this.snapshotSlots.acquire();
     log.info(this.snapshotStats(), 'snapshot slot acquired');
-    try {
-      await this.notify(log, 'snapshotStart', (n) => n.snapshotStart(info));
-      let result: SnapshotResult;
-      try {
-        const name = await this.imageName(instance, backupType);
-        const req: SnapshotRequest = {
-          requestId: ctx.requestId,
-          instanceUuid: instance.uuid,
-          imageId,
-          name,
-          imageType,
-          backupType,
-          // As nova: the image belongs to the requester (falling back to the instance's owner).
-          userId: info.userId,
-          owner: info.projectId,
-          baseImageRef: instance.imageRef || undefined,
-        };
-        result = await this.deps.engine.take(req);
-      } catch (err) {
-        await this.notify(log, 'snapshotError', (n) => n.snapshotError(info, err));
-        throw err;
-      }
-      // Before anyone is told: from here a crash leaves a request that answers with this result again.
-      await this.recordResult(result, log);
-      await this.notify(log, 'snapshotEnd', (n) => n.snapshotEnd({ ...info, strategy: result.strategy }, result));
-      return result;
-    } finally {
+    const releaseSlot = () => {
       release();
       log.info(this.snapshotStats(), 'snapshot slot released');
+    };
+    const failed = async (err: unknown): Promise<never> => {
+      await this.notify(log, 'snapshotError', (n) => n.snapshotError(info, err));
+      throw err;
+    };
+    let unfinished: UnfinishedImage;
+    try {
+      await this.notify(log, 'snapshotStart', (n) => n.snapshotStart(info));
+      const name = await this.imageName(instance, backupType);
+      const req: SnapshotRequest = {
+        requestId: ctx.requestId,
+        instanceUuid: instance.uuid,
+        imageId,
+        name,
+        imageType,
+        backupType,
+        // As nova: the image belongs to the requester (falling back to the instance's owner).
+        userId: info.userId,
+        owner: info.projectId,
+        baseImageRef: instance.imageRef || undefined,
+      };
+      unfinished = await this.deps.engine.takeFromGuest(req);
+    } catch (err) {
+      try {
+        return await failed(err);
+      } finally {
+        releaseSlot();
+      }
     }
+    return async () => {
+      try {
+        const result = await unfinished.finish().catch(failed);
+        // Before anyone is told: from here a crash leaves a request that answers with this result again.
+        await this.recordResult(result, log);
+        await this.notify(log, 'snapshotEnd', (n) => n.snapshotEnd({ ...info, strategy: result.strategy }, result));
+        return result;
+      } finally {
+        releaseSlot();
+      }
+    };
   }
 
   /**

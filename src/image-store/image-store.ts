@@ -4,7 +4,7 @@ import { ImageExists, ImageNotFound, InvalidInstanceId } from '../errors.js';
 import { isUuid } from '../util/uuid.js';
 import { fsyncDir, isErrno, pathExists, unlinkIfExists } from '../util/durable-fs.js';
 import { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
-import { digestFile } from './hash.js';
+import { digestFile, type ParallelDigest } from './hash.js';
 import { FILE_MODE, isoSeconds, newImageMeta, readImageMeta, writeImageMeta } from './metadata.js';
 import { StorePaths, validateImageId } from './paths.js';
 import { KeyedMutex } from './keyed-mutex.js';
@@ -53,10 +53,11 @@ export interface ImageStoreOptions {
 
 /**
  * - `lock-wait`: another process holds the image's lock; this one is about to wait for it;
+ * - `commit:hashing`: a commit's hash workers have started (`digest` is theirs);
  * - `commit:renamed`: a commit has renamed the data into place, its metadata not yet `active`.
  */
-export type StoreHookPoint = 'lock-wait' | 'commit:renamed';
-export type StoreHook = (point: StoreHookPoint, id: string) => void | Promise<void>;
+export type StoreHookPoint = 'lock-wait' | 'commit:hashing' | 'commit:renamed';
+export type StoreHook = (point: StoreHookPoint, id: string, digest?: ParallelDigest) => void | Promise<void>;
 
 /**
  * The local image store (SPEC §6): `<path>/<id>` raw data, `<path>/<id>.json` Glance-style
@@ -210,7 +211,7 @@ export class ImageStore {
         await fh.sync();
         await fh.chmod(FILE_MODE);
         const { size } = await fh.stat();
-        digests = await digestFile(fh, algo, { expectedBytes: size, onProgress: opts.onProgress });
+        digests = await digestFile(fh, algo, { expectedBytes: size, onProgress: opts.onProgress, onStart: (d) => void this.hook?.('commit:hashing', cid, d) });
       } finally {
         await fh.close();
       }

@@ -50,6 +50,12 @@ export interface SnapshotResult {
   internal_snapshots: number;
 }
 
+/** A snapshot whose guest part is done: its data is in the store, not yet hashed nor active. */
+export interface UnfinishedImage {
+  /** Makes the image active (fsync, hashes, rename); on failure kills it and throws SnapshotFailed. */
+  finish(): Promise<SnapshotResult>;
+}
+
 export interface SnapshotEngineDeps {
   hv: Hypervisor;
   store: ImageStore;
@@ -92,6 +98,17 @@ export class SnapshotEngine {
 
   /** Takes one snapshot. Bad input is refused before anything is touched. */
   async take(req: SnapshotRequest): Promise<SnapshotResult> {
+    return (await this.takeFromGuest(req)).finish();
+  }
+
+  /**
+   * Does everything of a snapshot that involves the guest: every step of its strategy, the data
+   * exported into the store. What is left, `finish()` (fsync and hash the data, make the image
+   * active), needs neither the guest nor its disk: a caller holding the instance's lock releases it
+   * first. Until `finish()` settles the operation's record stays open (a crash before then is
+   * recovered like one during the steps). Bad input is refused before anything is touched.
+   */
+  async takeFromGuest(req: SnapshotRequest): Promise<UnfinishedImage> {
     const { hv, store, lifecycle } = this.deps;
     ImageStore.validateId(req.imageId);
     if (!isUuid(req.instanceUuid)) throw new InvalidInstanceId(req.instanceUuid);
@@ -156,60 +173,79 @@ export class SnapshotEngine {
       downtimeMs: 0,
       quiesced: false,
     };
+    const failed = (err: unknown) => this.failed(err, { req, op, ctx, log, priorState: instance.state });
+    let left: number;
     try {
       await runSteps(steps, ctx, { record: (index, phase) => op.step(index, phase), beforeStep: this.deps.beforeStep });
-      const left = (await hv.listInternalSnapshots(req.instanceUuid)).filter((s) => s.name.startsWith(this.deps.namePrefix));
+      left = (await hv.listInternalSnapshots(req.instanceUuid)).filter((s) => s.name.startsWith(this.deps.namePrefix)).length;
       await op.commit();
-      await this.deps.faultPoint?.('commit');
-      // The last act: after it the image is active, and nothing may fail any more.
-      const image = await store.commit(req.imageId, {
-        virtualSize: disk.virtualSize,
-        onProgress: req.onProgress && ((f) => req.onProgress?.('checksum', f)),
-      });
-      await endRecord(op, log);
-      const result: SnapshotResult = {
-        image_id: image.id,
-        status: image.status,
-        strategy,
-        downtime_ms: Math.round(ctx.downtimeMs),
-        freeze_ms: Math.round(ctx.freeze?.frozenMs ?? 0),
-        quiesced: ctx.quiesced,
-        duration_ms: Math.round(performance.now() - started),
-        size: image.size ?? 0,
-        checksum: image.checksum ?? '',
-        os_hash_algo: image.os_hash_algo,
-        os_hash_value: image.os_hash_value ?? '',
-        internal_snapshots: left.length,
-      };
-      log.info(result, 'snapshot end');
-      return result;
     } catch (err) {
-      const killed = await store.kill(req.imageId, errorMessage(err)).then(
-        () => true,
-        (killErr: unknown) => {
-          log.error({ err: killErr }, `could not mark image killed: ${errorMessage(killErr)}`);
-          return false;
-        },
-      );
-      // Not put right (an undo failed, or the image is still unfinished): the record stays, so that
-      // the next start's recovery tries again rather than nobody ever doing it.
-      const undone = !(err instanceof SnapshotFailed) || err.undoErrors.length === 0;
-      if (killed && undone) await endRecord(op, log);
-      else {
-        await op.abandon().catch((abandonErr: unknown) => log.error({ err: abandonErr }, `cannot mark the operation record abandoned: ${errorMessage(abandonErr)}`));
-        log.error({ undo_failed: !undone, image_killed: killed }, 'operation journal record kept: recovery puts this operation right (a serving agent within seconds, else the next start)');
-      }
-      const state = await hv.info(req.instanceUuid).then((i) => i.state, () => 'unknown');
-      // Every failure path thaws, and the freeze's own deadline thaws again; if all of that failed, say so.
-      const frozen = ctx.freeze?.mayBeFrozen === true;
-      log.error({ err, prior_state: instance.state, state, ...(frozen && { filesystems_may_be_frozen: true }) }, 'snapshot failed');
-      const restarted = ctx.guestRestarted === true ? "; the guest's QEMU process had died and the guest was started again (its memory state was lost)" : '';
-      if (err instanceof SnapshotFailed) {
-        if (restarted === '') throw err;
-        throw new SnapshotFailed(`${err.message}${restarted}`, err.undoErrors, { cause: err.cause });
-      }
-      throw new SnapshotFailed(`snapshot of ${req.instanceUuid} failed: ${errorMessage(err)}${restarted}`, [], { cause: err });
+      return failed(err);
     }
+    return {
+      finish: async () => {
+        try {
+          await this.deps.faultPoint?.('commit');
+          // The last act: after it the image is active, and nothing may fail any more.
+          const image = await store.commit(req.imageId, {
+            virtualSize: disk.virtualSize,
+            onProgress: req.onProgress && ((f) => req.onProgress?.('checksum', f)),
+          });
+          await endRecord(op, log);
+          const result: SnapshotResult = {
+            image_id: image.id,
+            status: image.status,
+            strategy,
+            downtime_ms: Math.round(ctx.downtimeMs),
+            freeze_ms: Math.round(ctx.freeze?.frozenMs ?? 0),
+            quiesced: ctx.quiesced,
+            duration_ms: Math.round(performance.now() - started),
+            size: image.size ?? 0,
+            checksum: image.checksum ?? '',
+            os_hash_algo: image.os_hash_algo,
+            os_hash_value: image.os_hash_value ?? '',
+            internal_snapshots: left,
+          };
+          log.info(result, 'snapshot end');
+          return result;
+        } catch (err) {
+          return failed(err);
+        }
+      },
+    };
+  }
+
+  /** A failed snapshot: its image killed, its record ended if all was put right; throws SnapshotFailed. */
+  private async failed(
+    err: unknown,
+    { req, op, ctx, log, priorState }: { req: SnapshotRequest; op: OperationHandle; ctx: SnapshotContext; log: Logger; priorState: string },
+  ): Promise<never> {
+    const { hv, store } = this.deps;
+    const killed = await store.kill(req.imageId, errorMessage(err)).then(
+      () => true,
+      (killErr: unknown) => {
+        log.error({ err: killErr }, `could not mark image killed: ${errorMessage(killErr)}`);
+        return false;
+      },
+    );
+    // Not put right (an undo failed, or the image is still unfinished): the record stays, so that
+    // the next start's recovery tries again rather than nobody ever doing it.
+    const undone = !(err instanceof SnapshotFailed) || err.undoErrors.length === 0;
+    if (killed && undone) await endRecord(op, log);
+    else {
+      await op.abandon().catch((abandonErr: unknown) => log.error({ err: abandonErr }, `cannot mark the operation record abandoned: ${errorMessage(abandonErr)}`));
+      log.error({ undo_failed: !undone, image_killed: killed }, 'operation journal record kept: recovery puts this operation right (a serving agent within seconds, else the next start)');
+    }
+    const state = await hv.info(req.instanceUuid).then((i) => i.state, () => 'unknown');
+    // Every failure path thaws, and the freeze's own deadline thaws again; if all of that failed, say so.
+    const frozen = ctx.freeze?.mayBeFrozen === true;
+    log.error({ err, prior_state: priorState, state, ...(frozen && { filesystems_may_be_frozen: true }) }, 'snapshot failed');
+    const restarted = ctx.guestRestarted === true ? "; the guest's QEMU process had died and the guest was started again (its memory state was lost)" : '';
+    if (err instanceof SnapshotFailed) {
+      if (restarted === '') throw err;
+      throw new SnapshotFailed(`${err.message}${restarted}`, err.undoErrors, { cause: err.cause });
+    }
+    throw new SnapshotFailed(`snapshot of ${req.instanceUuid} failed: ${errorMessage(err)}${restarted}`, [], { cause: err });
   }
 }
 

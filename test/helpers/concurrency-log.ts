@@ -4,7 +4,7 @@
  * once. Pure functions the tests assert on, and expectConcurrencyBound, which asserts itself.
  *
  * Lines used (src/compute/manager.ts, src/snapshot/engine.ts), each with request_id and instance_uuid:
- * 'operation start' | 'operation end' | 'operation failed: …';
+ * 'operation start' | 'instance released' (its guest part done) | 'operation end' | 'operation failed: …';
  * 'snapshot slot acquired' | 'snapshot slot released' (running, waiting, limit);
  * 'snapshot start' (prior_state) | 'snapshot end' | 'snapshot failed'.
  */
@@ -92,13 +92,20 @@ export interface OperationEvent {
   method: string;
 }
 
-/** The manager's operation lines, per instance, in log order. */
+/**
+ * The manager's operation lines, per instance, in log order: each operation's hold on its instance,
+ * from its start to 'instance released' (a snapshot's hashing and commit come after it, beside the
+ * instance's next operation), or to its failure before that.
+ */
 export function operationsByInstance(lines: readonly Line[]): Map<string, OperationEvent[]> {
   const out = new Map<string, OperationEvent[]>();
+  const released = new Set<string>();
   for (const l of lines) {
     const msg = l.msg ?? '';
-    const event = msg === 'operation start' ? 'start' : msg === 'operation end' ? 'end' : msg.startsWith('operation failed') ? 'failed' : undefined;
+    const failed = msg.startsWith('operation failed') && !released.has(requestId(l));
+    const event = msg === 'operation start' ? 'start' : msg === 'instance released' ? 'end' : failed ? 'failed' : undefined;
     if (event === undefined) continue;
+    if (event === 'end') released.add(requestId(l));
     const uuid = String(l.instance_uuid);
     const list = out.get(uuid) ?? [];
     list.push({ event, requestId: requestId(l), method: String(l.method) });

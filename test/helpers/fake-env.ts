@@ -8,7 +8,7 @@ import type { StrategyName } from '../../src/config/schema.js';
 import { SnapshotFailed } from '../../src/errors.js';
 import { FakeHypervisor, type FakeGuestAgent, type FakeHypervisorOptions } from '../../src/hypervisor/fake/fake-hypervisor.js';
 import type { PowerState } from '../../src/hypervisor/types.js';
-import { ImageStore } from '../../src/image-store/image-store.js';
+import { ImageStore, type StoreHook } from '../../src/image-store/image-store.js';
 import { silentLogger, type Logger } from '../../src/log.js';
 import { SnapshotEngine } from '../../src/snapshot/engine.js';
 import { DEFAULT_QUIESCE, type QuiesceOptions } from '../../src/snapshot/guest-freeze.js';
@@ -31,6 +31,8 @@ export interface FakeEnvOptions {
   hv?: FakeHypervisorOptions;
   /** Default: silent. */
   log?: Logger;
+  /** The image store's test hook. */
+  storeHook?: StoreHook;
 }
 
 /** A fake hypervisor, a real image store in a temp dir, and the engine wired over them. */
@@ -43,7 +45,7 @@ export async function makeFakeEnv(opts: FakeEnvOptions = {}) {
   const hv = new FakeHypervisor(opts.hv);
   // One process: the store's cross-process image lock (a flock program per change) is left out here;
   // test/unit/store-lock.test.ts and the integration tests run it.
-  const store = new ImageStore({ path: path.join(tmp.path, 'images'), reservedSpaceMb: 0, osHashAlgo: 'sha512', lockAcrossProcesses: false });
+  const store = new ImageStore({ path: path.join(tmp.path, 'images'), reservedSpaceMb: 0, osHashAlgo: 'sha512', lockAcrossProcesses: false, hook: opts.storeHook });
   const pending = new PendingSnapshots(path.join(tmp.path, 'state', 'pending'));
   const lifecycle = new Lifecycle(hv, pending, log);
   const operations = new OperationJournal(path.join(tmp.path, 'state', 'operations'), log);

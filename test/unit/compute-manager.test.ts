@@ -346,6 +346,34 @@ describe('ComputeManager: power operations', () => {
 });
 
 describe('ComputeManager: concurrency', () => {
+  it("releases the instance once the data is exported: the instance's next operation runs while the image is hashed and committed", async () => {
+    const held = gate();
+    const reached = gate();
+    const env = await makeFakeEnv({
+      storeHook: async (point) => {
+        if (point !== 'commit:renamed') return;
+        reached.open();
+        await held.promise;
+      },
+    });
+    envs.push(env);
+    const manager = new ComputeManager({ engine: env.engine, lifecycle: env.lifecycle, store: env.store, hv: env.hv, log: silentLogger(), maxConcurrentSnapshots: 5 });
+    const uuid = randomUUID();
+    await guestIn(env, 'running', uuid);
+    const imageId = randomUUID();
+    let snapshotDone = false;
+    const snapshot = manager.call('snapshot_instance', { instance: { uuid }, image_id: imageId }, CTX).finally(() => (snapshotDone = true));
+    await reached.promise;
+    // The snapshot's commit is held: the same instance's stop runs and completes meanwhile.
+    await expect(manager.call('stop_instance', { instance: { uuid } }, CTX)).resolves.toBeNull();
+    expect(snapshotDone).toBe(false);
+    expect((await env.store.show(imageId)).status).toBe('saving');
+    expect((await env.hv.info(uuid)).state).toBe('shutoff');
+    held.open();
+    await expect(snapshot).resolves.toMatchObject({ image_id: imageId, status: 'active' });
+    expect(env.hv.violations).toEqual([]);
+  });
+
   it('keeps the per-instance order of 10 interleaved operations on 2 instances, one at a time per instance', async () => {
     const { env } = await setup({ strategy: 'deferred-delete' });
     const a = randomUUID();
@@ -370,7 +398,7 @@ describe('ComputeManager: concurrency', () => {
       const orig = lc[m].bind(lc) as (uuid: string, ...rest: unknown[]) => Promise<void>;
       (lc as unknown as Record<string, unknown>)[m] = traced(m, (uuid: string) => uuid, orig);
     }
-    const engine = { take: traced('take', (req: SnapshotRequest) => req.instanceUuid, (req: SnapshotRequest) => env.engine.take(req)) };
+    const engine = { takeFromGuest: traced('take', (req: SnapshotRequest) => req.instanceUuid, (req: SnapshotRequest) => env.engine.takeFromGuest(req)) };
     const manager = new ComputeManager({ engine, lifecycle: lc, store: env.store, hv: env.hv, log: silentLogger(), maxConcurrentSnapshots: 5 });
 
     const ops: Array<[string, string, Record<string, unknown>]> = [
@@ -429,15 +457,18 @@ describe('ComputeManager: concurrency', () => {
     const started: string[] = [];
     const gates = new Map(uuids.map((u) => [u, gate()]));
     const engine = {
-      take: async (req: SnapshotRequest) => {
+      // Running from the start of its guest part to the end of its finish (the slot covers both).
+      takeFromGuest: async (req: SnapshotRequest) => {
         running += 1;
         maxRunning = Math.max(maxRunning, running);
         started.push(req.instanceUuid);
         try {
           await gates.get(req.instanceUuid)!.promise;
-          return await env.engine.take(req);
-        } finally {
+          const unfinished = await env.engine.takeFromGuest(req);
+          return { finish: () => unfinished.finish().finally(() => (running -= 1)) };
+        } catch (err) {
           running -= 1;
+          throw err;
         }
       },
     };

@@ -50,9 +50,9 @@ function managerOver(env: FakeEnv, store: ImageStore = env.store, onEnd?: () => 
   };
   const manager = new ComputeManager({
     engine: {
-      take: (req) => {
+      takeFromGuest: (req) => {
         takes.push(req);
-        return env.engine.take(req);
+        return env.engine.takeFromGuest(req);
       },
     },
     lifecycle: env.lifecycle,

@@ -1,0 +1,161 @@
+/**
+ * Benchmark (issue 13): the export stage of a snapshot against the floor and the shell pipeline, in
+ * the same run on the same bytes.
+ *
+ * A shut-off qemu instance whose qcow2 disk (`--virtual-gib`, default 4) holds `--data-mb` (default
+ * 1024) of random data in four extents spread over the disk, the rest holes. Each run takes a `cold`
+ * snapshot with the real engine and times its export stage (the export step's start to the image
+ * `active`: qemu-img convert, then md5 and the os_hash of every byte), with the event loop's delay
+ * (perf_hooks monitorEventLoopDelay) over that stage. Then, on the image just made:
+ *   - the floor: `openssl dgst -md5` and `openssl dgst -sha512` of the raw image, each alone (one core
+ *     each); floor = the slower of the two;
+ *   - the shell pipeline: `qemu-img convert -O raw`, then `md5sum`, then `sha512sum`.
+ * Before all of that, one export of a disk of `--rss-virtual-gib` (default 16) with the same data gives
+ * the process's peak RSS.
+ *
+ * Usage: npm run bench:export [-- --runs N --virtual-gib G --data-mb M --rss-virtual-gib G]
+ */
+import { randomBytes, randomUUID } from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
+import { parseArgs } from 'node:util';
+import { silentLogger } from '../src/log.js';
+import { buildRuntime, type Runtime } from '../src/service/runtime.js';
+import { SnapshotEngine } from '../src/snapshot/engine.js';
+import { runProgram } from '../src/util/exec.js';
+import { benchConfig } from './bench-config.js';
+
+const { values } = parseArgs({
+  options: {
+    runs: { type: 'string', default: '3' },
+    'virtual-gib': { type: 'string', default: '4' },
+    'data-mb': { type: 'string', default: '1024' },
+    'rss-virtual-gib': { type: 'string', default: '16' },
+  },
+});
+const runs = Number(values.runs);
+const virtualGib = Number(values['virtual-gib']);
+const dataMb = Number(values['data-mb']);
+const rssVirtualGib = Number(values['rss-virtual-gib']);
+const MiB = 2 ** 20;
+const GiB = 2 ** 30;
+const EXTENTS = 4;
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
+const s = (ms: number) => (ms / 1000).toFixed(2);
+
+async function run(program: string, args: string[]): Promise<number> {
+  const t = performance.now();
+  const r = await runProgram(program, args, { timeoutMs: 3_600_000 });
+  if (r.code !== 0) throw new Error(`${program} ${args.join(' ')} failed: ${r.stderr}`);
+  return performance.now() - t;
+}
+
+/** A shut-off instance whose disk holds `dataMb` of random data in EXTENTS extents spread over `virtualBytes`. */
+async function makeInstance(rt: Runtime, base: string, virtualBytes: number): Promise<string> {
+  const uuid = randomUUID();
+  await rt.qemu!.createInstance({ uuid, name: `export-${virtualBytes / GiB}g`, memoryMb: 64, vcpus: 1, machine: 'pc', diskSizeBytes: virtualBytes });
+  const raw = path.join(base, `fill-${uuid}.raw`);
+  const fh = await fs.open(raw, 'w');
+  try {
+    await fh.truncate(virtualBytes);
+    const extent = (dataMb * MiB) / EXTENTS;
+    for (let e = 0; e < EXTENTS; e++) {
+      const at = (e * virtualBytes) / EXTENTS;
+      for (let off = 0; off < extent; off += 4 * MiB) await fh.write(randomBytes(Math.min(4 * MiB, extent - off)), 0, undefined, at + off);
+    }
+  } finally {
+    await fh.close();
+  }
+  const disk = (await rt.hv.diskInfo(uuid)).path;
+  await run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'qcow2', raw, disk]);
+  await fs.rm(raw);
+  return uuid;
+}
+
+interface Export {
+  imageId: string;
+  stageMs: number;
+  loopP99Ms: number;
+  loopMaxMs: number;
+}
+
+/** One cold snapshot of the instance; the export stage and the event loop's delay meanwhile. */
+async function exportOnce(rt: Runtime, uuid: string): Promise<Export> {
+  let exportStart = NaN;
+  const engine = new SnapshotEngine({
+    hv: rt.hv,
+    store: rt.store,
+    lifecycle: rt.lifecycle,
+    operations: rt.operations,
+    log: silentLogger(),
+    namePrefix: rt.config.snapshot.name_prefix,
+    defaultStrategy: 'cold',
+    beforeStep: (step) => {
+      if (step.name === 'export-disk') {
+        exportStart = performance.now();
+        loop.reset();
+      }
+    },
+  });
+  const loop = monitorEventLoopDelay({ resolution: 5 });
+  loop.enable();
+  const res = await engine.take({ requestId: `bench-${randomUUID()}`, instanceUuid: uuid, imageId: randomUUID(), strategy: 'cold' });
+  const stageMs = performance.now() - exportStart;
+  loop.disable();
+  if (res.status !== 'active') throw new Error(`snapshot ended ${res.status}`);
+  return { imageId: res.image_id, stageMs, loopP99Ms: loop.percentile(99) / 1e6, loopMaxMs: loop.max / 1e6 };
+}
+
+async function main(): Promise<void> {
+  const { base, config } = await benchConfig('sde-', 'off');
+  const rt = buildRuntime(config, silentLogger());
+  try {
+    // Peak RSS first, before the other phases allocate anything.
+    const big = await makeInstance(rt, base, rssVirtualGib * GiB);
+    // Sampled every 50 ms during the export (the process's maxRSS would include making the disk).
+    const rssBefore = process.memoryUsage().rss / MiB;
+    let rssPeak = rssBefore;
+    const sampler = setInterval(() => (rssPeak = Math.max(rssPeak, process.memoryUsage().rss / MiB)), 50);
+    const bigExport = await exportOnce(rt, big).finally(() => clearInterval(sampler));
+    await rt.store.delete(bigExport.imageId);
+    await rt.qemu!.deleteInstance(big);
+
+    const uuid = await makeInstance(rt, base, virtualGib * GiB);
+    const disk = (await rt.hv.diskInfo(uuid)).path;
+    const fig = { ours: [] as number[], md5: [] as number[], sha512: [] as number[], floor: [] as number[], pipeline: [] as number[], p99: [] as number[], max: [] as number[] };
+    for (let r = 0; r < runs; r++) {
+      const ours = await exportOnce(rt, uuid);
+      const image = rt.store.dataPath(ours.imageId);
+      const md5 = await run('openssl', ['dgst', '-md5', image]);
+      const sha512 = await run('openssl', ['dgst', '-sha512', image]);
+      const out = path.join(base, 'pipeline.raw');
+      const pipeline = (await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', disk, out])) + (await run('md5sum', [out])) + (await run('sha512sum', [out]));
+      await fs.rm(out);
+      await rt.store.delete(ours.imageId);
+      fig.ours.push(ours.stageMs);
+      fig.md5.push(md5);
+      fig.sha512.push(sha512);
+      fig.floor.push(Math.max(md5, sha512));
+      fig.pipeline.push(pipeline);
+      fig.p99.push(ours.loopP99Ms);
+      fig.max.push(ours.loopMaxMs);
+      console.log(
+        `run ${r + 1}: export stage ${s(ours.stageMs)} s, floor ${s(Math.max(md5, sha512))} s (md5 ${s(md5)}, sha512 ${s(sha512)}), pipeline ${s(pipeline)} s, loop p99 ${ours.loopP99Ms.toFixed(1)} ms`,
+      );
+    }
+    const [ours, floor, pipeline] = [median(fig.ours), median(fig.floor), median(fig.pipeline)];
+    console.log(`\n${virtualGib} GiB virtual disk, ${dataMb} MiB random data in ${EXTENTS} extents; ${runs} runs, medians`);
+    console.log(`export stage (cold, export start → active)  ${s(ours)} s`);
+    console.log(`floor = max(openssl md5 ${s(median(fig.md5))} s, sha512 ${s(median(fig.sha512))} s)  ${s(floor)} s   ratio ours/floor ${(ours / floor).toFixed(2)} (goal ≤ 1.10)`);
+    console.log(`shell pipeline (convert; md5sum; sha512sum)  ${s(pipeline)} s   ratio pipeline/ours ${(pipeline / ours).toFixed(2)} (goal ≥ 3)`);
+    console.log(`event-loop delay during the export stage: p99 ${median(fig.p99).toFixed(1)} ms, max ${median(fig.max).toFixed(1)} ms (goal p99 < 20)`);
+    console.log(
+      `peak RSS exporting a ${rssVirtualGib} GiB virtual disk: ${rssPeak.toFixed(0)} MiB (before it ${rssBefore.toFixed(0)} MiB; export stage ${s(bigExport.stageMs)} s, loop p99 ${bigExport.loopP99Ms.toFixed(1)} ms) (goal ≤ 150)`,
+    );
+  } finally {
+    await fs.rm(base, { recursive: true, force: true });
+  }
+}
+
+await main();
