@@ -8,18 +8,22 @@
  * `active`: qemu-img convert, then md5 and the os_hash of every byte), with the event loop's delay
  * (perf_hooks monitorEventLoopDelay) over that stage. Then, on the image just made:
  *   - the floor: `openssl dgst -md5` and `openssl dgst -sha512` of the raw image, each alone (one core
- *     each); floor = the slower of the two;
+ *     each, the faster of two tries); floor = the slower of the two;
  *   - the shell pipeline: `qemu-img convert -O raw`, then `md5sum`, then `sha512sum`.
- * Before all of that, one export of a disk of `--rss-virtual-gib` (default 16) with the same data gives
- * the process's peak RSS.
+ * Before all of that, `snapshot --strategy cold` of a disk of `--rss-virtual-gib` (default 16) with the
+ * same data, run as the command an operator types (node dist/cli/main.js; `npm run build` first),
+ * gives that process's peak RSS.
  *
  * Usage: npm run bench:export [-- --runs N --virtual-gib G --data-mb M --rss-virtual-gib G]
  */
+import { spawn } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
+import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
+import type { Config } from '../src/config/schema.js';
 import { silentLogger } from '../src/log.js';
 import { buildRuntime, type Runtime } from '../src/service/runtime.js';
 import { SnapshotEngine } from '../src/snapshot/engine.js';
@@ -107,18 +111,56 @@ async function exportOnce(rt: Runtime, uuid: string): Promise<Export> {
   return { imageId: res.image_id, stageMs, loopP99Ms: loop.percentile(99) / 1e6, loopMaxMs: loop.max / 1e6 };
 }
 
+/** Runs `snapshot --strategy cold` of `uuid` in a CLI process; its peak RSS (VmHWM), sampled until it exits. */
+async function cliExportRss(base: string, config: Config, uuid: string): Promise<{ peakMiB: number; ms: number }> {
+  const cli = path.resolve(import.meta.dirname, '../dist/cli/main.js');
+  await fs.access(cli).catch(() => {
+    throw new Error(`${cli} is missing: run \`npm run build\` first`);
+  });
+  const conf = path.join(base, 'rss.conf');
+  await fs.writeFile(
+    conf,
+    [
+      '[DEFAULT]',
+      `instances_path = ${config.DEFAULT.instances_path}`,
+      `state_path = ${config.DEFAULT.state_path}`,
+      '[image_store]',
+      `path = ${config.image_store.path}`,
+      'reserved_space_mb = 0',
+      '[snapshot]',
+      'quiesce = off',
+      '',
+    ].join('\n'),
+  );
+  const t = performance.now();
+  const child = spawn(process.execPath, [cli, '--config-file', conf, 'snapshot', uuid, '--strategy', 'cold', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  let peakKiB = 0;
+  const sample = async () => {
+    const status = await fs.readFile(`/proc/${child.pid}/status`, 'utf8').catch(() => '');
+    const m = /^VmHWM:\s+(\d+) kB/m.exec(status);
+    if (m) peakKiB = Math.max(peakKiB, Number(m[1]));
+  };
+  const sampler = setInterval(() => void sample(), 100);
+  const [code] = (await once(child, 'exit')) as [number | null];
+  clearInterval(sampler);
+  if (code !== 0) throw new Error(`snapshot command exited ${code}: ${err.slice(-2000)}`);
+  const result = JSON.parse(out) as { image_id: string; status: string };
+  if (result.status !== 'active') throw new Error(`snapshot command made an image ${result.status}`);
+  return { peakMiB: peakKiB / 1024, ms: performance.now() - t };
+}
+
 async function main(): Promise<void> {
   const { base, config } = await benchConfig('sde-', 'off');
   const rt = buildRuntime(config, silentLogger());
   try {
-    // Peak RSS first, before the other phases allocate anything.
+    // Peak RSS: the agent's command line exporting the big disk, as an operator runs it (node
+    // dist/cli/main.js snapshot), its high-water mark read from /proc while it runs.
     const big = await makeInstance(rt, base, rssVirtualGib * GiB);
-    // Sampled every 50 ms during the export (the process's maxRSS would include making the disk).
-    const rssBefore = process.memoryUsage().rss / MiB;
-    let rssPeak = rssBefore;
-    const sampler = setInterval(() => (rssPeak = Math.max(rssPeak, process.memoryUsage().rss / MiB)), 50);
-    const bigExport = await exportOnce(rt, big).finally(() => clearInterval(sampler));
-    await rt.store.delete(bigExport.imageId);
+    const rss = await cliExportRss(base, config, big);
     await rt.qemu!.deleteInstance(big);
 
     const uuid = await makeInstance(rt, base, virtualGib * GiB);
@@ -127,8 +169,9 @@ async function main(): Promise<void> {
     for (let r = 0; r < runs; r++) {
       const ours = await exportOnce(rt, uuid);
       const image = rt.store.dataPath(ours.imageId);
-      const md5 = await run('openssl', ['dgst', '-md5', image]);
-      const sha512 = await run('openssl', ['dgst', '-sha512', image]);
+      // The floor is what the hardware can do: the faster of two tries of each (this machine is noisy).
+      const md5 = Math.min(await run('openssl', ['dgst', '-md5', image]), await run('openssl', ['dgst', '-md5', image]));
+      const sha512 = Math.min(await run('openssl', ['dgst', '-sha512', image]), await run('openssl', ['dgst', '-sha512', image]));
       const out = path.join(base, 'pipeline.raw');
       const pipeline = (await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', disk, out])) + (await run('md5sum', [out])) + (await run('sha512sum', [out]));
       await fs.rm(out);
@@ -150,9 +193,7 @@ async function main(): Promise<void> {
     console.log(`floor = max(openssl md5 ${s(median(fig.md5))} s, sha512 ${s(median(fig.sha512))} s)  ${s(floor)} s   ratio ours/floor ${(ours / floor).toFixed(2)} (goal ≤ 1.10)`);
     console.log(`shell pipeline (convert; md5sum; sha512sum)  ${s(pipeline)} s   ratio pipeline/ours ${(pipeline / ours).toFixed(2)} (goal ≥ 3)`);
     console.log(`event-loop delay during the export stage: p99 ${median(fig.p99).toFixed(1)} ms, max ${median(fig.max).toFixed(1)} ms (goal p99 < 20)`);
-    console.log(
-      `peak RSS exporting a ${rssVirtualGib} GiB virtual disk: ${rssPeak.toFixed(0)} MiB (before it ${rssBefore.toFixed(0)} MiB; export stage ${s(bigExport.stageMs)} s, loop p99 ${bigExport.loopP99Ms.toFixed(1)} ms) (goal ≤ 150)`,
-    );
+    console.log(`peak RSS of \`snapshot --strategy cold\` of a ${rssVirtualGib} GiB virtual disk: ${rss.peakMiB.toFixed(0)} MiB (VmHWM; the whole command took ${s(rss.ms)} s) (goal ≤ 150)`);
   } finally {
     await fs.rm(base, { recursive: true, force: true });
   }

@@ -90,6 +90,8 @@ export class ComputeManager implements RpcTarget {
   readonly methods: ReadonlySet<string> = new Set(SERVED_METHODS);
 
   private readonly perInstance = new KeyedQueue();
+  /** The ends of each instance's snapshots and backups (hash, commit, rotation), in their order. */
+  private readonly imageEnds = new KeyedQueue();
   private readonly snapshotSlots: FifoSemaphore;
 
   constructor(private readonly deps: ComputeManagerDeps) {
@@ -115,7 +117,11 @@ export class ComputeManager implements RpcTarget {
     }
     // The instance's line (and its lock) is held for the part that involves the guest; what is left
     // (a snapshot's hashing and commit) runs after the next operation on the instance may start.
-    return this.perInstance.run(parsed.instance.uuid, () => this.run(parsed, ctx)).then((rest) => rest());
+    // Those of one instance's snapshots still end in their order: a backup's rotation must find
+    // the backups before it active.
+    const uuid = parsed.instance.uuid;
+    const makesImage = parsed.method === 'snapshot_instance' || parsed.method === 'backup_instance';
+    return this.perInstance.run(uuid, () => this.run(parsed, ctx)).then((rest) => (makesImage ? this.imageEnds.run(uuid, rest) : rest()));
   }
 
   /** Snapshots/backups running now, and waiting for a slot. */

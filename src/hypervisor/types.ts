@@ -98,11 +98,24 @@ export interface LaunchHooks {
   beforeLaunch?: (uuid: string) => Promise<void>;
 }
 
+/**
+ * Where an export's raw data goes when the image store receives it (it writes and hashes it as it
+ * comes): qemu-img writes into its NBD export; a backend that makes the bytes itself calls `put`.
+ */
+export interface ExportDest {
+  /** The file the data lands in (for names and messages: it is the store's to write). */
+  readonly file: string;
+  /** `nbd+unix://…`: written with `qemu-img convert -n --target-is-zero` (in offset order, zeros skipped). */
+  readonly nbdUri: string;
+  /** The same receiver in this process: pieces in increasing offset order, ranges skipped are zeros. */
+  put(offset: number, data: Buffer): Promise<void>;
+}
+
 export interface ExportOptions {
   /** Read this internal snapshot; without it, the active layer of the offline disk is read. */
   snapshotName?: string;
-  /** Raw output file to create (sparse where the disk is). */
-  dest: string;
+  /** The store's receiver, or a raw output file to create (sparse where the disk is). */
+  dest: ExportDest | string;
   /** Progress as a fraction 0..1. */
   onProgress?: (fraction: number) => void;
 }
@@ -200,7 +213,7 @@ export interface Hypervisor {
    * the qcow2, no pause of the vCPUs.
    * Throws InstanceInvalidState if no process holds the disk.
    */
-  startLiveBackup(uuid: string, dest: string): Promise<BackupJob>;
+  startLiveBackup(uuid: string, dest: ExportDest | string): Promise<BackupJob>;
 
   /**
    * After an agent died in the middle of an operation on this instance (never while another process

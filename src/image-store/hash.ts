@@ -97,6 +97,11 @@ export class ParallelDigest {
     });
   }
 
+  /** Rejects with the first failure of a worker (never resolves). */
+  get broken(): Promise<never> {
+    return this.failed;
+  }
+
   /** The worker threads (a test stops one to see the hashing fail cleanly). */
   get threads(): readonly Worker[] {
     return this.workers;

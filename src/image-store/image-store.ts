@@ -4,7 +4,9 @@ import { ImageExists, ImageNotFound, InvalidInstanceId } from '../errors.js';
 import { isUuid } from '../util/uuid.js';
 import { fsyncDir, isErrno, pathExists, unlinkIfExists } from '../util/durable-fs.js';
 import { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
-import { digestFile, type ParallelDigest } from './hash.js';
+import { digestFile, type FileDigests, type ParallelDigest } from './hash.js';
+import { IncomingImage } from './incoming-image.js';
+import type { NbdLog } from './nbd-server.js';
 import { FILE_MODE, isoSeconds, newImageMeta, readImageMeta, writeImageMeta } from './metadata.js';
 import { StorePaths, validateImageId } from './paths.js';
 import { KeyedMutex } from './keyed-mutex.js';
@@ -53,10 +55,11 @@ export interface ImageStoreOptions {
 
 /**
  * - `lock-wait`: another process holds the image's lock; this one is about to wait for it;
+ * - `receive:hashing`: the hash workers of data being received have started (`digest` is theirs);
  * - `commit:hashing`: a commit's hash workers have started (`digest` is theirs);
  * - `commit:renamed`: a commit has renamed the data into place, its metadata not yet `active`.
  */
-export type StoreHookPoint = 'lock-wait' | 'commit:hashing' | 'commit:renamed';
+export type StoreHookPoint = 'lock-wait' | 'receive:hashing' | 'commit:hashing' | 'commit:renamed';
 export type StoreHook = (point: StoreHookPoint, id: string, digest?: ParallelDigest) => void | Promise<void>;
 
 /**
@@ -194,11 +197,24 @@ export class ImageStore {
   }
 
   /**
-   * Makes the partial data the image: fsync it, hash it (md5 and os_hash in one pass), chmod 0640,
-   * rename it into place (no copy, so a sparse file stays sparse), fsync both directories, and only
-   * then record size, checksums and status `active`. On failure the status is left unchanged.
+   * Receives the raw data of a `saving` image (`size` bytes) into its partial file, hashing it as it
+   * is written: the export writes into the IncomingImage; commit then takes its digests.
    */
-  async commit(id: string, opts: { virtualSize?: number; onProgress?: ProgressCallback } = {}): Promise<ImageMeta> {
+  async receive(id: string, size: number, log: NbdLog): Promise<IncomingImage> {
+    const cid = canonicalId(id);
+    const meta = await this.mustRead(cid);
+    requireStatus(meta, ['saving'], 'receive data for');
+    if (!Number.isSafeInteger(size) || size < 0) throw new TypeError(`image size ${size}: expected a byte count >= 0`);
+    return IncomingImage.open(this.paths.partial(cid), size, storedHashAlgo(meta, this.paths.meta(cid)), log, (d) => void this.hook?.('receive:hashing', cid, d));
+  }
+
+  /**
+   * Makes the partial data the image: fsync it, hash it (md5 and os_hash in one pass) unless
+   * `digests` were computed as it was received, chmod 0640, rename it into place (no copy, so a
+   * sparse file stays sparse), fsync both directories, and only then record size, checksums and
+   * status `active`. On failure the status is left unchanged.
+   */
+  async commit(id: string, opts: { virtualSize?: number; onProgress?: ProgressCallback; digests?: Promise<FileDigests> } = {}): Promise<ImageMeta> {
     const cid = canonicalId(id);
     return this.exclusive(cid, 'commit', async () => {
       const meta = await this.mustRead(cid);
@@ -211,7 +227,12 @@ export class ImageStore {
         await fh.sync();
         await fh.chmod(FILE_MODE);
         const { size } = await fh.stat();
-        digests = await digestFile(fh, algo, { expectedBytes: size, onProgress: opts.onProgress, onStart: (d) => void this.hook?.('commit:hashing', cid, d) });
+        if (opts.digests !== undefined) {
+          digests = await opts.digests;
+          if (digests.bytes !== size) throw new ImageStoreCorrupt(`image ${cid}: ${digests.bytes} bytes were received and hashed, but ${partial} holds ${size}`);
+        } else {
+          digests = await digestFile(fh, algo, { expectedBytes: size, onProgress: opts.onProgress, onStart: (d) => void this.hook?.('commit:hashing', cid, d) });
+        }
       } finally {
         await fh.close();
       }

@@ -198,32 +198,39 @@ export class QemuImg {
     await this.run('snapshot', ['snapshot', '-q', '-d', name, ...this.imageOpts(path)]);
   }
 
-  /** Converts a qcow2 image (or one of its internal snapshots) to a sparse raw file. */
-  async convertToRaw(src: string, dest: string, opts: ConvertOptions = {}): Promise<void> {
+  /**
+   * Converts a qcow2 image (or one of its internal snapshots) to raw: a sparse file, or into an NBD
+   * export of the image's size that reads as zeros (`-n --target-is-zero`: zeros are not sent, and
+   * qemu-img writes in increasing offset order).
+   */
+  async convertToRaw(src: string, dest: string | { nbdUri: string }, opts: ConvertOptions = {}): Promise<void> {
     const args = ['convert', '-f', 'qcow2', '-O', 'raw'];
     if (opts.forceShare) args.push('-U');
     if (opts.snapshotName !== undefined) args.push('-l', `snapshot.name=${escapeOptValue(opts.snapshotName)}`);
     if (opts.onProgress) args.push('-p');
-    args.push(...(await directTargetArgs(dest)), src, dest);
+    if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), src, dest);
+    else args.push('-n', '--target-is-zero', src, dest.nbdUri);
     await this.run('export', args, progressParser(opts.onProgress));
   }
 
   /**
    * Copies what an NBD server exports (e.g. libvirt's pull backup, `nbd+unix:///vda?socket=…`) into a
-   * sparse raw file: the export's holes are asked for (block status), not read. `signal` stops it.
+   * sparse raw file, or into the image store's NBD receiver: the export's holes are asked for (block
+   * status), not read. `signal` stops it.
    * `rateLimit`: bytes/s of data copied (-r; holes cost nothing). `targetExists`: write into `dest`
    * as it is, a file of the export's size reading as zeros (-n --target-is-zero: holes stay holes).
    */
   async convertNbdToRaw(
     uri: string,
-    dest: string,
+    dest: string | { nbdUri: string },
     opts: { onProgress?: (fraction: number) => void; signal?: AbortSignal; rateLimit?: number; targetExists?: boolean } = {},
   ): Promise<void> {
     const args = ['convert', '-f', 'raw', '-O', 'raw'];
-    if (opts.targetExists) args.push('-n', '--target-is-zero');
+    if (opts.targetExists || typeof dest !== 'string') args.push('-n', '--target-is-zero');
     if (opts.rateLimit !== undefined && opts.rateLimit > 0) args.push('-r', String(Math.max(1, Math.floor(opts.rateLimit))));
     if (opts.onProgress) args.push('-p');
-    args.push(...(await directTargetArgs(dest)), uri, dest);
+    if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), uri, dest);
+    else args.push(uri, dest.nbdUri);
     await this.run('export', args, progressParser(opts.onProgress), opts.signal);
   }
 

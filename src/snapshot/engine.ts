@@ -168,6 +168,7 @@ export class SnapshotEngine {
       snapshotName,
       priorState: instance.state,
       quiesce: this.deps.quiesce ?? DEFAULT_QUIESCE,
+      diskSize: disk.virtualSize,
       onProgress: req.onProgress && ((f) => req.onProgress?.('export', f)),
       suspended: false,
       downtimeMs: 0,
@@ -190,6 +191,7 @@ export class SnapshotEngine {
           const image = await store.commit(req.imageId, {
             virtualSize: disk.virtualSize,
             onProgress: req.onProgress && ((f) => req.onProgress?.('checksum', f)),
+            digests: ctx.incoming?.digests(),
           });
           await endRecord(op, log);
           const result: SnapshotResult = {
@@ -221,6 +223,8 @@ export class SnapshotEngine {
     { req, op, ctx, log, priorState }: { req: SnapshotRequest; op: OperationHandle; ctx: SnapshotContext; log: Logger; priorState: string },
   ): Promise<never> {
     const { hv, store } = this.deps;
+    // Data still being hashed is not wanted any more.
+    await ctx.incoming?.abort(err);
     const killed = await store.kill(req.imageId, errorMessage(err)).then(
       () => true,
       (killErr: unknown) => {

@@ -1,5 +1,5 @@
 import { takePointInTime } from './quiesce-steps.js';
-import { holdsDisk, removePartial } from './steps.js';
+import { exportInto, holdsDisk, removePartial } from './steps.js';
 import type { SnapshotContext, Step } from './context.js';
 
 /**
@@ -8,12 +8,17 @@ import type { SnapshotContext, Step } from './context.js';
  * (quiesce-steps.ts), lasts only while the job starts, and never longer than max_freeze_seconds.
  */
 
-/** queued → saving, before any freeze: the metadata write must not lengthen the freeze. */
+/**
+ * queued → saving, and the store ready to receive the data, before any freeze: neither the metadata
+ * write nor the receiver's start (its file, its socket, its hash threads) may lengthen the freeze.
+ */
 export const markSaving: Step = {
   name: 'mark-saving',
   async run(ctx) {
     await ctx.store.markSaving(ctx.imageId);
+    ctx.incoming = await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log);
   },
+  undo: removePartial,
 };
 
 /**
@@ -23,13 +28,12 @@ export const markSaving: Step = {
 export const startBackup: Step = {
   name: 'start-backup',
   async run(ctx) {
-    const dest = ctx.store.partialPath(ctx.imageId);
     // Our freeze answered only because a process runs; else ask (a shut-off guest is never frozen).
     if (!ctx.freeze?.holding && !(await holdsDisk(ctx))) {
-      await ctx.hv.exportDisk(ctx.uuid, { dest, onProgress: ctx.onProgress });
+      await exportInto(ctx, undefined);
       return;
     }
-    ctx.backup = await ctx.hv.startLiveBackup(ctx.uuid, dest);
+    ctx.backup = await ctx.hv.startLiveBackup(ctx.uuid, ctx.incoming ?? ctx.store.partialPath(ctx.imageId));
     // A paused guest does no I/O: holding it costs the guest nothing (as a managed save of one).
     if (ctx.priorState === 'running') ctx.downtimeMs += ctx.backup.startPauseMs;
     // The point in time is the job's start: quiesced only if the freeze held until it returned.
@@ -49,6 +53,8 @@ export const startBackup: Step = {
 export const waitBackup: Step = {
   name: 'wait-backup',
   async run(ctx: SnapshotContext) {
-    await ctx.backup?.wait(ctx.onProgress);
+    if (!ctx.backup) return; // exported offline by start-backup
+    await ctx.backup.wait(ctx.onProgress);
+    await ctx.incoming?.finish();
   },
 };

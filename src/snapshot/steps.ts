@@ -187,12 +187,30 @@ export const monitorCreateSnapshot: Step = {
   undo: createSnapshot.undo,
 };
 
-async function exportInto(ctx: SnapshotContext, snapshotName: string | undefined): Promise<void> {
+/**
+ * Exports into the store, which writes the data into the partial file as it comes and hashes it
+ * behind the writing; the step ends when the data is written (the hashes are awaited by the commit,
+ * after the instance is released).
+ */
+export async function exportInto(ctx: SnapshotContext, snapshotName: string | undefined): Promise<void> {
   await ctx.store.markSaving(ctx.imageId);
-  await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: ctx.store.partialPath(ctx.imageId), onProgress: ctx.onProgress });
+  // live's first step has made it ready already.
+  const incoming = ctx.incoming ?? (await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log));
+  ctx.incoming = incoming;
+  try {
+    await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: incoming, onProgress: ctx.onProgress });
+    await incoming.finish();
+  } catch (err) {
+    await incoming.abort(err);
+    ctx.incoming = undefined;
+    throw err;
+  }
 }
 
+/** Removes the partial data (and stops its hashing, if it was being received). */
 export async function removePartial(ctx: SnapshotContext): Promise<void> {
+  await ctx.incoming?.abort(new Error('export undone'));
+  ctx.incoming = undefined;
   await fs.rm(ctx.store.partialPath(ctx.imageId), { force: true });
 }
 

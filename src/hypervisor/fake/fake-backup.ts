@@ -4,7 +4,10 @@ import { setImmediate as nextTurn } from 'node:timers/promises';
 /** One live backup job of the fake, as a test sees it (`FakeHypervisor.liveBackups`). */
 export interface FakeBackupRecord {
   readonly uuid: string;
+  /** The target file. */
   readonly dest: string;
+  /** The store's receiver the data goes to (then the fake does not touch the file itself). */
+  readonly sink?: { put(offset: number, data: Buffer): Promise<void> };
   /** The fake's clock at the start. */
   readonly startedAt: number;
   /** The active layer as it was when the job started: what the target must end up holding. */
@@ -28,10 +31,22 @@ export async function createTarget(dest: string, bytes: number): Promise<void> {
  */
 export async function copyIntoTarget(
   data: Buffer,
-  dest: string,
+  dest: string | { put(offset: number, data: Buffer): Promise<void> },
   between: () => void,
   onProgress?: (fraction: number) => void,
 ): Promise<void> {
+  if (typeof dest !== 'string') {
+    const step = Math.ceil(data.length / CHUNKS);
+    for (let off = 0; off < data.length; off += step) {
+      const end = Math.min(off + step, data.length);
+      const chunk = data.subarray(off, end);
+      if (chunk.some((b) => b !== 0)) await dest.put(off, Buffer.from(chunk));
+      onProgress?.(end / data.length);
+      between();
+      await nextTurn();
+    }
+    return;
+  }
   const fh = await open(dest, 'r+');
   try {
     const step = Math.ceil(data.length / CHUNKS);

@@ -13,6 +13,7 @@ import {
 } from '../../errors.js';
 import { isUuid } from '../../util/uuid.js';
 import {
+  ExportDest,
   processHoldsDisk,
   type BackupJob,
   type DiskInfo,
@@ -283,14 +284,16 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
    * created at once (sparse, the disk's size); the data is copied by wait(), while a running guest
    * keeps writing to its disk.
    */
-  startLiveBackup(uuid: string, dest: string): Promise<BackupJob> {
+  startLiveBackup(uuid: string, target: ExportDest | string): Promise<BackupJob> {
+    const dest = typeof target === 'string' ? target : target.file;
     return this.call('startLiveBackup', uuid, [uuid, dest], async () => {
       const inst = this.get(uuid);
       requireProcess(inst, 'startLiveBackup');
       if (inst.diskInactive) throw new QemuProcessError(`cannot start a live backup: the disk of instance ${uuid} is inactive in its QEMU`);
       const launch = inst.launches;
-      const rec: FakeBackupRecord = { uuid, dest, startedAt: this.now(), pointInTime: Buffer.from(inst.disk.active), status: 'running' };
-      await createTarget(dest, rec.pointInTime.length);
+      const sink = typeof target === 'string' ? undefined : target;
+      const rec: FakeBackupRecord = { uuid, dest, sink, startedAt: this.now(), pointInTime: Buffer.from(inst.disk.active), status: 'running' };
+      if (sink === undefined) await createTarget(dest, rec.pointInTime.length);
       this.backups.push(rec);
       return this.backupJob(inst, launch, rec);
     });
@@ -301,7 +304,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
     const copy = (onProgress?: (fraction: number) => void) =>
       copyIntoTarget(
         rec.pointInTime,
-        rec.dest,
+        rec.sink ?? rec.dest,
         () => {
           if (rec.status === 'cancelled') throw new QmpError('block-job', 'GenericError', `backup job of ${rec.uuid} was cancelled`);
           if (inst.launches !== launch || !processHoldsDisk(inst.state)) {
@@ -482,7 +485,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
       if (name !== undefined) {
         const snap = inst.disk.snapshots.get(name);
         if (snap === undefined) {
-          throw qemuImgFailure(['convert', '-U', '-l', `snapshot.name=${name}`, fakeDiskPath(uuid), opts.dest], `Failed to load snapshot '${name}': snapshot not found`);
+          throw qemuImgFailure(['convert', '-U', '-l', `snapshot.name=${name}`, fakeDiskPath(uuid), typeof opts.dest === 'string' ? opts.dest : opts.dest.nbdUri], `Failed to load snapshot '${name}': snapshot not found`);
         }
         inst.readers.set(name, (inst.readers.get(name) ?? 0) + 1);
         try {
@@ -496,7 +499,8 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
         this.requireNoProcess(inst, `exportDisk(${uuid}) of the active layer`);
         data = await this.offline(inst, () => readInChunks(inst.disk.active, opts.onProgress));
       }
-      await writeFile(opts.dest, data);
+      if (typeof opts.dest === 'string') await writeFile(opts.dest, data);
+      else await opts.dest.put(0, data);
       opts.onProgress?.(1);
     });
   }

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { errorMessage, UsageError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { QemuImg } from '../../qemu-img/qemu-img.js';
-import type { BackupJob } from '../types.js';
+import type { BackupJob, ExportDest } from '../types.js';
 import type { DomainXml } from './domain-xml.js';
 import type { Virsh } from './virsh.js';
 
@@ -44,7 +44,8 @@ export interface PullBackupContext {
   log: Logger;
 }
 
-export async function startPullBackup(ctx: PullBackupContext, domain: DomainXml, dest: string): Promise<BackupJob> {
+export async function startPullBackup(ctx: PullBackupContext, domain: DomainXml, target: ExportDest | string): Promise<BackupJob> {
+  const dest = typeof target === 'string' ? target : target.file;
   const socket = `${dest}.nbd`;
   if (Buffer.byteLength(socket) >= UNIX_SOCKET_PATH_MAX) {
     throw new UsageError(`the backup's NBD socket ${JSON.stringify(socket)} would not fit in a unix socket path: choose a shorter [image_store] path`);
@@ -66,7 +67,7 @@ export async function startPullBackup(ctx: PullBackupContext, domain: DomainXml,
   }
   const startedAt = Date.now();
   log.info({ start_pause_ms: Math.round(startPauseMs), socket }, 'live backup started (libvirt pull backup)');
-  return new PullBackupJob(ctx, domain, socket, dest, startedAt, startPauseMs, log);
+  return new PullBackupJob(ctx, domain, socket, target, startedAt, startPauseMs, log);
 }
 
 class PullBackupJob implements BackupJob {
@@ -78,7 +79,7 @@ class PullBackupJob implements BackupJob {
     private readonly ctx: PullBackupContext,
     private readonly domain: DomainXml,
     private readonly socket: string,
-    private readonly dest: string,
+    private readonly dest: ExportDest | string,
     readonly startedAt: number,
     readonly startPauseMs: number,
     private readonly log: Logger,

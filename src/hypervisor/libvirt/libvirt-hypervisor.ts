@@ -4,6 +4,7 @@ import type { Logger } from '../../log.js';
 import { QemuImg, qemuImgFromConfig } from '../../qemu-img/qemu-img.js';
 import { isUuid } from '../../util/uuid.js';
 import type {
+  ExportDest,
   BackupJob,
   DiskInfo,
   ExportOptions,
@@ -272,7 +273,7 @@ export class LibvirtHypervisor implements Hypervisor {
     });
   }
 
-  async startLiveBackup(uuid: string, dest: string): Promise<BackupJob> {
+  async startLiveBackup(uuid: string, dest: ExportDest | string): Promise<BackupJob> {
     const d = await this.domains.requireActive(uuid, 'start a live backup');
     return startPullBackup({ virsh: this.virsh, qemuImg: this.qemuImg, log: this.log }, d.xml, dest);
   }

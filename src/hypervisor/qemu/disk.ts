@@ -1,6 +1,6 @@
 import { InstanceInvalidState } from '../../errors.js';
 import { performance } from 'node:perf_hooks';
-import type { DiskInfo, ExportOptions, InternalSnapshot, LiveSnapshotResult } from '../types.js';
+import type { DiskInfo, ExportDest, ExportOptions, InternalSnapshot, LiveSnapshotResult } from '../types.js';
 import type { QemuGuests } from './guests.js';
 import { DISK_NODE } from './launch.js';
 import { type LiveBackupOptions, type QemuBackupJob, startLiveBackup as startBackupJob } from './live-backup.js';
@@ -72,7 +72,7 @@ export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOption
  * Starts a live backup of the disk in the guest's QEMU process, which must be there; the job works
  * only with that process (live-backup.ts: fleecing in the instance's folder, pulled by qemu-img).
  */
-export async function startLiveBackup(g: QemuGuests, uuid: string, dest: string, opts: LiveBackupOptions = {}): Promise<QemuBackupJob> {
+export async function startLiveBackup(g: QemuGuests, uuid: string, dest: ExportDest | string, opts: LiveBackupOptions = {}): Promise<QemuBackupJob> {
   const { layout, pid } = await g.requireProcess(uuid, 'start a live backup');
   const alive = async () => (await findGuestProcess(layout.pidFile, layout.uuid)) === pid;
   return startBackupJob(

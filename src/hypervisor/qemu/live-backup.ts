@@ -5,7 +5,7 @@ import { performance } from 'node:perf_hooks';
 import { ConfigError, InstanceBusy, ProgramTimeout, QemuImgError, QmpError, QmpTimeout, errorMessage } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { QemuImg } from '../../qemu-img/qemu-img.js';
-import type { BackupJob } from '../types.js';
+import type { BackupJob, ExportDest } from '../types.js';
 import { UNIX_SOCKET_PATH_MAX } from './layout.js';
 import { DISK_NODE, DISK_QOM_PATH } from './launch.js';
 import { processesWhere } from '../../util/processes.js';
@@ -136,7 +136,7 @@ interface BlockJobInfo {
   status: string;
 }
 
-export async function startLiveBackup(ctx: LiveBackupContext, dest: string): Promise<QemuBackupJob> {
+export async function startLiveBackup(ctx: LiveBackupContext, dest: ExportDest | string): Promise<QemuBackupJob> {
   const f = fleecing(ctx.instanceDir, `${FLEECE_PREFIX}${randomBytes(4).toString('hex')}`);
   const len = Buffer.byteLength(f.socket);
   if (len >= UNIX_SOCKET_PATH_MAX) {
@@ -167,7 +167,8 @@ export async function startLiveBackup(ctx: LiveBackupContext, dest: string): Pro
   try {
     // Metadata only: constant time whatever the disk holds (a backing chain is never read).
     await ctx.qemuImg.create(f.imageFile, { sizeBytes: virtualSize });
-    await createTarget(dest, virtualSize);
+    // The store's receiver has made its file already; a plain file target is made here.
+    if (typeof dest === 'string') await createTarget(dest, virtualSize);
     started = await ctx.withQmp(async (qmp) => {
       try {
         return await setUp(qmp, ctx, f, cbwTimeoutS);
@@ -244,7 +245,7 @@ export class QemuBackupJob implements BackupJob {
     private readonly ctx: LiveBackupContext,
     /** What the backup made in the guest's QEMU and the instance's folder. */
     readonly fleecing: Fleecing,
-    readonly dest: string,
+    readonly dest: ExportDest | string,
     readonly startedAt: number,
     readonly startPauseMs: number,
     readonly cbwTimeoutS: number,
@@ -280,8 +281,9 @@ export class QemuBackupJob implements BackupJob {
     });
     try {
       await this.copying;
-      // qemu-img convert writes its target with cache=unsafe: nothing is on disk until this.
-      await fsyncFile(this.dest);
+      // qemu-img convert writes a file target with cache=unsafe: nothing is on disk until this (the
+      // store's receiver is fsynced by its commit).
+      if (typeof this.dest === 'string') await fsyncFile(this.dest);
     } catch (err) {
       this.ended = true;
       await this.release().catch((e: unknown) => this.teardownFailed(e));
@@ -347,7 +349,7 @@ export class QemuBackupJob implements BackupJob {
         { cause: err },
       );
     }
-    return new QemuImgError(`live backup: copying into ${this.dest} failed: ${msg}`, argv, stderr, { cause: err });
+    return new QemuImgError(`live backup: copying into ${typeof this.dest === 'string' ? this.dest : this.dest.file} failed: ${msg}`, argv, stderr, { cause: err });
   }
 }
 

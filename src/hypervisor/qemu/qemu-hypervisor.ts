@@ -3,6 +3,7 @@ import { QemuProcessError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { qemuImgFromConfig } from '../../qemu-img/qemu-img.js';
 import type {
+  ExportDest,
   DiskInfo,
   ExportOptions,
   Hypervisor,
@@ -174,7 +175,7 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
     return disk.exportDisk(this.guests, uuid, opts);
   }
 
-  async startLiveBackup(uuid: string, dest: string): Promise<QemuBackupJob> {
+  async startLiveBackup(uuid: string, dest: ExportDest | string): Promise<QemuBackupJob> {
     await this.requireActiveDisk(uuid, 'start a live backup');
     return disk.startLiveBackup(this.guests, uuid, dest, {
       speed: this.opts.liveBackupSpeed,

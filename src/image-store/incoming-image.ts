@@ -1,0 +1,72 @@
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import type { FileDigests, ParallelDigest } from './hash.js';
+import { ImageReceiver } from './image-receiver.js';
+import { serveNbdExport, type NbdExport, type NbdLog } from './nbd-server.js';
+import type { OsHashAlgo } from './types.js';
+
+/**
+ * An image's data on its way into the store: written into its partial file as an export produces it
+ * (by qemu-img through an NBD export on a unix socket in a private 0700 folder, so that no other
+ * user's process can connect first; or by `put` in this process), and hashed behind the writing.
+ */
+export class IncomingImage {
+  private constructor(
+    private readonly receiver: ImageReceiver,
+    private readonly nbd: NbdExport,
+    private readonly socketDir: string,
+  ) {}
+
+  static async open(file: string, size: number, osHashAlgo: OsHashAlgo, log: NbdLog, onDigest?: (d: ParallelDigest) => void): Promise<IncomingImage> {
+    const receiver = await ImageReceiver.create(file, size, osHashAlgo, onDigest);
+    let socketDir: string | undefined;
+    try {
+      socketDir = await fs.mkdtemp(path.join(os.tmpdir(), 'snapshot-driver-nbd-'));
+      const nbd = await serveNbdExport(path.join(socketDir, 'image.sock'), { size, put: (o, d) => receiver.put(o, d) }, log);
+      return new IncomingImage(receiver, nbd, socketDir);
+    } catch (err) {
+      await receiver.abort(err instanceof Error ? err : new Error(String(err)));
+      if (socketDir !== undefined) await fs.rm(socketDir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  get file(): string {
+    return this.receiver.file;
+  }
+
+  get nbdUri(): string {
+    return this.nbd.uri;
+  }
+
+  put(offset: number, data: Buffer | readonly Buffer[]): Promise<void> {
+    return this.receiver.put(offset, data);
+  }
+
+  /**
+   * The producer has finished (qemu-img exited 0, or the last `put` resolved): resolves once every
+   * byte is in the file. A client that connected must have ended cleanly (its errors are thrown here).
+   */
+  async finish(): Promise<void> {
+    if (this.nbd.connected) await this.nbd.done;
+    await this.stopServing();
+    await this.receiver.close();
+  }
+
+  /** md5 and the os_hash of the whole image; settles after finish() once the hashes have caught up. */
+  digests(): Promise<FileDigests> {
+    return this.receiver.digests();
+  }
+
+  /** Gives up on the image: no more data is taken, the hashing stops. The partial file is the caller's. */
+  async abort(reason: unknown): Promise<void> {
+    await this.stopServing();
+    await this.receiver.abort(reason instanceof Error ? reason : new Error(String(reason)));
+  }
+
+  private async stopServing(): Promise<void> {
+    await this.nbd.close().catch(() => undefined);
+    await fs.rm(this.socketDir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,116 @@
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { readFile, stat } from 'node:fs/promises';
+import path from 'node:path';
+import { dir, type DirectoryResult } from 'tmp-promise';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { STRATEGIES } from '../../src/config/schema.js';
+import { HashWorkerFailed, SnapshotFailed } from '../../src/errors.js';
+import { ImageReceiver } from '../../src/image-store/image-receiver.js';
+import { expectSafeFailure, guestIn, makeFakeEnv, type FakeEnv } from '../helpers/fake-env.js';
+
+/**
+ * The store receiving an export (issue 13): pieces in increasing offset order go into the file at
+ * once (what is skipped stays a hole) and are hashed behind the writing, holes as zeros; the digests
+ * are those of every byte. Out-of-order data is refused; a hash worker that dies fails the export,
+ * and the snapshot then fails as any failed export does (image killed, nothing partial, guest as before).
+ */
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+let tmp: DirectoryResult;
+const envs: FakeEnv[] = [];
+
+beforeEach(async () => {
+  tmp = await dir({ unsafeCleanup: true });
+});
+afterEach(async () => {
+  for (const e of envs.splice(0)) await e.cleanup();
+  await tmp.cleanup();
+});
+
+const hex = (algo: string, b: Buffer) => createHash(algo).update(b).digest('hex');
+
+describe('ImageReceiver', () => {
+  it('writes pieces where they go, leaves what was skipped a hole, and hashes every byte', async () => {
+    const size = 24 * MiB + 123;
+    const file = path.join(tmp.path, 'img');
+    const rx = await ImageReceiver.create(file, size, 'sha512');
+    const whole = Buffer.alloc(size);
+    // Contiguous pieces (one extent), a gap, a piece spanning several hash chunks, and one at the end.
+    const pieces: [number, Buffer][] = [
+      [0, randomBytes(100 * KiB)],
+      [100 * KiB, randomBytes(3 * MiB)],
+      [9 * MiB + 7, randomBytes(9 * MiB)],
+      [size - 1000, randomBytes(1000)],
+    ];
+    for (const [at, data] of pieces) {
+      data.copy(whole, at);
+      await rx.put(at, data);
+    }
+    await rx.close();
+    const d = await rx.digests();
+    expect(d).toEqual({ md5: hex('md5', whole), osHash: hex('sha512', whole), bytes: size });
+    expect(Buffer.compare(await readFile(file), whole)).toBe(0);
+    // Sparse: about the data, not the size.
+    expect((await stat(file)).blocks * 512).toBeLessThan(14 * MiB);
+  });
+
+  it('data far beyond what is hashed after a long hole, and more than the bound ahead of the hashes: it goes on', async () => {
+    // The writer waits when it is more than `aheadBytes` ahead of the hashes: a hole before it must
+    // count as known (zeros), or writer and hashes would wait for each other.
+    const size = 40 * MiB;
+    const rx = await ImageReceiver.create(path.join(tmp.path, 'far'), size, 'sha512', undefined, { aheadBytes: MiB });
+    const whole = Buffer.alloc(size);
+    for (const at of [0, 20 * MiB, 21 * MiB, 38 * MiB]) {
+      const data = randomBytes(MiB);
+      data.copy(whole, at);
+      await rx.put(at, data);
+    }
+    await rx.close();
+    expect(await rx.digests()).toEqual({ md5: hex('md5', whole), osHash: hex('sha512', whole), bytes: size });
+  });
+
+  it('nothing put: all zeros, all hole', async () => {
+    const rx = await ImageReceiver.create(path.join(tmp.path, 'zero'), 5 * MiB, 'sha256');
+    await rx.close();
+    const zeros = Buffer.alloc(5 * MiB);
+    expect(await rx.digests()).toEqual({ md5: hex('md5', zeros), osHash: hex('sha256', zeros), bytes: 5 * MiB });
+  });
+
+  it('refuses data before what it already has, and data beyond its size; the image is then failed', async () => {
+    const rx = await ImageReceiver.create(path.join(tmp.path, 'img'), 4 * MiB, 'sha512');
+    await rx.put(MiB, randomBytes(KiB));
+    await expect(rx.put(0, randomBytes(KiB))).rejects.toThrow(/out of order: 1024 bytes at 0, before 1049600/);
+    await expect(rx.digests()).rejects.toThrow(/out of order/);
+    const beyond = await ImageReceiver.create(path.join(tmp.path, 'img2'), 4 * MiB, 'sha512');
+    await expect(beyond.put(4 * MiB - 10, randomBytes(11))).rejects.toThrow(/beyond its size/);
+  });
+
+  it('a hash worker that dies: the next piece is refused and the digests reject with HashWorkerFailed', async () => {
+    let killed = false;
+    const rx = await ImageReceiver.create(path.join(tmp.path, 'img'), 64 * MiB, 'sha512', (digest) => {
+      void digest.threads[1]!.terminate().then(() => (killed = true));
+    });
+    await expect(rx.digests()).rejects.toBeInstanceOf(HashWorkerFailed);
+    expect(killed).toBe(true);
+    await expect(rx.put(0, randomBytes(KiB))).rejects.toBeInstanceOf(HashWorkerFailed);
+  });
+});
+
+describe('a snapshot whose received data cannot be hashed', () => {
+  it.each(STRATEGIES.filter((s) => s !== 'live'))('%s: fails as a failed export does, nothing left behind', async (strategy) => {
+    const e = await makeFakeEnv({
+      strategy,
+      storeHook: (point, _id, digest) => {
+        if (point === 'receive:hashing') void digest!.threads[0]!.terminate();
+      },
+    });
+    envs.push(e);
+    const uuid = randomUUID();
+    await guestIn(e, 'running', uuid);
+    const imageId = randomUUID();
+    const err = await expectSafeFailure(e, uuid, 'running', strategy, imageId);
+    expect(err).toBeInstanceOf(SnapshotFailed);
+    expect(String((err as Error).message)).toMatch(/md5 hash worker exited/);
+  });
+});
