@@ -34,12 +34,17 @@ const { setPriority } = require('node:os');
 try {
   setPriority(Number(readlinkSync('/proc/thread-self').split('/').pop()), workerData.nice);
 } catch {}
-const hash = createHash(workerData.algo);
-const ring = new Uint8Array(workerData.ring);
 const zeros = new Uint8Array(1 << 20);
+let hash;
+let ring;
 parentPort.on('message', (m) => {
-  if (m.end) {
+  if (m.start) {
+    hash = createHash(m.start.algo);
+    ring = new Uint8Array(m.start.ring);
+  } else if (m.end) {
     parentPort.postMessage({ digest: hash.digest('hex') });
+    hash = undefined;
+    ring = undefined;
   } else if (m.zeros !== undefined) {
     for (let left = m.zeros; left > 0; left -= zeros.length) hash.update(left >= zeros.length ? zeros : zeros.subarray(0, left));
   } else {
@@ -48,6 +53,37 @@ parentPort.on('message', (m) => {
   }
 });
 `;
+
+/**
+ * Idle hash threads, kept for the next digest (starting one costs tens of ms; an agent hashes an
+ * image per snapshot). Unreferenced while idle: they never keep the process alive.
+ */
+const idleWorkers: Worker[] = [];
+const MAX_IDLE_WORKERS = 4;
+
+function takeWorker(): Worker {
+  // No inherited flags (a loader, --input-type=module): the source is plain CommonJS.
+  const w = idleWorkers.pop() ?? new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { nice: HASH_NICE } });
+  w.ref();
+  return w;
+}
+
+function giveBack(w: Worker): void {
+  w.removeAllListeners('message');
+  w.removeAllListeners('error');
+  w.removeAllListeners('exit');
+  if (idleWorkers.length >= MAX_IDLE_WORKERS) {
+    void w.terminate();
+    return;
+  }
+  w.unref();
+  // An idle thread that ends is simply not reused.
+  w.once('exit', () => {
+    const at = idleWorkers.indexOf(w);
+    if (at >= 0) idleWorkers.splice(at, 1);
+  });
+  idleWorkers.push(w);
+}
 
 type FromWorker = { done: number } | { digest: string };
 
@@ -67,6 +103,7 @@ export class ParallelDigest {
   private readonly failed: Promise<never>;
   private fail!: (err: HashWorkerFailed) => void;
   private finished: (() => void) | undefined;
+  private closed = false;
 
   constructor(algos: readonly string[], opts: { chunkBytes?: number } = {}) {
     this.chunkBytes = opts.chunkBytes ?? HASH_CHUNK_BYTES;
@@ -80,8 +117,8 @@ export class ParallelDigest {
     });
     this.failed.catch(() => undefined);
     this.workers = algos.map((algo, i) => {
-      // No inherited flags (a loader, --input-type=module): the source is plain CommonJS.
-      const w = new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { algo, ring: this.ring, nice: HASH_NICE } });
+      const w = takeWorker();
+      w.postMessage({ start: { algo, ring: this.ring } });
       w.on('message', (m: FromWorker) => {
         if ('done' in m) this.release(m.done);
         else {
@@ -146,9 +183,16 @@ export class ParallelDigest {
     }
   }
 
-  /** Stops the workers (idempotent). */
+  /**
+   * Lets the workers go (idempotent): back to the idle pool once they gave their digest, stopped
+   * otherwise (a hash left half-way is of no use to the next image).
+   */
   async close(): Promise<void> {
-    await Promise.all(this.workers.map((w) => w.terminate()));
+    if (this.closed) return;
+    this.closed = true;
+    const done = this.failure === undefined && this.digests.filter((d) => d !== undefined).length === this.workers.length;
+    if (done) for (const w of this.workers) giveBack(w);
+    else await Promise.all(this.workers.map((w) => w.terminate()));
   }
 
   private release(s: number): void {
