@@ -111,6 +111,11 @@ export interface ExportDest {
   put(offset: number, data: Buffer): Promise<void>;
 }
 
+/** The file an export writes: the receiver's, or the plain file given. */
+export function exportFile(dest: ExportDest | string): string {
+  return typeof dest === 'string' ? dest : dest.file;
+}
+
 export interface ExportOptions {
   /** Read this internal snapshot; without it, the active layer of the offline disk is read. */
   snapshotName?: string;

@@ -214,27 +214,48 @@ export async function digestFile(
   const digest = new ParallelDigest(['md5', osHashAlgo], { chunkBytes: opts.chunkBytes });
   opts.onStart?.(digest);
   const total = opts.expectedBytes ?? 0;
-  let position = 0;
   let lastReported = -1;
   try {
-    for (let i = 0; ; i++) {
-      const buf = await digest.slot(i);
-      const { bytesRead } = await fh.read(buf, 0, digest.chunkBytes, position);
-      if (bytesRead === 0) break;
-      position += bytesRead;
-      digest.push(i, bytesRead);
+    const { position } = await hashFileRange(digest, fh, { start: 0, slot: 0 }, (at) => {
       if (opts.onProgress && total > 0) {
-        const fraction = Math.min(1, position / total);
+        const fraction = Math.min(1, at / total);
         if (fraction - lastReported >= 0.01) {
           lastReported = fraction;
           opts.onProgress(fraction);
         }
       }
-    }
+    });
     const [md5, osHash] = await digest.end();
     if (opts.onProgress && lastReported < 1) opts.onProgress(1);
     return { md5: md5!, osHash: osHash!, bytes: position };
   } finally {
     await digest.close();
   }
+}
+
+/**
+ * Hashes a range of an open file: reads it from `start` into the digest's ring slots, from index
+ * `slot` on, and pushes each chunk. With `end`, up to it (a short read is an error); without, up to
+ * the end of the file. `onChunk` runs after each chunk with the position reached (it may throw to
+ * stop). Resolves with the position reached and the next slot index.
+ */
+export async function hashFileRange(
+  digest: ParallelDigest,
+  fh: FileHandle,
+  range: { start: number; end?: number; slot: number },
+  onChunk?: (position: number) => void,
+): Promise<{ position: number; slot: number }> {
+  const { end } = range;
+  let { start: position, slot } = range;
+  while (end === undefined || position < end) {
+    const buf = await digest.slot(slot);
+    const n = end === undefined ? digest.chunkBytes : Math.min(digest.chunkBytes, end - position);
+    const { bytesRead } = await fh.read(buf, 0, n, position);
+    if (end === undefined && bytesRead === 0) break;
+    if (end !== undefined && bytesRead !== n) throw new Error(`short read of image data at ${position}: ${bytesRead} of ${n} bytes`);
+    digest.push(slot++, bytesRead);
+    position += bytesRead;
+    onChunk?.(position);
+  }
+  return { position, slot };
 }

@@ -1,5 +1,5 @@
 import fs, { type FileHandle } from 'node:fs/promises';
-import { ParallelDigest, type FileDigests } from './hash.js';
+import { hashFileRange, ParallelDigest, type FileDigests } from './hash.js';
 import type { OsHashAlgo } from './types.js';
 
 /** Data received ahead of the hashes before the next piece waits (in the page cache, not in memory). */
@@ -162,6 +162,12 @@ export class ImageReceiver {
     for (const w of this.aheadWaiters.splice(0)) w();
   }
 
+  /** The hashes have taken everything before `at`: a writer waiting for them may go on. */
+  private hashedUpTo(at: number): void {
+    this.hashedTo = at;
+    for (const w of this.aheadWaiters.splice(0)) w();
+  }
+
   /** The hashes, following the writing: holes as zeros, data read back from the file. */
   private async follow(digest: ParallelDigest): Promise<FileDigests> {
     let at = 0;
@@ -178,12 +184,10 @@ export class ImageReceiver {
           digest.pushZeros(extent.start - at);
           at = extent.start;
         } else if (extent !== undefined && at < extent.end) {
-          const buf = await digest.slot(slot);
-          const n = Math.min(digest.chunkBytes, extent.end - at);
-          const { bytesRead } = await this.fh.read(buf, 0, n, at);
-          if (bytesRead !== n) throw new Error(`short read of received image data at ${at}: ${bytesRead} of ${n} bytes`);
-          digest.push(slot++, n);
-          at += n;
+          ({ position: at, slot } = await hashFileRange(digest, this.fh, { start: at, end: extent.end, slot }, (position) => {
+            this.hashedUpTo(position);
+            if (this.failure) throw this.failure;
+          }));
         } else if (at < this.position) {
           digest.pushZeros(this.position - at); // skipped: a hole
           at = this.position;
@@ -196,8 +200,7 @@ export class ImageReceiver {
           this.wake = undefined;
           continue;
         }
-        this.hashedTo = at;
-        for (const w of this.aheadWaiters.splice(0)) w();
+        this.hashedUpTo(at);
       }
       const [md5, osHash] = await digest.end();
       return { md5: md5!, osHash: osHash!, bytes: this.size };

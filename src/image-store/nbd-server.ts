@@ -59,6 +59,10 @@ const MAX_REQUEST_BYTES = 32 * 1024 * 1024;
 /** Option data a client may send (an export name and a few info requests). */
 const MAX_OPTION_BYTES = 64 * 1024;
 
+function cutOff(got: number, n: number): Error {
+  return new Error(`NBD client closed the connection in the middle of a message (${got} of ${n} bytes)`);
+}
+
 /** Reads exact byte counts from a socket, taking data only as it is asked for (backpressure). */
 class SocketReader {
   private chunks: Buffer[] = [];
@@ -86,47 +90,29 @@ class SocketReader {
 
   /** Exactly `n` bytes; undefined if the stream ended cleanly before any of them. */
   async read(n: number): Promise<Buffer | undefined> {
-    if (n === 0) return Buffer.alloc(0);
-    while (this.buffered < n) {
-      if (this.error) throw this.error;
-      if (this.ended) {
-        if (this.buffered === 0) return undefined;
-        throw new Error(`NBD client closed the connection in the middle of a message (${this.buffered} of ${n} bytes)`);
-      }
-      this.socket.resume();
-      await new Promise<void>((r) => (this.wake = r));
-      this.wake = undefined;
-    }
+    const pieces = await this.pieces(n);
+    if (pieces === undefined) return undefined;
     // Only the bytes asked for are copied (a header never copies the data buffered behind it).
-    const first = this.chunks[0]!;
-    let out: Buffer;
-    if (first.length >= n) {
-      out = first.subarray(0, n);
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-    } else {
-      out = Buffer.allocUnsafeSlow(n);
-      for (let filled = 0; filled < n; ) {
-        const c = this.chunks[0]!;
-        const take = Math.min(c.length, n - filled);
-        c.copy(out, filled, 0, take);
-        filled += take;
-        if (take === c.length) this.chunks.shift();
-        else this.chunks[0] = c.subarray(take);
-      }
-    }
-    this.buffered -= n;
-    if (this.buffered <= 4 * 1024 * 1024) this.socket.resume();
-    return out;
+    return pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces, n);
   }
 
   /** Exactly `n` bytes as the pieces they arrived in (no copy); throws if the stream ends first. */
   async mustPieces(n: number): Promise<Buffer[]> {
+    const out = await this.pieces(n);
+    if (out === undefined) throw cutOff(0, n);
+    return out;
+  }
+
+  /** Exactly `n` bytes as the pieces they arrived in; undefined if the stream ended cleanly before any of them. */
+  private async pieces(n: number): Promise<Buffer[] | undefined> {
     const out: Buffer[] = [];
     for (let left = n; left > 0; ) {
       if (this.buffered === 0) {
         if (this.error) throw this.error;
-        if (this.ended) throw new Error(`NBD client closed the connection in the middle of a message (${n - left} of ${n} bytes)`);
+        if (this.ended) {
+          if (left === n) return undefined;
+          throw cutOff(n - left, n);
+        }
         this.socket.resume();
         await new Promise<void>((r) => (this.wake = r));
         this.wake = undefined;

@@ -12,9 +12,12 @@ import { USES_MANAGED_SAVE } from '../../src/snapshot/strategies.js';
  * it sends STOP (do_vm_stop: cpu_disable_ticks, pause_all_vcpus, the state handlers, then the event)
  * and sends RESUME before it starts the clock again (vm_prepare_start). So the guest sees more than
  * the events say, by what QEMU's main thread spends in between: 3.4–4.6 ms per save/restore here,
- * 21 ms once on a loaded CI host. The guest never sees less (but for the probe's ~1 ms).
+ * 21 ms once on a loaded CI host. The guest sees less only through the probe itself: it ends a stop
+ * at the first tick within probe.stop_ms (15 ms, guest/probe.c) of the highest offset seen, so when
+ * the ticks after a resume all come late on a loaded host (the vCPU not run for a while), it reports
+ * up to 15 ms less than the stop was (12.9 ms less seen once, a restore on a loaded CI host).
  */
-export const DOWNTIME_TOLERANCE_MS = { below: 10, above: 40 } as const;
+export const DOWNTIME_TOLERANCE_MS = { below: 16, above: 40 } as const;
 
 /**
  * A stall of the guest's monotonic clock (PROBE gap: its 5 ms sleep took longer than 50 ms) comes

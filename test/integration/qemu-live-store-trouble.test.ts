@@ -302,12 +302,14 @@ describe('live: the guest never waits for the image store (real Linux guest, wri
       image,
     });
 
-    // The stall was real and during the copy: the copy was running, the store took nothing while
-    // frozen, and the guest's writes went through copy-before-write meanwhile (into the fleece image).
+    // The stall was real and during the copy: the copy was running and the store took nothing while
+    // frozen. (How much the fleece image grew meanwhile is reported, not asserted: copy-before-write
+    // of a cluster the guest had never written copies zeros, which qcow2 records without a byte of
+    // data, and QEMU keeps the fleece's metadata in memory, so neither its size nor `qemu-img map`
+    // shows every copy.)
     expect(marks.thawing).toBeGreaterThan(marks.frozen);
     expect(during.copiesAtThaw).toHaveLength(1);
     expect(during.partialAtThaw).toBe(during.partialAtFreeze);
-    expect(during.fleeceAtThaw).toBeGreaterThan(during.fleeceAtFreeze);
     expect(result.duration_ms).toBeGreaterThanOrEqual(STALL_MS);
 
     // The guest never waited for the store. While it was frozen the guest wrote on at a good part

@@ -1,4 +1,4 @@
-import { open, truncate, writeFile } from 'node:fs/promises';
+import { type FileHandle, open, truncate, writeFile } from 'node:fs/promises';
 import { setImmediate as nextTurn } from 'node:timers/promises';
 
 /** One live backup job of the fake, as a test sees it (`FakeHypervisor.liveBackups`). */
@@ -35,31 +35,26 @@ export async function copyIntoTarget(
   between: () => void,
   onProgress?: (fraction: number) => void,
 ): Promise<void> {
-  if (typeof dest !== 'string') {
-    const step = Math.ceil(data.length / CHUNKS);
-    for (let off = 0; off < data.length; off += step) {
-      const end = Math.min(off + step, data.length);
-      const chunk = data.subarray(off, end);
-      if (chunk.some((b) => b !== 0)) await dest.put(off, Buffer.from(chunk));
-      onProgress?.(end / data.length);
-      between();
-      await nextTurn();
-    }
-    return;
+  let fh: FileHandle | undefined;
+  let write: (offset: number, chunk: Buffer) => Promise<unknown>;
+  if (typeof dest === 'string') {
+    const file = (fh = await open(dest, 'r+'));
+    write = (offset, chunk) => file.write(chunk, 0, chunk.length, offset);
+  } else {
+    write = (offset, chunk) => dest.put(offset, Buffer.from(chunk));
   }
-  const fh = await open(dest, 'r+');
   try {
     const step = Math.ceil(data.length / CHUNKS);
     for (let off = 0; off < data.length; off += step) {
       const end = Math.min(off + step, data.length);
       const chunk = data.subarray(off, end);
-      if (chunk.some((b) => b !== 0)) await fh.write(chunk, 0, chunk.length, off);
+      if (chunk.some((b) => b !== 0)) await write(off, chunk);
       onProgress?.(end / data.length);
       between();
       await nextTurn();
     }
-    await fh.sync();
+    await fh?.sync();
   } finally {
-    await fh.close();
+    await fh?.close();
   }
 }

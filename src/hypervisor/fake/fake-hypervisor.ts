@@ -14,6 +14,7 @@ import {
 import { isUuid } from '../../util/uuid.js';
 import {
   ExportDest,
+  exportFile,
   processHoldsDisk,
   type BackupJob,
   type DiskInfo,
@@ -285,7 +286,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
    * keeps writing to its disk.
    */
   startLiveBackup(uuid: string, target: ExportDest | string): Promise<BackupJob> {
-    const dest = typeof target === 'string' ? target : target.file;
+    const dest = exportFile(target);
     return this.call('startLiveBackup', uuid, [uuid, dest], async () => {
       const inst = this.get(uuid);
       requireProcess(inst, 'startLiveBackup');

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { errorMessage, UsageError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { QemuImg } from '../../qemu-img/qemu-img.js';
-import type { BackupJob, ExportDest } from '../types.js';
+import { exportFile, type BackupJob, type ExportDest } from '../types.js';
 import type { DomainXml } from './domain-xml.js';
 import type { Virsh } from './virsh.js';
 
@@ -45,7 +45,7 @@ export interface PullBackupContext {
 }
 
 export async function startPullBackup(ctx: PullBackupContext, domain: DomainXml, target: ExportDest | string): Promise<BackupJob> {
-  const dest = typeof target === 'string' ? target : target.file;
+  const dest = exportFile(target);
   const socket = `${dest}.nbd`;
   if (Buffer.byteLength(socket) >= UNIX_SOCKET_PATH_MAX) {
     throw new UsageError(`the backup's NBD socket ${JSON.stringify(socket)} would not fit in a unix socket path: choose a shorter [image_store] path`);

@@ -5,7 +5,7 @@ import { performance } from 'node:perf_hooks';
 import { ConfigError, InstanceBusy, ProgramTimeout, QemuImgError, QmpError, QmpTimeout, errorMessage } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { QemuImg } from '../../qemu-img/qemu-img.js';
-import type { BackupJob, ExportDest } from '../types.js';
+import { exportFile, type BackupJob, type ExportDest } from '../types.js';
 import { UNIX_SOCKET_PATH_MAX } from './layout.js';
 import { DISK_NODE, DISK_QOM_PATH } from './launch.js';
 import { processesWhere } from '../../util/processes.js';
@@ -349,7 +349,7 @@ export class QemuBackupJob implements BackupJob {
         { cause: err },
       );
     }
-    return new QemuImgError(`live backup: copying into ${typeof this.dest === 'string' ? this.dest : this.dest.file} failed: ${msg}`, argv, stderr, { cause: err });
+    return new QemuImgError(`live backup: copying into ${exportFile(this.dest)} failed: ${msg}`, argv, stderr, { cause: err });
   }
 }
 
