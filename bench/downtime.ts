@@ -24,18 +24,21 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { buildRuntime, type Runtime } from '../src/service/runtime.js';
+import { buildRuntime } from '../src/service/runtime.js';
 import { benchConfig } from './bench-config.js';
 import { QUIESCE_MODES, STRATEGIES, type QuiesceMode, type StrategyName } from '../src/config/schema.js';
-import { DISK_NODE, DISK_QOM_PATH } from '../src/hypervisor/qemu/launch.js';
+import { DISK_NODE } from '../src/hypervisor/qemu/launch.js';
 import { GuestConsole, latencyPercentiles, type GuestObserved, type LatencyHistogram } from '../src/guest-check/console.js';
 import { testGuestDomainXml } from '../src/guest-check/domain-xml.js';
 import { buildGuestImage, type GuestImage } from '../src/guest-check/guest-image.js';
 import { observeRunningGuest } from '../src/guest-check/observe.js';
 import { waitForGuestReady } from '../src/guest-check/ready.js';
-import { silentLogger } from '../src/log.js';
+import { createLogger, silentLogger } from '../src/log.js';
 import { runProgram } from '../src/util/exec.js';
 import { throttledStore, type ThrottledStore } from './throttled-store.js';
+import { bareSaveRestore } from './bare-save-restore.js';
+import { qemuGuest, writeDiskData, type BenchGuest } from './bench-guest.js';
+import { USES_MANAGED_SAVE } from '../src/snapshot/strategies.js';
 
 const { values } = parseArgs({
   options: {
@@ -76,7 +79,6 @@ const drivers = DRIVERS[values.driver as keyof typeof DRIVERS];
 /** The guest fills this much of its RAM with random bytes (it needs the rest to run). */
 const fillMb = values['ram-fill'] === 'random' ? Math.floor((ramMb * 3) / 4) : 0;
 
-const CHUNK_MB = 16;
 /**
  * The probe's gap threshold (guest/probe.c `probe.gap_ms`; 50 ms in the tests, for a loaded host):
  * lower here, so that the pause of a strategy that never stops the vCPUs is seen; the idle row shows
@@ -104,7 +106,9 @@ interface Figures {
 
 const IDLE = 'idle (no snapshot)';
 const UNPROTECTED = 'live, unprotected (push)';
-type Row = StrategyName | typeof IDLE | typeof UNPROTECTED;
+/** Bare QEMU's save and restore of the same guest (bare-save-restore.ts): the managed saves' baseline. */
+const BARE = 'bare QEMU save+restore';
+type Row = StrategyName | typeof IDLE | typeof UNPROTECTED | typeof BARE;
 const IDLE_WINDOW_MS = 5_000;
 
 function emptyFigures(): Figures {
@@ -116,43 +120,6 @@ function addObserved(f: Figures, seen: GuestObserved): void {
   f.writerMax.push(Math.round(seen.writerMaxMs));
   f.gapMax.push(Math.round(Math.max(0, ...seen.gaps)));
   for (const [i, c] of seen.writerLatency) f.writerLatency.set(i, (f.writerLatency.get(i) ?? 0) + c);
-}
-
-/** One bench guest on one backend: booted, its data written, and how to end it. */
-interface BenchGuest {
-  uuid: string;
-  console: GuestConsole;
-  /** Runs an HMP command line on its QEMU. */
-  hmp(command: string): Promise<string>;
-  /** Runs a QMP command on its QEMU (qemu backend only). */
-  qmp?<T = unknown>(execute: string, args?: Record<string, unknown>): Promise<T>;
-  close(): Promise<void>;
-}
-
-async function qemuGuest(rt: Runtime, guest: GuestImage, cmdline: string): Promise<BenchGuest> {
-  const hv = rt.qemu!;
-  const uuid = randomUUID();
-  await hv.createInstance({
-    uuid,
-    name: 'bench',
-    memoryMb: ramMb,
-    vcpus: 1,
-    machine: 'pc',
-    baseImage: guest.rootDisk,
-    baseImageFormat: guest.rootDiskFormat,
-    diskSizeBytes: diskMb * MiB,
-    kernel: guest.kernel,
-    initrd: guest.initrd,
-    cmdline,
-  });
-  await rt.lifecycle.start(uuid);
-  return {
-    uuid,
-    console: new GuestConsole(path.join(rt.config.DEFAULT.instances_path, uuid, 'console.log')),
-    hmp: (command) => hv.hmp(uuid, command),
-    qmp: (execute, args) => hv.qmp(uuid, execute, args),
-    close: () => hv.stop(uuid, { graceful: false }).catch(() => undefined),
-  };
 }
 
 async function virsh(...args: string[]): Promise<string> {
@@ -195,17 +162,14 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
     store = await throttledStore(path.join(base, 'throttled-store'), { bytesPerSecond: throttleMiBps * MiB, sizeBytes: (dataMb + 1024) * MiB });
     config.image_store.path = path.join(store.mountpoint, 'images');
   }
-  const rt = buildRuntime(config, silentLogger());
+  // BENCH_LOG=1: the agent's log lines (debug) on stderr, to see where an operation's time goes.
+  const rt = buildRuntime(config, process.env.BENCH_LOG ? createLogger({ level: 'debug' }) : silentLogger());
   const cmdline = `${guest.cmdline} probe.gap_ms=${PROBE_GAP_MS}${fillMb > 0 ? ` guest.fill_mb=${fillMb}` : ''}`;
-  const g = driver === 'qemu' ? await qemuGuest(rt, guest, cmdline) : await libvirtGuest(base, guest, cmdline);
+  const g = driver === 'qemu' ? await qemuGuest(rt, guest, { cmdline, ramMb, diskMb }) : await libvirtGuest(base, guest, cmdline);
   try {
     // Filling the RAM happens before the guest says it is ready: minutes under TCG for GiBs.
     await waitForGuestReady(rt.hv, g.uuid, g.console, 0, 30 * 60_000);
-    for (let off = 0; off < dataMb; off += CHUNK_MB) {
-      const len = Math.min(CHUNK_MB, dataMb - off);
-      const out = await g.hmp(`qemu-io -d ${DISK_QOM_PATH} "write -P 0x${(0x10 + ((off / CHUNK_MB) % 200)).toString(16)} ${DATA_OFFSET_MB + off}M ${len}M"`);
-      if (out.trim() !== '') throw new Error(`HMP qemu-io write failed: ${out.trim()}`);
-    }
+    await writeDiskData(g, DATA_OFFSET_MB, dataMb);
     const disk = await rt.hv.diskInfo(g.uuid);
     console.log(
       `${driver}: guest Linux ${guest.kernelVersion}, ${ramMb} MiB RAM (${fillMb} MiB of it random bytes), ` +
@@ -218,6 +182,19 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
       const fi = figures.get(IDLE) ?? emptyFigures();
       addObserved(fi, idle.guest);
       figures.set(IDLE, fi);
+      if (driver === 'qemu' && strategies.some((st) => USES_MANAGED_SAVE[st])) {
+        const dir = path.join(config.DEFAULT.instances_path, g.uuid);
+        const paths = { qmpSocket: path.join(dir, 'qmp.sock'), pidFile: path.join(dir, 'qemu.pid'), qemuLog: path.join(dir, 'qemu.log'), stateFile: path.join(dir, 'bare.state') };
+        const obs = await observeRunningGuest(g.console, () => bareSaveRestore(paths));
+        if (obs.guest.writerErrors.length > 0) throw new Error(`the guest's writer failed: ${obs.guest.writerErrors.join('; ')}`);
+        const f = figures.get(BARE) ?? emptyFigures();
+        f.downtime.push(obs.result.downtimeMs);
+        f.duration.push(obs.result.downtimeMs);
+        f.freeze.push(0);
+        addObserved(f, obs.guest);
+        figures.set(BARE, f);
+        console.log(`bare save+restore: ${JSON.stringify(obs.result)}`);
+      }
       if (values.unprotected) {
         const obs = await observeRunningGuest(g.console, () => unprotectedPush(g, path.join(config.image_store.path, `push-${r}.raw`)));
         if (obs.guest.writerErrors.length > 0) throw new Error(`the guest's writer failed: ${obs.guest.writerErrors.join('; ')}`);
@@ -272,6 +249,8 @@ async function unprotectedPush(g: BenchGuest, dest: string): Promise<{ durationM
 }
 
 const col = (x: number | string, w: number) => String(x).padStart(w);
+/** Managed saves in one snapshot of the row (double-suspend's downtime is that of two). */
+const savesOf = (row: Row) => (row === 'double-suspend' ? 2 : 1);
 const ratio = (x: number, b: number) => (b > 0 ? (x / b).toFixed(2) : 'n/a');
 
 function printDriver(driver: string, figures: Map<Row, Figures>): void {
@@ -279,19 +258,22 @@ function printDriver(driver: string, figures: Map<Row, Figures>): void {
   const baseDown = median(cold.downtime);
   const baseDur = median(cold.duration);
   const idleP99 = latencyPercentiles(figures.get(IDLE)!.writerLatency)?.p99Ms ?? NaN;
+  const bareDown = figures.has(BARE) ? median(figures.get(BARE)!.downtime) : NaN;
   console.log(
     `\n${driver}: ${runs} runs each, medians; guest_saw_ms: the vCPU stops the probe inside the guest measured; gap_ms: the longest stall ` +
       `of its clock over ${PROBE_GAP_MS} ms (0: none); writer: its write+fsync latencies over the whole window (the snapshot and 3 s after), ` +
       `p50/p99 over all runs (to within 19%), max the median of each run's longest; p99 vs idle: against the same guest doing nothing, same run; ` +
+      `vs bare: downtime against bare QEMU's save+restore of the same guest, same run, per managed save (double-suspend has two); ` +
       `store: ${throttleMiBps === undefined ? "on the guest disk's filesystem" : `throttled to ${throttleMiBps} MiB/s`}`,
   );
-  console.log('strategy                       downtime_ms  guest_saw_ms  vs cold  duration_ms  vs cold  freeze_ms  gap_ms  fsync_p50  fsync_p99  p99 vs idle  fsync_max');
+  console.log('strategy                       downtime_ms  guest_saw_ms  vs cold  vs bare  duration_ms  vs cold  freeze_ms  gap_ms  fsync_p50  fsync_p99  p99 vs idle  fsync_max');
   for (const [s, f] of figures) {
     const d = s === IDLE ? '-' : median(f.downtime);
     const t = s === IDLE ? '-' : median(f.duration);
     const p = latencyPercentiles(f.writerLatency);
     console.log(
-      `${s.padEnd(31)}${col(d, 11)}  ${col(median(f.seen), 12)}  ${col(typeof d === 'number' ? ratio(d, baseDown) : '-', 7)}  ${col(t, 11)}  ` +
+      `${s.padEnd(31)}${col(d, 11)}  ${col(median(f.seen), 12)}  ${col(typeof d === 'number' ? ratio(d, baseDown) : '-', 7)}  ` +
+        `${col(typeof d === 'number' && (s === BARE || USES_MANAGED_SAVE[s as StrategyName]) && bareDown > 0 ? ratio(d, bareDown * savesOf(s)) : '-', 7)}  ${col(t, 11)}  ` +
         `${col(typeof t === 'number' ? ratio(t, baseDur) : '-', 7)}  ${col(s === IDLE ? '-' : median(f.freeze), 9)}  ${col(median(f.gapMax), 6)}  ` +
         `${col(p ? p.p50Ms.toFixed(2) : 'n/a', 9)}  ${col(p ? p.p99Ms.toFixed(2) : 'n/a', 9)}  ${col(p ? ratio(p.p99Ms, idleP99) : 'n/a', 11)}  ${col(median(f.writerMax), 9)}`,
     );

@@ -1,4 +1,5 @@
 import type { FileHandle } from 'node:fs/promises';
+import { createHash, type Hash } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import { HashWorkerFailed } from '../errors.js';
 import type { OsHashAlgo, ProgressCallback } from './types.js';
@@ -9,6 +10,11 @@ export const HASH_CHUNK_BYTES = 4 * 1024 * 1024;
 const HASH_NICE = 10;
 /** Chunks in flight: the file is read this far ahead of the slower hash. */
 const RING_SLOTS = 4;
+/**
+ * Up to this many bytes are hashed on the calling thread: for a small image, handing chunks to
+ * threads costs more than the hashing (and on a loaded host the low-priority threads wait for a CPU).
+ */
+export const INLINE_HASH_MAX_BYTES = 1024 * 1024;
 
 export interface FileDigests {
   /** md5 hex (Glance `checksum`). */
@@ -93,8 +99,10 @@ type FromWorker = { done: number } | { digest: string };
  */
 export class ParallelDigest {
   readonly chunkBytes: number;
-  private readonly ring: SharedArrayBuffer;
+  private readonly ring: SharedArrayBuffer | ArrayBuffer;
   private readonly workers: Worker[];
+  /** The hashes of an inline digest (no workers). */
+  private readonly inline: Hash[] | undefined;
   /** Per slot: workers still hashing it, and who waits for it to be free. */
   private readonly busy: number[] = new Array<number>(RING_SLOTS).fill(0);
   private readonly waiting: (() => void)[][] = Array.from({ length: RING_SLOTS }, () => []);
@@ -105,9 +113,15 @@ export class ParallelDigest {
   private finished: (() => void) | undefined;
   private closed = false;
 
-  constructor(algos: readonly string[], opts: { chunkBytes?: number } = {}) {
-    this.chunkBytes = opts.chunkBytes ?? HASH_CHUNK_BYTES;
-    this.ring = new SharedArrayBuffer(this.chunkBytes * RING_SLOTS);
+  /** A digest of `bytes` bytes (when known): inline up to INLINE_HASH_MAX_BYTES, else on threads. */
+  static forSize(algos: readonly string[], bytes: number | undefined, opts: { chunkBytes?: number } = {}): ParallelDigest {
+    const inline = bytes !== undefined && bytes <= INLINE_HASH_MAX_BYTES;
+    return new ParallelDigest(algos, { ...opts, inline });
+  }
+
+  constructor(algos: readonly string[], opts: { chunkBytes?: number; inline?: boolean } = {}) {
+    this.chunkBytes = opts.chunkBytes ?? (opts.inline ? INLINE_HASH_MAX_BYTES / RING_SLOTS : HASH_CHUNK_BYTES);
+    this.ring = opts.inline ? new ArrayBuffer(this.chunkBytes * RING_SLOTS) : new SharedArrayBuffer(this.chunkBytes * RING_SLOTS);
     this.failed = new Promise<never>((_, reject) => {
       this.fail = (err) => {
         if (this.failure) return;
@@ -116,7 +130,8 @@ export class ParallelDigest {
       };
     });
     this.failed.catch(() => undefined);
-    this.workers = algos.map((algo, i) => {
+    this.inline = opts.inline ? algos.map((algo) => createHash(algo)) : undefined;
+    this.workers = opts.inline ? [] : algos.map((algo, i) => {
       const w = takeWorker();
       w.postMessage({ start: { algo, ring: this.ring } });
       w.on('message', (m: FromWorker) => {
@@ -160,6 +175,7 @@ export class ParallelDigest {
     if (this.failure) throw this.failure;
     const s = index % RING_SLOTS;
     this.busy[s] = this.workers.length + (alsoUntil ? 1 : 0);
+    for (const h of this.inline ?? []) h.update(new Uint8Array(this.ring, s * this.chunkBytes, length));
     for (const w of this.workers) w.postMessage({ slot: s, offset: s * this.chunkBytes, length });
     void alsoUntil?.finally(() => this.release(s)).catch(() => undefined);
   }
@@ -168,12 +184,17 @@ export class ParallelDigest {
   pushZeros(length: number): void {
     if (this.failure) throw this.failure;
     if (length > 0) for (const w of this.workers) w.postMessage({ zeros: length });
+    if (length > 0 && this.inline) {
+      const zeros = new Uint8Array(Math.min(length, this.chunkBytes));
+      for (const h of this.inline) for (let left = length; left > 0; left -= zeros.length) h.update(left >= zeros.length ? zeros : zeros.subarray(0, left));
+    }
   }
 
   /** The hex digests, in the order of the algorithms given; the workers are gone afterwards. */
   async end(): Promise<string[]> {
     try {
       if (this.failure) throw this.failure;
+      if (this.inline) return this.inline.map((h) => h.digest('hex'));
       const done = new Promise<void>((r) => (this.finished = r));
       for (const w of this.workers) w.postMessage({ end: true });
       await Promise.race([done, this.failed]);
@@ -211,7 +232,7 @@ export async function digestFile(
   osHashAlgo: OsHashAlgo,
   opts: { expectedBytes?: number; onProgress?: ProgressCallback; chunkBytes?: number; onStart?: (d: ParallelDigest) => void } = {},
 ): Promise<FileDigests> {
-  const digest = new ParallelDigest(['md5', osHashAlgo], { chunkBytes: opts.chunkBytes });
+  const digest = ParallelDigest.forSize(['md5', osHashAlgo], opts.expectedBytes, { chunkBytes: opts.chunkBytes });
   opts.onStart?.(digest);
   const total = opts.expectedBytes ?? 0;
   let lastReported = -1;

@@ -47,7 +47,7 @@ export class ImageReceiver {
     onDigest?: (d: ParallelDigest) => void,
     private readonly aheadBytes = MAX_AHEAD_BYTES,
   ) {
-    const digest = new ParallelDigest(['md5', osHashAlgo]);
+    const digest = ParallelDigest.forSize(['md5', osHashAlgo], size);
     onDigest?.(digest);
     this.hashing = this.follow(digest);
     this.hashing.catch(() => undefined);

@@ -100,8 +100,9 @@ export async function guestIn(
   state: Extract<PowerState, 'running' | 'paused' | 'shutoff' | 'saved'>,
   uuid: string,
   agent: FakeGuestAgent = { present: true },
+  diskSizeBytes = 64 * 1024,
 ) {
-  await env.hv.createInstance({ uuid, name: `guest-${state}`, memoryMb: 128, vcpus: 1, machine: 'pc', diskSizeBytes: 64 * 1024 });
+  await env.hv.createInstance({ uuid, name: `guest-${state}`, memoryMb: 128, vcpus: 1, machine: 'pc', diskSizeBytes });
   env.hv.setGuestAgent(uuid, agent);
   if (state === 'shutoff') return;
   await env.hv.start(uuid);

@@ -111,7 +111,7 @@ async function expectSafeAfterFailure(uuid: string, imageId: string, prior: 'run
   expect((await entries(imagesDir)).filter((n) => n.startsWith('.') && n !== '.partial' && n !== '.locks')).toEqual([]);
   expect(await entries(path.join(imagesDir, '.locks'))).toEqual([]);
   const layout = new InstanceLayout(env!.instancesPath, uuid);
-  for (const f of [layout.saveState, layout.saveStatePartial, layout.saveMeta, layout.saveSocket, layout.restoreSocket]) {
+  for (const f of [layout.saveState, layout.saveStatePartial, layout.saveMeta, layout.saveSocket]) {
     await expect(fs.access(f), f).rejects.toThrow(/ENOENT/);
   }
   await guestFlush(env!.hv, uuid);

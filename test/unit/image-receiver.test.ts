@@ -5,6 +5,7 @@ import { dir, type DirectoryResult } from 'tmp-promise';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { STRATEGIES } from '../../src/config/schema.js';
 import { HashWorkerFailed, SnapshotFailed } from '../../src/errors.js';
+import { INLINE_HASH_MAX_BYTES } from '../../src/image-store/hash.js';
 import { ImageReceiver } from '../../src/image-store/image-receiver.js';
 import { expectSafeFailure, guestIn, makeFakeEnv, type FakeEnv } from '../helpers/fake-env.js';
 
@@ -107,7 +108,8 @@ describe('a snapshot whose received data cannot be hashed', () => {
     });
     envs.push(e);
     const uuid = randomUUID();
-    await guestIn(e, 'running', uuid);
+    // Larger than what is hashed inline, so that the hashes run on threads.
+    await guestIn(e, 'running', uuid, { present: true }, 2 * INLINE_HASH_MAX_BYTES);
     const imageId = randomUUID();
     const err = await expectSafeFailure(e, uuid, 'running', strategy, imageId);
     expect(err).toBeInstanceOf(SnapshotFailed);

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { dir, type DirectoryResult } from 'tmp-promise';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { HashWorkerFailed } from '../../src/errors.js';
-import { digestFile, ParallelDigest } from '../../src/image-store/hash.js';
+import { digestFile, INLINE_HASH_MAX_BYTES, ParallelDigest } from '../../src/image-store/hash.js';
 import { ImageStore } from '../../src/image-store/image-store.js';
 
 /**
@@ -45,6 +45,27 @@ describe('digestFile on worker threads', () => {
     await writeFile(file, data);
     const d = await digestOf(file, 'sha512', 64 * KiB);
     expect(d).toEqual({ md5: reference(data, 'md5'), osHash: reference(data, 'sha512'), bytes: size });
+  });
+
+  it.each([
+    [0, 0],
+    [INLINE_HASH_MAX_BYTES, 0],
+    [INLINE_HASH_MAX_BYTES + 1, 2],
+  ])('%i bytes expected: hashed on %i threads, the digests of every byte (holes as zeros)', async (size, threads) => {
+    const data = randomBytes(size);
+    const file = path.join(tmp.path, 'data');
+    await writeFile(file, data.subarray(0, Math.floor(size / 2)));
+    const fh = await open(file, 'r+');
+    let seen: number | undefined;
+    try {
+      await fh.truncate(size); // the second half a hole
+      const whole = Buffer.concat([data.subarray(0, Math.floor(size / 2)), Buffer.alloc(size - Math.floor(size / 2))]);
+      const d = await digestFile(fh, 'sha512', { expectedBytes: size, onStart: (digest) => (seen = digest.threads.length) });
+      expect(d).toEqual({ md5: reference(whole, 'md5'), osHash: reference(whole, 'sha512'), bytes: size });
+    } finally {
+      await fh.close();
+    }
+    expect(seen).toBe(threads);
   });
 
   it('a sparse file: its holes are hashed as the zeros they read as', async () => {

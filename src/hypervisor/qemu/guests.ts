@@ -160,8 +160,8 @@ export class QemuGuests {
     return this.sessions.use(layout.qmpSocket, fn);
   }
 
-  /** Launches the guest's QEMU daemonized; resolves with its pid. */
-  async launch(layout: InstanceLayout, record: InstanceRecord, extraArgs: readonly string[]): Promise<number> {
+  /** Launches the guest's QEMU daemonized (with extra arguments, and descriptors it inherits as fds 3, 4, …); resolves with its pid. */
+  async launch(layout: InstanceLayout, record: InstanceRecord, extraArgs: readonly string[], inherit: readonly number[] = []): Promise<number> {
     layout.assertSocketPathsFit();
     const boot = await resolveBootFiles(layout.dir, record).catch((err: unknown) => {
       throw new QemuProcessError(`cannot start instance ${layout.uuid}: ${layout.instanceJson}: ${errorMessage(err)}`);
@@ -169,7 +169,7 @@ export class QemuGuests {
     await removeFiles(layout.staleRuntimeFiles);
     const argv = [...qemuArgv(record, layout, this.opts.accel, boot), ...extraArgs];
     this.log.debug({ instance_uuid: layout.uuid, argv }, 'launching QEMU');
-    await launchDaemonized(this.opts.qemuBinary, argv, layout.qemuLog, `QEMU of instance ${layout.uuid}`, this.qmpTimeoutMs);
+    await launchDaemonized(this.opts.qemuBinary, argv, layout.qemuLog, `QEMU of instance ${layout.uuid}`, this.qmpTimeoutMs, inherit);
     const pid = await findGuestProcess(layout.pidFile, layout.uuid);
     if (pid === undefined) {
       const out = (await fs.readFile(layout.qemuLog, 'utf8').catch(() => '')).trim();

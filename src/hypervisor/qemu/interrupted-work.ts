@@ -43,7 +43,6 @@ async function endWorkOfProcess(g: QemuGuests, layout: InstanceLayout, pid: numb
       return ['ended the process of a completed managed save'];
     case 'unfinished-resume':
       await g.endProcess(layout, pid, 'kill');
-      await removeFiles([layout.restoreSocket]);
       return ['ended a resume that had not finished loading the saved state (the state is kept)'];
     case 'other':
       return left.done;

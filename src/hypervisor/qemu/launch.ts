@@ -87,6 +87,8 @@ export async function launchDaemonized(
   label = 'QEMU',
   /** Bound on the launch until QEMU has daemonized (`[hypervisor] qmp_timeout`); unbounded when unset. */
   timeoutMs?: number,
+  /** Open descriptors the process inherits, as its fds 3, 4, … (e.g. a saved state to load). */
+  inherit: readonly number[] = [],
 ): Promise<void> {
   const log = await fs.open(logFile, 'w', 0o640);
   let code: number | null;
@@ -94,7 +96,7 @@ export async function launchDaemonized(
   let timedOut = false;
   try {
     [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {
-      const child = spawn(binary, [...argv], { stdio: ['ignore', log.fd, log.fd] });
+      const child = spawn(binary, [...argv], { stdio: ['ignore', log.fd, log.fd, ...inherit] });
       // The launching parent exits once the daemon is up; one that does not is killed (its daemon
       // child, finding no parent to report to, exits too).
       const timer =

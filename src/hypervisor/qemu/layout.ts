@@ -49,10 +49,6 @@ export class InstanceLayout {
   get saveSocket(): string {
     return path.join(this.dir, 'save.sock');
   }
-  /** A restoring QEMU listens here for the saved state (resume). */
-  get restoreSocket(): string {
-    return path.join(this.dir, 'restore.sock');
-  }
 
   /** The guest's serial console: appended by every process of the instance, never truncated. */
   get consoleLog(): string {
@@ -66,7 +62,7 @@ export class InstanceLayout {
 
   /** Files a QEMU process leaves behind; removed before a new process is launched. */
   get staleRuntimeFiles(): string[] {
-    return [this.pidFile, this.qmpSocket, this.guestAgentSocket, this.saveSocket, this.restoreSocket, this.saveStatePartial];
+    return [this.pidFile, this.qmpSocket, this.guestAgentSocket, this.saveSocket, this.saveStatePartial];
   }
 
   /** Runtime files that go with the process (removed once it has exited). */
@@ -76,7 +72,7 @@ export class InstanceLayout {
 
   /** Throws a ConfigError naming the first unix socket path that does not fit in sun_path. */
   assertSocketPathsFit(): void {
-    for (const p of [this.qmpSocket, this.guestAgentSocket, this.saveSocket, this.restoreSocket]) {
+    for (const p of [this.qmpSocket, this.guestAgentSocket, this.saveSocket]) {
       const len = Buffer.byteLength(p);
       if (len >= UNIX_SOCKET_PATH_MAX) {
         throw new ConfigError(

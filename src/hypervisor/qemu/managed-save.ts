@@ -4,12 +4,13 @@ import { QemuProcessError, QmpDisconnected, QmpError, errorMessage } from '../..
 import type { Logger } from '../../log.js';
 import { fsyncDir } from '../../util/durable-fs.js';
 import { faultPoint, faultPointAfterOutput } from '../../util/fault.js';
+import { Phases } from '../../util/phases.js';
 import type { LaunchHooks, ResumeResult, SaveResult } from '../types.js';
 import { invalidState, type QemuGuests, removeFiles } from './guests.js';
 import { DISK_NODE, INCOMING_ARGS } from './launch.js';
 import { type InstanceLayout, type ManagedSaveRecord, readManagedSaveRecord, writeJsonAtomic } from './layout.js';
 import { cancelMigration, waitForMigration, withinJobTimeout, type MigrationBounds } from './migration.js';
-import { MigrationReceiver, sendMigrationStream } from './migration-stream.js';
+import { MigrationReceiver } from './migration-stream.js';
 import { findGuestProcess } from './qemu-process.js';
 import { eventTimeMs, type QmpClient } from './qmp.js';
 
@@ -18,6 +19,9 @@ import { eventTimeMs, type QmpClient } from './qmp.js';
  * a state file (through a socket the agent listens on), then the process exits; a resume launches a
  * new process waiting for an incoming migration and feeds it the file.
  */
+
+/** The descriptor a resuming QEMU inherits its saved state on (launch's first inherited fd). */
+const STATE_FD = 3;
 
 /** Lifts QEMU's default 128 MiB/s migration cap for saves into a file (as libvirt does). */
 const UNLIMITED_BANDWIDTH = Number.MAX_SAFE_INTEGER;
@@ -44,8 +48,9 @@ export async function managedSave(g: QemuGuests, uuid: string, opts: SaveOptions
   const log = g.log.child({ instance_uuid: layout.uuid });
   layout.assertSocketPathsFit();
 
+  const phases = new Phases();
   const { bytes, vcpusStoppedAt } = await g.withQmp(layout, async (qmp) => {
-    const saved = await saveState(g, qmp, layout, priorState, opts, log);
+    const saved = await saveState(g, qmp, layout, priorState, opts, log, phases);
     // The state is on disk: from here the process only has to go.
     await qmp.execute('quit').catch((err: unknown) => {
       if (!(err instanceof QmpDisconnected)) log.warn({ err: errorMessage(err) }, 'quit after managed save failed');
@@ -53,7 +58,8 @@ export async function managedSave(g: QemuGuests, uuid: string, opts: SaveOptions
     return saved;
   });
   await g.endProcess(layout, p.pid, 'quit-sent');
-  log.info({ prior_state: priorState, bytes }, 'instance managed-saved');
+  phases.mark('exit');
+  log.info({ prior_state: priorState, bytes, ...phases.ms }, 'instance managed-saved');
   return vcpusStoppedAt === undefined ? { priorState, bytes } : { priorState, bytes, vcpusStoppedAt };
 }
 
@@ -72,17 +78,28 @@ export async function resume(g: QemuGuests, uuid: string, hooks: LaunchHooks, op
     throw new QemuProcessError(`cannot resume instance ${layout.uuid}: ${errorMessage(err)}`, { cause: err });
   });
   await hooks.beforeLaunch?.(layout.uuid);
-  const pid = await g.launch(layout, p.record, INCOMING_ARGS);
+  const phases = new Phases();
+  // The new process reads the state file itself (its fd 3): no copy through the agent.
+  const state = await fs.open(layout.saveState, 'r').catch((err: unknown) => {
+    throw new QemuProcessError(`cannot resume instance ${layout.uuid}: ${errorMessage(err)}`, { cause: err });
+  });
+  let pid: number;
+  try {
+    pid = await g.launch(layout, p.record, INCOMING_ARGS, [state.fd]);
+  } finally {
+    await state.close();
+  }
+  phases.mark('launch');
   const progress = { loaded: false };
   let result: ResumeResult;
   try {
-    result = await g.withQmp(layout, (qmp) => loadState(g, qmp, layout, saved, progress, opts, log));
+    result = await g.withQmp(layout, (qmp) => loadState(g, qmp, layout, saved, progress, opts, log, phases));
   } catch (err) {
     // Once loaded, the new process is the guest: it must not be killed.
     if (progress.loaded) throw err;
     throw await endFailedResume(g, layout, pid, err, log);
   }
-  log.info({ state: result.state }, 'instance resumed from managed save');
+  log.info({ state: result.state, ...phases.ms }, 'instance resumed from managed save');
   return result;
 }
 
@@ -97,29 +114,30 @@ async function saveState(
   priorState: PriorState,
   opts: SaveOptions,
   log: Logger,
+  phases: Phases,
 ): Promise<{ bytes: number; vcpusStoppedAt: number | undefined }> {
   // Everything that can be prepared is, before the guest stops: downtime starts at `stop`.
   await removeFiles([layout.saveSocket, layout.saveStatePartial]);
   await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNLIMITED_BANDWIDTH });
   const receiver = await MigrationReceiver.listen(layout.saveSocket, layout.saveStatePartial, opts.beforeReadingSaveStream);
   let vcpusStoppedAt: number | undefined;
+  phases.mark('prepare');
   try {
     if (priorState === 'running') vcpusStoppedAt = await stopVcpus(qmp, log, g.qmpTimeoutMs);
+    phases.mark('stop');
     await qmp.execute('migrate', { uri: `unix:${layout.saveSocket}` });
     await faultPointAfterOutput('managed-save:migrating');
-    // Bounded as a whole: QEMU's side (query-migrate) and ours (the stream into the file).
+    // Bounded as a whole: QEMU's side (query-migrate) and ours (the stream into the file, fsynced).
     const startedAt = Date.now();
-    const [, bytes] = await withinJobTimeout(
-      Promise.all([waitForMigration(qmp, 'save', bounds(g, opts)), receiver.done]),
-      'save',
-      opts.jobTimeoutMs,
-      startedAt,
-    );
+    const migrated = waitForMigration(qmp, 'save', bounds(g, opts)).then(() => phases.mark('migrate'));
+    const [, bytes] = await withinJobTimeout(Promise.all([migrated, receiver.done]), 'save', opts.jobTimeoutMs, startedAt);
+    phases.mark('sync');
     await receiver.close();
     // managed-save.json first: a state file never exists without it.
     await writeJsonAtomic(layout.saveMeta, { prior_state: priorState, bytes });
     await fs.rename(layout.saveStatePartial, layout.saveState);
     await fsyncDir(layout.dir);
+    phases.mark('record');
     return { bytes, vcpusStoppedAt };
   } catch (err) {
     // The migration is cancelled before our end of its stream is: QEMU then stops on its own terms.
@@ -179,29 +197,37 @@ async function loadState(
   progress: { loaded: boolean },
   opts: SaveOptions,
   log: Logger,
+  phases: Phases,
 ): Promise<ResumeResult> {
-  await qmp.execute('migrate-incoming', { uri: `unix:${layout.restoreSocket}` });
+  phases.mark('connect');
   faultPoint('resume:loading');
-  // Bounded as a whole (a QEMU that stops reading the stream leaves our send waiting).
-  const startedAt = Date.now();
-  await withinJobTimeout(sendMigrationStream(layout.restoreSocket, layout.saveState), 'restore', opts.jobTimeoutMs, startedAt);
-  await waitForMigration(qmp, 'restore', { ...bounds(g, opts), jobTimeoutMs: Math.max(0, startedAt + opts.jobTimeoutMs - Date.now()) });
+  await qmp.execute('migrate-incoming', { uri: `fd:${STATE_FD}` });
+  await waitForMigration(qmp, 'restore', bounds(g, opts));
   progress.loaded = true;
-  // The new process holds the state now. Remove the file before the guest runs again: a
-  // state file older than the disk must never be resumed later.
-  await removeFiles([layout.saveState, layout.saveMeta, layout.restoreSocket]);
+  phases.mark('load');
+  // The new process holds the state now. Before the guest runs again the file stops being a saved
+  // state (one older than the disk must never be resumed later): renamed back to partial, which is
+  // never loaded, and removed once the guest runs (unlinking hundreds of MiB is not instant).
+  await fs.rename(layout.saveState, layout.saveStatePartial);
+  await removeFiles([layout.saveMeta]);
   await fsyncDir(layout.dir);
   faultPoint('resume:loaded');
+  phases.mark('cleanup');
   let vcpusResumedAt: number | undefined;
-  if (saved.prior_state === 'running') {
-    vcpusResumedAt = await continueVcpus(qmp, log, g.qmpTimeoutMs).catch((err: unknown) => {
-      if (err instanceof QmpDisconnected) throw err; // gone, not paused
-      log.error({ err: errorMessage(err) }, 'the saved state is loaded, but the vCPUs cannot run again: the guest is paused');
-      throw new QemuProcessError(
-        `instance ${layout.uuid}: the saved state is loaded, but its vCPUs could not run again (cont: ${errorMessage(err)}): it is paused`,
-        { cause: err },
-      );
-    });
+  try {
+    if (saved.prior_state === 'running') {
+      vcpusResumedAt = await continueVcpus(qmp, log, g.qmpTimeoutMs).catch((err: unknown) => {
+        if (err instanceof QmpDisconnected) throw err; // gone, not paused
+        log.error({ err: errorMessage(err) }, 'the saved state is loaded, but the vCPUs cannot run again: the guest is paused');
+        throw new QemuProcessError(
+          `instance ${layout.uuid}: the saved state is loaded, but its vCPUs could not run again (cont: ${errorMessage(err)}): it is paused`,
+          { cause: err },
+        );
+      });
+    }
+    phases.mark('cont');
+  } finally {
+    await removeFiles([layout.saveStatePartial]).catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'cannot remove the loaded state file'));
   }
   const state = await g.queryPowerState(qmp);
   return vcpusResumedAt === undefined ? { state } : { state, vcpusResumedAt };
@@ -217,7 +243,6 @@ async function endFailedResume(g: QemuGuests, layout: InstanceLayout, pid: numbe
   await g.endProcess(layout, pid, 'kill').catch((e: unknown) =>
     log.error({ err: errorMessage(e) }, 'cannot end the failed QEMU process'),
   );
-  await removeFiles([layout.restoreSocket]);
   if (!died) return err;
   return new QemuProcessError(
     `cannot resume instance ${layout.uuid}: its QEMU exited while loading the saved state ` +
