@@ -2,7 +2,11 @@ import { defineConfig } from 'vitest/config';
 import { SlowestFirstSequencer } from './test/slow-first-sequencer.js';
 
 /** Files that stop and start the shared RabbitMQ: they run after the main group, one at a time. */
-const BROKER_RESTARTS = ['test/integration/bus-contract.test.ts', 'test/integration/agent-crash.test.ts'];
+const BROKER_RESTARTS = [
+  'test/integration/bus-contract.test.ts',
+  'test/integration/agent-crash.test.ts',
+  'test/integration/metrics-broker-restart.test.ts',
+];
 /**
  * Files that restart the host's one libvirtd: after the main group too, beside the broker restarts
  * (they share neither daemon: the two groups run at the same time).

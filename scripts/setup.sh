@@ -27,6 +27,9 @@ command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || missing+=(e2
 command -v cpio >/dev/null || missing+=(cpio)
 command -v gcc >/dev/null || missing+=(gcc)
 installed libc6-dev || missing+=(libc6-dev)
+# The systemd unit's test runs `systemd-analyze verify` on etc/snapshot-driver.service. The systemd
+# package only provides the tools here: it does not become the init system (systemd-sysv does that).
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 # The libvirt backend's tests: Debian 12's monolithic libvirtd, started by scripts/libvirtd.sh under
 # tini (no systemd). The -sysv flavour is named so that apt does not pick the systemd one, which
 # would pull systemd-container and upgrade the (unused) systemd packages.

@@ -174,6 +174,14 @@ export class GuestLost extends SnapshotDriverError {}
  */
 export class GuestLeftPaused extends SnapshotDriverError {}
 
+/**
+ * `serve` cannot listen where `[metrics] listen` says (the port is in use, the address is not one of
+ * this host's, a port below 1024 without the right): the message names the option and the reason.
+ */
+export class MetricsListenError extends SnapshotDriverError {
+  override readonly exitCode = 2;
+}
+
 /** Another agent (`serve`) already runs on the same state_path. */
 export class AgentAlreadyRunning extends SnapshotDriverError {}
 

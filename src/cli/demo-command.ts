@@ -68,6 +68,9 @@ function demoConfig(config: Config, base: string): Config {
   config.hypervisor.shutdown_timeout = 1;
   // The demo guest is made on the spot: the qemu backend's own instance, whatever the config says.
   config.hypervisor.driver = 'qemu';
+  // Its agents start one after the other, beside any agent of the host's: they serve no metrics,
+  // and the demo prints what they recorded at the end.
+  config.metrics.listen = null;
   return config;
 }
 
@@ -128,7 +131,7 @@ export function registerDemoCommand(program: Command): void {
         const rows: unknown[][] = [];
         for (const strategy of STRATEGIES) {
           config.snapshot.strategy = strategy;
-          const agent = await startAgent(buildRuntime(config, log));
+          const agent = await startAgent(buildRuntime(config, log, { metrics: rt.metrics }));
           try {
             waitForEnd ??= await listenForSnapshotEvents(bus, config.DEFAULT.control_exchange);
             const imageId = randomUUID();
@@ -168,6 +171,11 @@ export function registerDemoCommand(program: Command): void {
           ['strategy', 'downtime_ms', 'guest_saw_ms', 'cast_to_end_ms', 'image_id', 'size', 'sha512', 'verify', 'filesystem', 'last_record', 'guest'],
           rows,
         );
+        // What GET /metrics would have answered after these snapshots: the agent's own series, but
+        // for the histograms' buckets (their _sum and _count stay).
+        const exposition = await rt.metrics.text();
+        const ours = exposition.split('\n').filter((l) => /^(# (HELP|TYPE) )?snapshot_driver_/.test(l) && !/^snapshot_driver_\w+_bucket\{/.test(l));
+        process.stdout.write(`\n# GET /metrics after the demo: the snapshot_driver_* series, without histogram buckets\n${ours.join('\n')}\n`);
       } finally {
         await bus.close().catch(() => undefined);
         await hv.stop(uuid, { graceful: false }).catch(() => undefined);

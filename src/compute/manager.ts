@@ -3,6 +3,7 @@ import { errorMessage, ImageNotFound, SnapshotInterrupted } from '../errors.js';
 import type { Hypervisor } from '../hypervisor/types.js';
 import type { ImageMeta, ImageStore } from '../image-store/image-store.js';
 import { operationLogger, type Logger } from '../log.js';
+import type { AgentMetrics, OperationTrack } from '../metrics/agent-metrics.js';
 import type { RpcContext, RpcTarget } from '../messaging/rpc-types.js';
 import type { SnapshotEngine, SnapshotRequest, SnapshotResult, UnfinishedImage } from '../snapshot/engine.js';
 import { rotateBackups } from './backup-rotation.js';
@@ -57,6 +58,9 @@ export type SnapshotReply = SnapshotResult | UnrecordedSnapshotResult;
 
 const DEFAULT_LOCK_WAIT_MS = 15 * 60 * 1000;
 
+/** The strategy label of a failed snapshot when the manager was given no default strategy (tests). */
+const UNKNOWN_STRATEGY = 'unknown';
+
 /** What is left of an operation once it has released its instance. */
 type Rest = () => Promise<unknown>;
 
@@ -75,6 +79,11 @@ export interface ComputeManagerDeps {
   locks?: InstanceLocks;
   /** How long an operation waits for another process to finish with its instance (default 15 min). */
   lockWaitMs?: number;
+  /**
+   * Where the operations' facts are counted: in progress and waiting, and each snapshot's outcome
+   * (snapshot_driver_snapshots_total, the downtime and duration histograms, the exported bytes).
+   */
+  metrics?: AgentMetrics;
 }
 
 /**
@@ -121,7 +130,15 @@ export class ComputeManager implements RpcTarget {
     // the backups before it active.
     const uuid = parsed.instance.uuid;
     const makesImage = parsed.method === 'snapshot_instance' || parsed.method === 'backup_instance';
-    return this.perInstance.run(uuid, () => this.run(parsed, ctx)).then((rest) => (makesImage ? this.imageEnds.run(uuid, rest) : rest()));
+    // Waiting in the instance's line, then in progress (but for a wait for a snapshot slot) to its end.
+    const track = this.deps.metrics?.trackOperation();
+    return this.perInstance
+      .run(uuid, () => {
+        track?.run();
+        return this.run(parsed, ctx, track);
+      })
+      .then((rest) => (makesImage ? this.imageEnds.run(uuid, rest) : rest()))
+      .finally(() => track?.end());
   }
 
   /** Snapshots/backups running now, and waiting for a slot. */
@@ -133,7 +150,7 @@ export class ComputeManager implements RpcTarget {
    * The operation's part that holds the instance (its place in line, and its lock against other
    * processes); resolves with the rest, to be run once the instance is released.
    */
-  private async run(call: ParsedCall, ctx: RpcContext): Promise<Rest> {
+  private async run(call: ParsedCall, ctx: RpcContext, track: OperationTrack | undefined): Promise<Rest> {
     const log = operationLogger(this.deps.log, ctx.requestId, call.instance.uuid).child({ method: call.method });
     const failed = (err: unknown) => {
       log.error({ err }, `operation failed: ${errorMessage(err)}`);
@@ -145,9 +162,9 @@ export class ComputeManager implements RpcTarget {
       const locks = this.deps.locks;
       rest = locks
         ? await locks.hold(call.instance.uuid, `${call.method} request ${ctx.requestId}`, { waitMs: this.deps.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, log }, () =>
-            this.dispatch(call, ctx, log),
+            this.dispatch(call, ctx, log, track),
           )
-        : await this.dispatch(call, ctx, log);
+        : await this.dispatch(call, ctx, log, track);
     } catch (err) {
       return failed(err);
     }
@@ -159,15 +176,15 @@ export class ComputeManager implements RpcTarget {
       }, failed);
   }
 
-  private async dispatch(call: ParsedCall, ctx: RpcContext, log: Logger): Promise<Rest> {
+  private async dispatch(call: ParsedCall, ctx: RpcContext, log: Logger, track: OperationTrack | undefined): Promise<Rest> {
     const { lifecycle } = this.deps;
     const uuid = call.instance.uuid;
     const done = (value: unknown) => () => Promise.resolve(value);
     switch (call.method) {
       case 'snapshot_instance':
-        return this.snapshot(call.instance, call.imageId, ctx, log);
+        return this.snapshot(call.instance, call.imageId, ctx, log, track);
       case 'backup_instance': {
-        const finish = await this.snapshot(call.instance, call.imageId, ctx, log, call.backupType);
+        const finish = await this.snapshot(call.instance, call.imageId, ctx, log, track, call.backupType);
         return async () => {
           const result = await finish();
           // Best effort, as in nova: the backup is made and active whatever happens to older ones.
@@ -195,7 +212,14 @@ export class ComputeManager implements RpcTarget {
    * The snapshot's guest part; resolves with its finish (hash, commit, record, notify), which holds
    * the snapshot slot but not the instance.
    */
-  private async snapshot(instance: InstanceRef, imageId: string, ctx: RpcContext, log: Logger, backupType?: string): Promise<() => Promise<SnapshotReply>> {
+  private async snapshot(
+    instance: InstanceRef,
+    imageId: string,
+    ctx: RpcContext,
+    log: Logger,
+    track: OperationTrack | undefined,
+    backupType?: string,
+  ): Promise<() => Promise<SnapshotReply>> {
     const imageType = backupType === undefined ? 'snapshot' : 'backup';
     const info: SnapshotInfo = {
       instanceUuid: instance.uuid,
@@ -212,14 +236,22 @@ export class ComputeManager implements RpcTarget {
       const earlier = await this.earlierOutcome(info, log);
       if (earlier !== undefined) return () => Promise.resolve(earlier);
     }
-    if (this.snapshotSlots.active >= this.snapshotSlots.limit) log.info(this.snapshotStats(), 'snapshot waiting for a slot');
+    // A slot is granted at once only when one is free and nobody waits for it (FifoSemaphore).
+    if (this.snapshotSlots.active >= this.snapshotSlots.limit || this.snapshotSlots.waiting > 0) {
+      log.info(this.snapshotStats(), 'snapshot waiting for a slot');
+      track?.wait();
+    }
     const release = await this.snapshotSlots.acquire();
+    track?.run();
     log.info(this.snapshotStats(), 'snapshot slot acquired');
     const releaseSlot = () => {
       release();
       log.info(this.snapshotStats(), 'snapshot slot released');
     };
+    const { metrics } = this.deps;
     const failed = async (err: unknown): Promise<never> => {
+      // The strategy it would have run with: the configured one (the RPC request names none).
+      metrics?.snapshotFailed(info.strategy ?? UNKNOWN_STRATEGY);
       await this.notify(log, 'snapshotError', (n) => n.snapshotError(info, err));
       throw err;
     };
@@ -250,6 +282,12 @@ export class ComputeManager implements RpcTarget {
     return async () => {
       try {
         const result = await unfinished.finish().catch(failed);
+        metrics?.snapshotSucceeded({
+          strategy: result.strategy,
+          downtimeSeconds: result.downtime_ms / 1000,
+          durationSeconds: result.duration_ms / 1000,
+          bytes: result.size,
+        });
         // Before anyone is told: from here a crash leaves a request that answers with this result again.
         await this.recordResult(result, log);
         await this.notify(log, 'snapshotEnd', (n) => n.snapshotEnd({ ...info, strategy: result.strategy }, result));

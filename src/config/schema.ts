@@ -1,10 +1,12 @@
 import os from 'node:os';
 import { z } from 'zod';
+import { LISTEN_FORM, parseListenAddress, type ListenAddress } from './listen-address.js';
 import { rabbitOptionsSchema } from './rabbit-options.js';
 import { transportUrlProblem } from './transport-url.js';
 import { bool, int, nonEmpty, num, positiveNum } from './values.js';
 
 export { rabbitOptionsSchema, type RabbitOptions } from './rabbit-options.js';
+export type { ListenAddress } from './listen-address.js';
 
 /**
  * The config schema (SPEC §7). Every option here is documented, with its default, in
@@ -43,6 +45,15 @@ const transportUrl = z.string().superRefine((value, ctx) => {
   }
 });
 
+/** `[metrics] listen` (SPEC §9): host:port, an IPv6 address in brackets; empty: off (null). */
+const listenAddress = z.string().transform((value, ctx): ListenAddress | null => {
+  const parsed = parseListenAddress(value);
+  if (parsed !== null && 'problem' in parsed) {
+    ctx.issues.push({ code: 'custom', input: value, message: `${LISTEN_FORM} (${parsed.problem})` });
+    return z.NEVER;
+  }
+  return parsed;
+});
 
 export const schema = z
   .object({
@@ -124,6 +135,12 @@ export const schema = z
     notifications: z
       .object({
         notification_format: z.enum(['versioned', 'unversioned', 'both']).default('both'),
+      })
+      .strict()
+      .prefault({}),
+    metrics: z
+      .object({
+        listen: listenAddress.default({ host: '127.0.0.1', port: 9464 }),
       })
       .strict()
       .prefault({}),

@@ -11,7 +11,7 @@ import { FILE_MODE, isoSeconds, newImageMeta, readImageMeta, writeImageMeta } fr
 import { StorePaths, validateImageId } from './paths.js';
 import { KeyedMutex } from './keyed-mutex.js';
 import { PidLock } from '../util/pid-lock.js';
-import { checkFreeSpace, defaultStatfs, type StatfsFn } from './space.js';
+import { checkFreeSpace, defaultStatfs, freeBytes, type StatfsFn } from './space.js';
 import {
   OS_HASH_ALGOS,
   type ImageMeta,
@@ -183,6 +183,11 @@ export class ImageStore {
       bytesNeeded,
       what: `image ${cid}`,
     });
+  }
+
+  /** Bytes free for unprivileged users on the store's filesystem (the reserve not taken off). */
+  freeBytes(): Promise<number> {
+    return freeBytes(this.statfs, this.paths.root);
   }
 
   /** queued → saving (idempotent for saving). */

@@ -23,6 +23,12 @@ async function statfsNearest(statfs: StatfsFn, dir: string): Promise<{ bavail: n
   }
 }
 
+/** Bytes free for unprivileged users on the filesystem of `dir` (or of its nearest existing ancestor). */
+export async function freeBytes(statfs: StatfsFn, dir: string): Promise<number> {
+  const { bavail, bsize } = await statfsNearest(statfs, dir);
+  return bavail * bsize;
+}
+
 /**
  * Throws InsufficientSpace unless the filesystem of `dir` has `bytesNeeded` free for unprivileged
  * users after keeping `reservedSpaceMb` MiB in reserve. Reads only; writes nothing.
@@ -34,8 +40,7 @@ export async function checkFreeSpace(opts: {
   bytesNeeded: number;
   what: string;
 }): Promise<void> {
-  const { bavail, bsize } = await statfsNearest(opts.statfs, opts.dir);
-  const free = bavail * bsize;
+  const free = await freeBytes(opts.statfs, opts.dir);
   const reserved = opts.reservedSpaceMb * MiB;
   if (opts.bytesNeeded > free - reserved) {
     throw new InsufficientSpace(

@@ -12,6 +12,7 @@
  * and answered with a failure when it was a call whose reply address could be read.
  */
 import type { Logger } from '../log.js';
+import { UNKNOWN_METHOD, type AgentMetrics, type RpcResultLabel } from '../metrics/agent-metrics.js';
 import { faultPointAfterOutput } from '../util/fault.js';
 import { errorMessage, errorName, SnapshotDriverError } from '../errors.js';
 import type { Bus, Delivery } from './bus.js';
@@ -50,6 +51,8 @@ export interface RpcServerDeps {
   log: Logger;
   /** Bodies above this are refused unparsed. Default 1 MiB. */
   maxMessageBytes?: number;
+  /** Requests by method and result (snapshot_driver_rpc_requests_total). */
+  metrics?: AgentMetrics;
 }
 
 /** What target.call receives: the RpcContext plus the operation's logger (request_id, instance_uuid). */
@@ -185,6 +188,7 @@ export class RpcServer {
         'malformed RPC message dropped',
       );
       bus.ack(delivery);
+      this.count(undefined, 'refused');
       if (decoded.replyTo) await this.sendFailure(decoded.replyTo, decoded.error, this.log);
       return;
     }
@@ -197,6 +201,7 @@ export class RpcServer {
     } catch (err) {
       log.warn({ ...where, error: errorName(err), reason: errorMessage(err) }, 'RPC request refused');
       bus.ack(delivery);
+      this.count(request.method, 'refused');
       await this.replyFailureIfCall(request, err, log);
       return;
     }
@@ -206,6 +211,7 @@ export class RpcServer {
       if (request.uniqueId !== undefined && (await journal.has(request.uniqueId))) {
         log.info({ ...where }, 'duplicate RPC request dropped (its _unique_id was accepted before)');
         bus.ack(delivery);
+        this.count(request.method, 'refused');
         return;
       }
       entry = await journal.accept(request);
@@ -213,6 +219,7 @@ export class RpcServer {
       // Not journaled means not accepted: refuse it rather than run it without the crash guarantee.
       log.error({ ...where, err: errorMessage(err) }, 'could not record the RPC request in the journal; refused');
       bus.nack(delivery, false);
+      this.count(request.method, 'refused');
       await this.replyFailureIfCall(request, err, log);
       return;
     }
@@ -249,6 +256,7 @@ export class RpcServer {
     } finally {
       await keepAlive.stop();
     }
+    this.count(request.method, ok ? 'success' : 'failure');
     if (ok) log.info('RPC request finished');
     else if (failure instanceof SnapshotDriverError) log.warn({ error: errorName(failure), reason: errorMessage(failure) }, 'RPC request failed');
     else log.error({ error: errorName(failure), reason: errorMessage(failure), stack: (failure as Error)?.stack }, 'RPC request failed unexpectedly');
@@ -310,6 +318,17 @@ export class RpcServer {
         await inFlight;
       },
     };
+  }
+
+  /**
+   * Counts a request once, when its fate is known. The method label is a method the target serves,
+   * or UNKNOWN_METHOD: a sender must not be able to make up label values (and series) at will.
+   */
+  private count(method: string | undefined, result: RpcResultLabel): void {
+    const { metrics, target } = this.deps;
+    if (!metrics) return;
+    const served = method !== undefined && !method.startsWith('_') && target.methods.has(method);
+    metrics.rpcRequest(served ? method : UNKNOWN_METHOD, result);
   }
 
   private async replyFailureIfCall(request: RpcRequest, err: unknown, log: Logger): Promise<void> {

@@ -10,6 +10,8 @@ import { isRunning } from '../util/process-identity.js';
 import { PidLock } from '../util/pid-lock.js';
 import { FileJournal } from '../compute/journal.js';
 import { ComputeManager } from '../compute/manager.js';
+import { startMetricsServer, type MetricsServer } from './metrics-server.js';
+import { Readiness } from './readiness.js';
 import { recoverAtStart, recoveryDeps, type RecoveryReport } from './startup-recovery.js';
 import type { Runtime } from './runtime.js';
 
@@ -20,6 +22,10 @@ export interface Agent {
   rpc: RpcServer;
   /** What start-up recovery found and did. */
   recovery: RecoveryReport;
+  /** The metrics endpoint (`[metrics] listen`), unless turned off. */
+  metricsServer?: MetricsServer;
+  /** What `/readyz` answers. */
+  readiness: Readiness;
   /** Stops consuming, waits for running operations, closes the connection. */
   stop(): Promise<void>;
 }
@@ -58,15 +64,18 @@ export async function buildServer(
     defaultStrategy: config.snapshot.strategy,
     notifier,
     locks: rt.locks,
+    metrics: rt.metrics,
   });
-  const rpc = new RpcServer({ bus, target: manager, journal, controlExchange, host, rabbit, log });
+  const rpc = new RpcServer({ bus, target: manager, journal, controlExchange, host, rabbit, log, metrics: rt.metrics });
   return { journal, manager, rpc };
 }
 
 /**
- * Starts the agent: recovers what a crash interrupted (guests, images, orphaned and pending internal
- * snapshots: recoverAtStart), opens the transport, and serves — after carrying out the requests its
- * journal recorded but did not finish (those whose operation was interrupted end with an error).
+ * Starts the agent: listens at `[metrics] listen` (unless off; not ready yet), recovers what a crash
+ * interrupted (guests, images, orphaned and pending internal snapshots: recoverAtStart), opens the
+ * transport, and serves — after carrying out the requests its journal recorded but did not finish
+ * (those whose operation was interrupted end with an error). Ready from then on, while the broker
+ * connection is up.
  */
 export async function startAgent(rt: Runtime): Promise<Agent> {
   const { config, log } = rt;
@@ -75,32 +84,68 @@ export async function startAgent(rt: Runtime): Promise<Agent> {
   if (holder !== undefined) {
     throw new AgentAlreadyRunning(`another agent (pid ${holder.pid}) already serves with state_path ${config.DEFAULT.state_path}`);
   }
+  const readiness = new Readiness();
   let bus: Bus | undefined;
+  let metricsServer: MetricsServer | undefined;
   try {
+    // First: a port in use stops the agent before it touches anything, and /readyz answers meanwhile.
+    metricsServer = await serveMetrics(rt, readiness);
     const recovery = await recoverAtStart(rt);
+    readiness.recovered();
     bus = await openBus(config.DEFAULT.transport_url, config.oslo_messaging_rabbit, log);
     const openedBus = bus;
+    watchBroker(rt, bus, readiness);
     const { manager, rpc } = await buildServer(rt, bus);
     await rpc.start();
+    readiness.serving();
     const orphans = watchOrphanedOperations(rt);
     log.info({ host: config.DEFAULT.host, control_exchange: config.DEFAULT.control_exchange }, 'agent serving');
+    const served = metricsServer;
     return {
       bus: openedBus,
       manager,
       rpc,
       recovery,
+      ...(served && { metricsServer: served }),
+      readiness,
       async stop() {
+        readiness.stopping();
         await orphans.stop();
         await rpc.stop();
         await openedBus.close();
+        rt.metrics.brokerConnected(false);
+        await served?.close();
         await lock.release();
       },
     };
   } catch (err) {
     await bus?.close().catch(() => undefined);
+    await metricsServer?.close().catch(() => undefined);
     await lock.release().catch(() => undefined);
     throw err;
   }
+}
+
+/** The metrics endpoint at `[metrics] listen`, with the process metrics; none when the option is empty. */
+async function serveMetrics(rt: Runtime, readiness: Readiness): Promise<MetricsServer | undefined> {
+  const listen = rt.config.metrics.listen;
+  if (listen === null) return undefined;
+  rt.metrics.collectProcessMetrics();
+  return startMetricsServer({ listen, metrics: rt.metrics, readiness: () => readiness.state(), log: rt.log });
+}
+
+/** The broker connection's state, as the bus reports it: readiness, and the broker metrics. */
+function watchBroker(rt: Runtime, bus: Bus, readiness: Readiness): void {
+  readiness.broker(true);
+  rt.metrics.brokerConnected(true);
+  bus.on('disconnected', () => {
+    readiness.broker(false);
+    rt.metrics.brokerConnected(false);
+  });
+  bus.on('reconnected', () => {
+    readiness.broker(true);
+    rt.metrics.brokerReconnected();
+  });
 }
 
 /** Held by a serving agent: one agent per state_path (its request journal is for one process). */

@@ -1,10 +1,12 @@
 import path from 'node:path';
-import type { Config } from '../config/schema.js';
+import { STRATEGIES, type Config } from '../config/schema.js';
+import { SERVED_METHODS } from '../compute/rpc-args.js';
 import { ImageStore } from '../image-store/image-store.js';
 import { hypervisorFromConfig } from '../hypervisor/from-config.js';
 import type { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
 import type { Hypervisor } from '../hypervisor/types.js';
 import type { Logger } from '../log.js';
+import { AgentMetrics } from '../metrics/agent-metrics.js';
 import { QemuImg, qemuImgFromConfig } from '../qemu-img/qemu-img.js';
 import { SnapshotEngine } from '../snapshot/engine.js';
 import { quiesceOptions } from '../snapshot/guest-freeze.js';
@@ -30,6 +32,8 @@ export interface Runtime {
   /** One process at a time per instance (the agent, a command, recovery). */
   locks: InstanceLocks;
   engine: SnapshotEngine;
+  /** This runtime's Prometheus metrics (its own registry); served by `serve` at `[metrics] listen`. */
+  metrics: AgentMetrics;
   /**
    * Aborted by a one-shot command on a signal (`snapshot`, on SIGINT, SIGTERM, SIGHUP): every
    * operation of this runtime then fails at its next step with the abort's reason, and so undoes
@@ -38,7 +42,11 @@ export interface Runtime {
   interrupt: AbortController;
 }
 
-export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: BeforeStep } = {}): Runtime {
+/**
+ * `metrics`: the metrics to record into, instead of a registry of the runtime's own (the demo keeps
+ * one across the agents it starts one after the other).
+ */
+export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: BeforeStep; metrics?: AgentMetrics } = {}): Runtime {
   const qemuImg = qemuImgFromConfig(config.hypervisor);
   const { hv, qemu } = hypervisorFromConfig(config, log);
   const store = new ImageStore({
@@ -51,6 +59,15 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
   const operations = new OperationJournal(path.join(config.DEFAULT.state_path, 'operations'), log);
   const locks = new InstanceLocks(path.join(config.DEFAULT.state_path, 'locks'), log);
   const interrupt = new AbortController();
+  const metrics =
+    opts.metrics ??
+    new AgentMetrics({
+      strategies: STRATEGIES,
+      rpcMethods: SERVED_METHODS,
+      imageStoreFreeBytes: () => store.freeBytes(),
+      pendingInternalSnapshots: () => pending.count(),
+      log,
+    });
   const engine = new SnapshotEngine({
     hv,
     store,
@@ -68,7 +85,7 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
       await opts.beforeStep?.(step, index);
     },
   });
-  return { config, log, hv, ...(qemu && { qemu }), qemuImg, store, pending, lifecycle, operations, locks, engine, interrupt };
+  return { config, log, hv, ...(qemu && { qemu }), qemuImg, store, pending, lifecycle, operations, locks, engine, metrics, interrupt };
 }
 
 /** Builds the runtime of a command from its global options (the config files), once per command. */

@@ -31,6 +31,7 @@ export function recoveryDeps(rt: Runtime): RecoveryDeps {
     strategy: rt.config.snapshot.strategy,
     agentTimeoutMs: rt.config.snapshot.guest_agent_timeout * 1000,
     locks: rt.locks,
+    metrics: rt.metrics,
   };
 }
 

@@ -39,6 +39,24 @@ export class PendingSnapshots {
     await writeFileAtomic(this.file(uuid), `${JSON.stringify({ snapshots: names })}\n`, { mode: 0o640 });
   }
 
+  /** Pending snapshots of every instance (the records on disk, whichever process wrote them). */
+  async count(): Promise<number> {
+    let files: string[];
+    try {
+      files = await fs.readdir(this.dir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
+      throw err;
+    }
+    let n = 0;
+    for (const file of files) {
+      const uuid = file.endsWith('.json') ? file.slice(0, -'.json'.length) : '';
+      // Temp files of an atomic write, or anything else, are not records.
+      if (isUuid(uuid)) n += (await this.list(uuid)).length;
+    }
+    return n;
+  }
+
   async add(uuid: string, name: string): Promise<void> {
     const names = await this.list(uuid);
     if (!names.includes(name)) await this.save(uuid, [...names, name]);

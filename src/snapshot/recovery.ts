@@ -6,6 +6,7 @@ import { errorMessage, ImageNotFound, InstanceNotFound } from '../errors.js';
 import { processHoldsDisk, type Hypervisor, type PowerState } from '../hypervisor/types.js';
 import type { ImageStore } from '../image-store/image-store.js';
 import { operationLogger, type Logger } from '../log.js';
+import type { AgentMetrics } from '../metrics/agent-metrics.js';
 import { isRunning, type ProcessIdentity } from '../util/process-identity.js';
 import { isUuid } from '../util/uuid.js';
 import type { OperationJournal, OperationRecord } from './operation-journal.js';
@@ -40,6 +41,8 @@ export interface RecoveryDeps {
   ownerRunning?: (owner: ProcessIdentity) => Promise<boolean>;
   /** Instance locks: an instance another process is working on is left for the next time. */
   locks?: InstanceLocks;
+  /** Each recovered operation's outcome (snapshot_driver_recovered_operations_total). */
+  metrics?: AgentMetrics;
 }
 
 /** What became of one interrupted operation. */
@@ -96,6 +99,7 @@ export async function recoverOperations(deps: RecoveryDeps, uuid?: string): Prom
       deps.log.warn({ image_id: rec.image_id, instance_uuid: rec.instance_uuid }, 'interrupted snapshot left for later: another process is working on its instance');
       continue;
     }
+    deps.metrics?.operationRecovered(recovered.error !== undefined ? 'failed' : recovered.image);
     out.push(recovered);
   }
   return out;

@@ -189,6 +189,11 @@ export interface AgentConfigOptions {
   maxConcurrentSnapshots?: number;
   /** `[image_store] path` (default `images`, relative to the config file's folder). */
   imageStorePath?: string;
+  /**
+   * `[metrics] listen`; default `127.0.0.1:0` (a free port, logged: metricsBaseUrl), so that agents
+   * of files running at the same time never ask for the same port.
+   */
+  metricsListen?: string;
 }
 
 /**
@@ -221,10 +226,20 @@ export async function writeAgentConfig(dir: string, o: AgentConfigOptions): Prom
       'rabbit_retry_interval = 0.2',
       'rabbit_retry_backoff = 0.2',
       'rabbit_interval_max = 1',
+      '[metrics]',
+      `listen = ${o.metricsListen ?? '127.0.0.1:0'}`,
       '',
     ].join('\n'),
   );
   return file;
+}
+
+/** `http://host:port` of the agent's metrics endpoint, from its 'metrics serving' log line. */
+export async function metricsBaseUrl(agent: AgentProcess): Promise<string> {
+  const line = await agent.waitForLog('metrics serving', {}, { timeoutMs: 60_000 });
+  const listen = line.listen;
+  if (typeof listen !== 'string') throw new Error(`'metrics serving' without a listen address: ${JSON.stringify(line)}`);
+  return `http://${listen}`;
 }
 
 /**

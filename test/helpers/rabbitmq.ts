@@ -41,6 +41,14 @@ export async function restartRabbit(): Promise<void> {
   await rabbitmqScript(['restart']);
 }
 
+/**
+ * Stops RabbitMQ (its process exits): every connection of every test file is lost until
+ * ensureRabbit() starts it again. Only for files in vitest.config.ts's BROKER_RESTARTS.
+ */
+export async function stopRabbit(): Promise<void> {
+  await rabbitmqScript(['stop']);
+}
+
 /** Creates (if needed) a vhost where guest has every right; resolves with its URL. */
 export async function createRabbitVhost(name: string): Promise<string> {
   await rabbitmqScript(['vhost', name]);

@@ -12,6 +12,8 @@ const LAYERS: Record<string, number> = {
   'errors.ts': 0,
   'log.ts': 0,
   util: 1,
+  // The Prometheus metrics registry (prom-client only): facts are recorded into it at every layer.
+  metrics: 1,
   config: 2,
   'qemu-img': 3,
   messaging: 3,
