@@ -108,11 +108,12 @@ function printReport(r: CleanupReport): void {
   } else {
     process.stdout.write('no interrupted operation\n');
   }
-  const { partialsRemoved, tempsRemoved, imagesKilled } = r.store;
+  const { partialsRemoved, tempsRemoved, socketDirsRemoved, imagesKilled } = r.store;
   if (imagesKilled.length > 0) process.stdout.write(`unfinished images with no operation, killed: ${imagesKilled.join(' ')}\n`);
   if (partialsRemoved.length + tempsRemoved.length > 0) {
     process.stdout.write(`leftover files removed from the image store: ${[...partialsRemoved.map((p) => `.partial/${p}`), ...tempsRemoved].join(' ')}\n`);
   }
+  if (socketDirsRemoved.length > 0) process.stdout.write(`socket folders of exports whose agent is gone, removed: ${socketDirsRemoved.join(' ')}\n`);
   if (r.orphans.length > 0) printTable(['instance', 'orphaned snapshot', 'action'], r.orphans.map((o) => [o.instance_uuid, o.snapshot, o.action]));
   for (const p of r.pendingDeleted) process.stdout.write(`deleted pending snapshots of ${p.instance_uuid}: ${p.snapshots.join(' ')}\n`);
   for (const p of r.pendingWaiting) {

@@ -5,7 +5,7 @@ import { isUuid } from '../util/uuid.js';
 import { fsyncDir, isErrno, pathExists, unlinkIfExists } from '../util/durable-fs.js';
 import { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
 import { digestFile, type FileDigests, type ParallelDigest } from './hash.js';
-import { IncomingImage } from './incoming-image.js';
+import { IncomingImage, incomingSocketDirs } from './incoming-image.js';
 import type { NbdLog } from './nbd-server.js';
 import { FILE_MODE, isoSeconds, newImageMeta, readImageMeta, writeImageMeta } from './metadata.js';
 import { StorePaths, validateImageId } from './paths.js';
@@ -296,14 +296,14 @@ export class ImageStore {
    * Leftovers on disk, for start-up recovery: the names in `.partial/`, and the temp files of metadata
    * writes (`.<id>.json.tmp-<pid>-<hex>`) in the store's folder, with the pid that wrote each.
    */
-  async leftovers(): Promise<{ partials: string[]; temps: { file: string; pid: number }[] }> {
+  async leftovers(): Promise<{ partials: string[]; temps: { file: string; pid: number }[]; socketDirs: { dir: string; pid: number }[] }> {
     const names = async (dir: string) => readdir(dir).catch((err: unknown) => (isErrno(err, 'ENOENT') ? [] : Promise.reject(err)));
     const temps: { file: string; pid: number }[] = [];
     for (const name of await names(this.paths.root)) {
       const m = /^\.[^/]+\.tmp-(\d+)-[0-9a-f]+$/.exec(name);
       if (m) temps.push({ file: path.join(this.paths.root, name), pid: Number(m[1]) });
     }
-    return { partials: await names(this.paths.partialDir), temps };
+    return { partials: await names(this.paths.partialDir), temps, socketDirs: await incomingSocketDirs() };
   }
 
   /** Every image with metadata in the store, oldest first (created_at, then id). */

@@ -7,6 +7,22 @@ import { serveNbdExport, type NbdExport, type NbdLog } from './nbd-server.js';
 import type { OsHashAlgo } from './types.js';
 
 /**
+ * The private folders of the NBD sockets: `<tmpdir>/snapshot-driver-nbd-<pid>-<random>`, the pid of
+ * the agent serving it, so that what a crashed agent left can be told from what a running one uses.
+ */
+const SOCKET_DIR_PREFIX = 'snapshot-driver-nbd-';
+
+/** The socket folders in the temp dir, each with the pid of the process that made it. */
+export async function incomingSocketDirs(): Promise<{ dir: string; pid: number }[]> {
+  const out: { dir: string; pid: number }[] = [];
+  for (const name of await fs.readdir(os.tmpdir())) {
+    const m = /^snapshot-driver-nbd-(\d+)-[A-Za-z0-9]{6}$/.exec(name);
+    if (m) out.push({ dir: path.join(os.tmpdir(), name), pid: Number(m[1]) });
+  }
+  return out;
+}
+
+/**
  * An image's data on its way into the store: written into its partial file as an export produces it
  * (by qemu-img through an NBD export on a unix socket in a private 0700 folder, so that no other
  * user's process can connect first; or by `put` in this process), and hashed behind the writing.
@@ -22,7 +38,7 @@ export class IncomingImage {
     const receiver = await ImageReceiver.create(file, size, osHashAlgo, onDigest);
     let socketDir: string | undefined;
     try {
-      socketDir = await fs.mkdtemp(path.join(os.tmpdir(), 'snapshot-driver-nbd-'));
+      socketDir = await fs.mkdtemp(path.join(os.tmpdir(), `${SOCKET_DIR_PREFIX}${process.pid}-`));
       const nbd = await serveNbdExport(path.join(socketDir, 'image.sock'), { size, put: (o, d) => receiver.put(o, d) }, log);
       return new IncomingImage(receiver, nbd, socketDir);
     } catch (err) {

@@ -44,7 +44,7 @@ export async function recoverAtStart(rt: Runtime, uuid?: string): Promise<Recove
   const deps = recoveryDeps(rt);
   const operations = await recoverOperations(deps, uuid);
   // The store is swept for every instance's images; `cleanup <uuid>` leaves other instances' alone.
-  const store = uuid === undefined ? await sweepStore(deps) : { partialsRemoved: [], tempsRemoved: [], imagesKilled: [] };
+  const store = uuid === undefined ? await sweepStore(deps) : { partialsRemoved: [], tempsRemoved: [], socketDirsRemoved: [], imagesKilled: [] };
   const orphans = await scanOrphans(deps, uuid);
   const pendingDeleted: RecoveryReport['pendingDeleted'] = [];
   const instances = uuid !== undefined ? [await rt.hv.info(uuid)] : await rt.hv.list();

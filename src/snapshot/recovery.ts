@@ -69,6 +69,8 @@ export interface StoreSweep {
   partialsRemoved: string[];
   /** Temp files of metadata writes whose process is gone. */
   tempsRemoved: string[];
+  /** Folders of exports' NBD sockets (in the temp dir) whose agent is gone. */
+  socketDirsRemoved: string[];
   /** Images left queued or saving with no operation in the journal. */
   imagesKilled: string[];
 }
@@ -278,14 +280,14 @@ async function recoverImage(deps: RecoveryDeps, rec: OperationRecord, reason: st
  */
 export async function sweepStore(deps: RecoveryDeps): Promise<StoreSweep> {
   const { store, operations, log } = deps;
-  const out: StoreSweep = { partialsRemoved: [], tempsRemoved: [], imagesKilled: [] };
+  const out: StoreSweep = { partialsRemoved: [], tempsRemoved: [], socketDirsRemoved: [], imagesKilled: [] };
   for (const img of await store.list()) {
     if ((img.status === 'queued' || img.status === 'saving') && !(await operations.has(img.id))) {
       await store.kill(img.id, 'interrupted: found unfinished at start-up, with no operation in the journal');
       out.imagesKilled.push(img.id);
     }
   }
-  const { partials, temps } = await store.leftovers();
+  const { partials, temps, socketDirs } = await store.leftovers();
   for (const name of partials) {
     if (isUuid(name) && (await operations.has(name))) continue;
     await fs.rm(path.join(store.paths.partialDir, name), { force: true, recursive: true });
@@ -296,7 +298,12 @@ export async function sweepStore(deps: RecoveryDeps): Promise<StoreSweep> {
     await fs.rm(t.file, { force: true });
     out.tempsRemoved.push(path.basename(t.file));
   }
-  if (out.partialsRemoved.length + out.tempsRemoved.length + out.imagesKilled.length > 0) log.warn({ ...out }, 'image store swept');
+  for (const s of socketDirs) {
+    if (await isRunning({ pid: s.pid, start: null, boot: null })) continue;
+    await fs.rm(s.dir, { force: true, recursive: true });
+    out.socketDirsRemoved.push(s.dir);
+  }
+  if (out.partialsRemoved.length + out.tempsRemoved.length + out.socketDirsRemoved.length + out.imagesKilled.length > 0) log.warn({ ...out }, 'image store swept');
   return out;
 }
 

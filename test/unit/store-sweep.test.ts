@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { sweepStore, type RecoveryDeps } from '../../src/snapshot/recovery.js';
@@ -47,12 +48,20 @@ describe('start-up sweep of the image store', () => {
     const liveTemp = path.join(e.store.path, `.${owned}.json.tmp-${process.pid}-abcdef012345`);
     await fs.writeFile(deadTemp, '{');
     await fs.writeFile(liveTemp, '{');
+    // Exports' NBD socket folders in the temp dir: of an agent that is gone, and of this one.
+    const deadSocketDir = await fs.mkdtemp(path.join(os.tmpdir(), `snapshot-driver-nbd-${await deadPid()}-`));
+    const liveSocketDir = await fs.mkdtemp(path.join(os.tmpdir(), `snapshot-driver-nbd-${process.pid}-`));
+    await fs.writeFile(path.join(deadSocketDir, 'image.sock'), '');
 
     const swept = await sweepStore(deps(e));
     expect(swept.imagesKilled.sort()).toEqual([orphanQueued, orphanSaving].sort());
     // (the killed image's partial data goes with the kill)
     expect(swept.partialsRemoved.sort()).toEqual([done, 'not-an-id'].sort());
     expect(swept.tempsRemoved).toEqual([path.basename(deadTemp)]);
+    expect(swept.socketDirsRemoved).toEqual([deadSocketDir]);
+    await expect(fs.access(deadSocketDir)).rejects.toThrow(/ENOENT/);
+    await expect(fs.access(liveSocketDir)).resolves.toBeUndefined();
+    await fs.rm(liveSocketDir, { recursive: true });
     expect((await e.store.show(orphanQueued)).status).toBe('killed');
     expect((await e.store.show(orphanSaving)).properties.kill_reason).toMatch(/no operation in the journal/);
     expect((await e.store.show(owned)).status).toBe('saving');
@@ -60,6 +69,6 @@ describe('start-up sweep of the image store', () => {
     await expect(fs.access(liveTemp)).resolves.toBeUndefined();
 
     // A second sweep finds nothing more.
-    expect(await sweepStore(deps(e))).toEqual({ partialsRemoved: [], tempsRemoved: [], imagesKilled: [] });
+    expect(await sweepStore(deps(e))).toEqual({ partialsRemoved: [], tempsRemoved: [], socketDirsRemoved: [], imagesKilled: [] });
   });
 });
