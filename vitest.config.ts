@@ -5,7 +5,6 @@ import { SlowestFirstSequencer } from './test/slow-first-sequencer.js';
 const BROKER_RESTARTS = [
   'test/integration/bus-contract.test.ts',
   'test/integration/agent-crash.test.ts',
-  'test/integration/metrics-broker-restart.test.ts',
 ];
 /**
  * Files that restart the host's one libvirtd: after the main group too, beside the broker restarts

@@ -1,21 +1,27 @@
 /**
  * The agent (`snapshot-driver serve`, a child process) crashing and losing its broker, on real
  * RabbitMQ with a real QEMU guest: a request it acknowledged survives a SIGKILL through its
- * journal, and RabbitMQ stopped and started while the agent runs is reconnected to.
+ * journal, and RabbitMQ stopped and started while the agent runs is reconnected to. Meanwhile SPEC
+ * §9's readiness and broker metrics follow: /readyz 503 "broker disconnected" (/healthz still 200)
+ * while RabbitMQ is down and 200 once reconnected; snapshot_driver_broker_connected follows, and the
+ * series move by exactly the one reconnect and the calls served after it.
  *
- * The broker is restarted for real (restartRabbit): vitest.config.ts runs this file alone, after
- * every other file, so that no other file loses its connections.
+ * The broker is stopped for real: vitest.config.ts runs this file alone, after every other file
+ * (beside bus-contract, one at a time), so that no other file loses its connections.
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { connect, type ChannelModel } from 'amqplib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { novaInstance, rawHasPattern, spawnAgent, startAgentProcess, waitForImageStatus, writeAgentConfig, type AgentProcess } from '../helpers/agent.js';
+import { metricsBaseUrl, novaInstance, rawHasPattern, spawnAgent, startAgentProcess, waitForImageStatus, writeAgentConfig, type AgentProcess } from '../helpers/agent.js';
 import { cliJson } from '../helpers/cli.js';
 import { assertOsloMessaging, osloRpc } from '../helpers/oslo-python.js';
 import { createGuest, guestWrite, makeQemuEnv, MiB, type QemuEnv } from '../helpers/qemu-guest.js';
-import { createRabbitVhost, restartRabbit, deleteRabbitVhost, ensureRabbit, RABBIT_HOST, RABBIT_PORT } from '../helpers/rabbitmq.js';
+import { createRabbitVhost, deleteRabbitVhost, ensureRabbit, RABBIT_HOST, RABBIT_PORT, stopRabbit } from '../helpers/rabbitmq.js';
+import { METRIC_NAMES as n } from '../../src/metrics/agent-metrics.js';
+import { get, rawRequest, type RawResponse } from '../helpers/http-raw.js';
+import { diffSamples, parseExposition, seriesKey } from '../helpers/prom-text.js';
 
 const VHOST = `sd-crash-${process.pid}`;
 const HOST = `crash-${process.pid}`;
@@ -50,6 +56,29 @@ async function queueOnceUnconsumed(queue: string): Promise<{ messageCount: numbe
   } finally {
     await ch.close();
   }
+}
+
+/** The agent's HTTP endpoint (SPEC §9), one request per connection. */
+function endpoint(port: number) {
+  const ask = (p: string) => rawRequest(port, get(p, 'Connection: close\r\n'));
+  return {
+    ask,
+    async scrape(): Promise<Map<string, number>> {
+      const res = await ask('/metrics');
+      expect(res.status).toBe(200);
+      return parseExposition(res.body).samples;
+    },
+    /** Polls /readyz until it answers `status` (a bound against a hang, not a timed assertion). */
+    async readyzUntil(status: number, agent: AgentProcess): Promise<RawResponse> {
+      const deadline = Date.now() + 90_000;
+      for (;;) {
+        const res = await ask('/readyz');
+        if (res.status === status) return res;
+        if (Date.now() > deadline) throw new Error(`/readyz did not answer ${status} within 90 s (last: ${res.status} ${res.body})\n${agent.tail()}`);
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    },
+  };
 }
 
 beforeAll(async () => {
@@ -120,15 +149,27 @@ describe('agent crash and broker loss (real RabbitMQ, real QEMU)', () => {
     expect(await env!.qemuImg.snapshotList(disk)).toEqual([]);
   });
 
-  it('reconnects when RabbitMQ is stopped and started, and serves the next call', async () => {
+  it('reconnects when RabbitMQ is stopped and started, and serves the next call; /readyz and the broker metrics follow', async () => {
     const agent = agents.at(-1)!;
     expect(agent.exitStatus).toBeUndefined();
     const lostBefore = agent.find('lost the connection to the message broker').length;
     const reconnectedBefore = agent.find('reconnected to the message broker').length;
+    const http = endpoint(Number(new URL(await metricsBaseUrl(agent)).port));
+    expect(await http.ask('/readyz')).toMatchObject({ status: 200, body: '{"ready":true}\n' });
+    const before = await http.scrape();
+    expect(before.get(n.brokerConnected)).toBe(1);
 
-    await restartRabbit();
+    await stopRabbit();
     await agent.waitForLog('lost the connection to the message broker', {}, { count: lostBefore + 1 });
+    expect(JSON.parse((await http.readyzUntil(503, agent)).body)).toEqual({ ready: false, reason: 'broker disconnected' });
+    expect(await http.ask('/healthz')).toMatchObject({ status: 200, body: '{"healthy":true}\n' });
+    const whileDown = await http.scrape();
+    expect(whileDown.get(n.brokerConnected)).toBe(0);
+    expect(whileDown.get(n.brokerReconnects)).toBe(before.get(n.brokerReconnects));
+
+    await ensureRabbit();
     await agent.waitForLog('reconnected to the message broker', {}, { count: reconnectedBefore + 1 });
+    expect(JSON.parse((await http.readyzUntil(200, agent)).body)).toEqual({ ready: true });
 
     // A fresh oslo.messaging client: its calls reach the re-established consumers and get answers.
     const image = randomUUID();
@@ -140,6 +181,23 @@ describe('agent crash and broker loss (real RabbitMQ, real QEMU)', () => {
     expect(results.get('snapshot')).toMatchObject({ ok: true, result: { image_id: image, status: 'active', internal_snapshots: 0 } });
     expect(await cliJson(conf, ['images', 'verify', image])).toMatchObject({ ok: true });
     expect(await cliJson(conf, ['instances', 'list'])).toEqual([{ uuid, name: GUEST_NAME, state: 'running' }]);
+    const after = await http.scrape();
+    expect(after.get(n.brokerConnected)).toBe(1);
+    const moved = diffSamples(before, after, (k) => k.startsWith('snapshot_driver_') && k !== n.storeFreeBytes && !k.includes('_bucket'));
+    expect(moved).toMatchObject({
+      [n.brokerReconnects]: 1,
+      [seriesKey(n.rpcRequests, { method: 'start_instance', result: 'success' })]: 1,
+      [seriesKey(n.rpcRequests, { method: 'snapshot_instance', result: 'success' })]: 1,
+      [seriesKey(n.snapshots, { strategy: STRATEGY, result: 'success' })]: 1,
+    });
+    expect(Object.keys(moved).filter((k) => /rpc_requests_total|snapshots_total|reconnects/.test(k)).sort()).toEqual(
+      [
+        n.brokerReconnects,
+        seriesKey(n.rpcRequests, { method: 'snapshot_instance', result: 'success' }),
+        seriesKey(n.rpcRequests, { method: 'start_instance', result: 'success' }),
+        seriesKey(n.snapshots, { strategy: STRATEGY, result: 'success' }),
+      ].sort(),
+    );
     expect(agent.exitStatus).toBeUndefined();
   });
 });

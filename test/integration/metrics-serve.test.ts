@@ -5,7 +5,7 @@
  * snapshot, a failed one (guest missing) and malformed or refused requests its series moved by
  * exactly that; hostile HTTP (huge headers, other methods, traversal, a slow client, 1000
  * connections at once) gets a clean answer or a closed connection, and the agent goes on serving.
- * One agent for the file. (RabbitMQ stopped under it: metrics-broker-restart.test.ts.)
+ * One agent for the file. (RabbitMQ stopped under it: agent-crash.test.ts.)
  */
 import net from 'node:net';
 import { randomUUID } from 'node:crypto';
