@@ -12,12 +12,20 @@ import type { OsHashAlgo } from './types.js';
  */
 const SOCKET_DIR_PREFIX = 'snapshot-driver-nbd-';
 
-/** The socket folders in the temp dir, each with the pid of the process that made it. */
+const SOCKET_DIR_NAME = new RegExp(`^${SOCKET_DIR_PREFIX}(\\d+)-[A-Za-z0-9]{6}$`);
+
+/**
+ * This user's socket folders in the temp dir, each with the pid of the process that made it (another
+ * user's are not ours to judge, nor could we remove them from a sticky temp dir).
+ */
 export async function incomingSocketDirs(): Promise<{ dir: string; pid: number }[]> {
   const out: { dir: string; pid: number }[] = [];
   for (const name of await fs.readdir(os.tmpdir())) {
-    const m = /^snapshot-driver-nbd-(\d+)-[A-Za-z0-9]{6}$/.exec(name);
-    if (m) out.push({ dir: path.join(os.tmpdir(), name), pid: Number(m[1]) });
+    const m = SOCKET_DIR_NAME.exec(name);
+    if (!m) continue;
+    const dir = path.join(os.tmpdir(), name);
+    const st = await fs.lstat(dir).catch(() => undefined); // gone since the listing
+    if (st?.isDirectory() && st.uid === process.getuid?.()) out.push({ dir, pid: Number(m[1]) });
   }
   return out;
 }

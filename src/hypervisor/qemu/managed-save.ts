@@ -16,8 +16,9 @@ import { eventTimeMs, type QmpClient } from './qmp.js';
 
 /**
  * Managed save and resume of the qemu backend. A save migrates the guest's RAM and device state into
- * a state file (through a socket the agent listens on), then the process exits; a resume launches a
- * new process waiting for an incoming migration and feeds it the file.
+ * a state file (through a socket the agent listens on, copied into the file by `cat`), then the
+ * process exits; a resume launches a new process waiting for an incoming migration, which reads the
+ * file itself (inherited as its fd 3).
  */
 
 /** The descriptor a resuming QEMU inherits its saved state on (launch's first inherited fd). */

@@ -98,10 +98,10 @@ const STDERR_MAX_BYTES = 4096;
 
 /**
  * Copies the stream into the file with `cat` (an argument vector: its stdin the connection, its
- * stdout the file), so that the data never passes through the agent: through Node the save of
- * 512 MiB took 1.3× as long as QEMU writing into `cat` itself (npm run bench:save-stream, before this change). Meanwhile the
- * file is fdatasynced every WRITEBACK_INTERVAL_MS, so that its writeback to disk overlaps the
- * stream instead of all of it coming after (the final fsync then has little left to do).
+ * stdout the file), so that the data never passes through the agent: read by Node, a save of
+ * 512 MiB took 1.3× as long as QEMU writing into `cat` itself, and seconds more on a busy host.
+ * Meanwhile the file is fdatasynced every WRITEBACK_INTERVAL_MS, so that its writeback to disk
+ * overlaps the stream instead of all of it coming after (the final fsync has little left to do).
  * `started` gets the copy's process (to kill it when the save is given up).
  */
 async function receiveInto(socket: net.Socket, destFile: string, started: (copy: ChildProcess) => void): Promise<number> {
@@ -126,6 +126,7 @@ async function receiveInto(socket: net.Socket, destFile: string, started: (copy:
         if (copying) await fh.datasync();
       }
     })();
+    writeback.catch(() => undefined); // its error is thrown below, once the copy has ended
     const [code, signal] = await exited.finally(() => (copying = false));
     await writeback;
     if (code !== 0) {
