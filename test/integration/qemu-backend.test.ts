@@ -332,6 +332,20 @@ describe('qemu backend against real QEMU', () => {
     expect((await hv.info(uuid)).state).toBe('running');
   });
 
+  it('a status query while the QEMU process is going (its monitor socket already gone) waits for it to go instead of failing', async () => {
+    expect((await hv.info(uuid)).state).toBe('running');
+    const layoutDir = path.join(env.instancesPath, uuid);
+    const pid = Number((await fs.readFile(path.join(layoutDir, 'qemu.pid'), 'utf8')).trim());
+    // As after a managed save's `quit`: the monitor is gone, the process is still there for a while.
+    await fs.rm(path.join(layoutDir, 'qmp.sock'));
+    const asked = hv.info(uuid);
+    const stopped = new Promise((resolve) => setTimeout(resolve, 300)).then(() => process.kill(pid, 'SIGKILL'));
+    await stopped;
+    expect((await asked).state).toBe('crashed'); // SIGKILL left its pidfile
+    await hv.start(uuid);
+    expect((await hv.info(uuid)).state).toBe('running');
+  });
+
   it('a failed launch surfaces QEMU\'s stderr', async () => {
     const bad = randomUUID();
     await hv.createInstance({ uuid: bad, name: 'bad', memoryMb: 128, vcpus: 1, machine: 'no-such-machine', diskSizeBytes: MiB });

@@ -104,18 +104,24 @@ export class QemuGuests {
     return { layout, record, pid };
   }
 
-  /** The instance with its power state (asks QEMU over QMP when a process is alive). */
+  /**
+   * The instance with its power state (asks QEMU over QMP when a process is alive). A process whose
+   * monitor cannot be reached is exiting (a managed save's QEMU after `quit`: its socket is gone
+   * before the process) or starting (a resume's, before it listens): asked again until it has gone
+   * or answers, within the QMP timeout.
+   */
   async probe(uuid: string): Promise<Probe> {
-    for (let attempt = 0; ; attempt++) {
+    const deadline = Date.now() + this.qmpTimeoutMs;
+    for (;;) {
       const p = await this.probeProcess(uuid);
       if (p.pid === undefined) return { ...p, state: await this.offlineState(p.layout) };
       try {
         const state = await this.withQmp(p.layout, (qmp) => this.queryPowerState(qmp));
         return { ...p, state };
       } catch (err) {
-        // The process may have exited between the pid check and the query: look again, once.
-        if (attempt === 0 && (await findGuestProcess(p.layout.pidFile, p.layout.uuid)) === undefined) continue;
-        throw err;
+        if ((await findGuestProcess(p.layout.pidFile, p.layout.uuid)) === undefined) continue; // it exited meanwhile
+        if (!(err instanceof QmpDisconnected) || Date.now() >= deadline) throw err;
+        await new Promise((r) => setTimeout(r, PROBE_RETRY_MS));
       }
     }
   }
@@ -202,6 +208,9 @@ export class QemuGuests {
     await removeFiles(layout.processFiles);
   }
 }
+
+/** How soon a monitor that could not be reached is tried again (probe). */
+const PROBE_RETRY_MS = 50;
 
 export function invalidState(p: Probe, action: string): InstanceInvalidState {
   return new InstanceInvalidState(`cannot ${action} instance ${p.layout.uuid}: it is ${p.state}`);
