@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { startAgent } from '../service/agent.js';
-import { buildRuntime } from '../service/runtime.js';
+import { buildRuntime, metricsOf } from '../service/runtime.js';
 import { loadConfig } from '../config/load.js';
 import { STRATEGIES, type Config } from '../config/schema.js';
 import type { Bus } from '../messaging/bus.js';
@@ -98,6 +98,7 @@ export function registerDemoCommand(program: Command): void {
       const config = demoConfig(await loadConfig(program.opts<{ configFile: string[] }>().configFile), base);
       const log: Logger = createLogger({ level: config.DEFAULT.debug ? 'debug' : 'warn' });
       const rt = buildRuntime(config, log);
+      const metrics = await metricsOf(rt);
       const hv = rt.qemu!;
       const uuid = randomUUID();
       const bus = await openBus(config.DEFAULT.transport_url, config.oslo_messaging_rabbit, log);
@@ -131,7 +132,7 @@ export function registerDemoCommand(program: Command): void {
         const rows: unknown[][] = [];
         for (const strategy of STRATEGIES) {
           config.snapshot.strategy = strategy;
-          const agent = await startAgent(buildRuntime(config, log, { metrics: rt.metrics }));
+          const agent = await startAgent(buildRuntime(config, log, { metrics }));
           try {
             waitForEnd ??= await listenForSnapshotEvents(bus, config.DEFAULT.control_exchange);
             const imageId = randomUUID();
@@ -173,7 +174,7 @@ export function registerDemoCommand(program: Command): void {
         );
         // What GET /metrics would have answered after these snapshots: the agent's own series, but
         // for the histograms' buckets (their _sum and _count stay).
-        const exposition = await rt.metrics.text();
+        const exposition = await metrics.text();
         const ours = exposition.split('\n').filter((l) => /^(# (HELP|TYPE) )?snapshot_driver_/.test(l) && !/^snapshot_driver_\w+_bucket\{/.test(l));
         process.stdout.write(`\n# GET /metrics after the demo: the snapshot_driver_* series, without histogram buckets\n${ours.join('\n')}\n`);
       } finally {

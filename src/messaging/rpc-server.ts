@@ -12,7 +12,8 @@
  * and answered with a failure when it was a call whose reply address could be read.
  */
 import type { Logger } from '../log.js';
-import { UNKNOWN_METHOD, type AgentMetrics, type RpcResultLabel } from '../metrics/agent-metrics.js';
+import type { AgentMetrics } from '../metrics/agent-metrics.js';
+import { UNKNOWN_METHOD, type RpcResultLabel } from '../metrics/names.js';
 import { faultPointAfterOutput } from '../util/fault.js';
 import { errorMessage, errorName, SnapshotDriverError } from '../errors.js';
 import type { Bus, Delivery } from './bus.js';

@@ -13,7 +13,8 @@ import { ComputeManager } from '../compute/manager.js';
 import { startMetricsServer, type MetricsServer } from './metrics-server.js';
 import { Readiness } from './readiness.js';
 import { recoverAtStart, recoveryDeps, type RecoveryReport } from './startup-recovery.js';
-import type { Runtime } from './runtime.js';
+import { metricsOf, type Runtime } from './runtime.js';
+import type { AgentMetrics } from '../metrics/agent-metrics.js';
 
 /** The running agent: the RPC server on the configured transport, over the compute manager. */
 export interface Agent {
@@ -85,16 +86,17 @@ export async function startAgent(rt: Runtime): Promise<Agent> {
     throw new AgentAlreadyRunning(`another agent (pid ${holder.pid}) already serves with state_path ${config.DEFAULT.state_path}`);
   }
   const readiness = new Readiness();
+  const metrics = await metricsOf(rt);
   let bus: Bus | undefined;
   let metricsServer: MetricsServer | undefined;
   try {
     // First: a port in use stops the agent before it touches anything, and /readyz answers meanwhile.
-    metricsServer = await serveMetrics(rt, readiness);
+    metricsServer = await serveMetrics(rt, metrics, readiness);
     const recovery = await recoverAtStart(rt);
     readiness.recovered();
     bus = await openBus(config.DEFAULT.transport_url, config.oslo_messaging_rabbit, log);
     const openedBus = bus;
-    watchBroker(rt, bus, readiness);
+    watchBroker(metrics, bus, readiness);
     const { manager, rpc } = await buildServer(rt, bus);
     await rpc.start();
     readiness.serving();
@@ -113,7 +115,7 @@ export async function startAgent(rt: Runtime): Promise<Agent> {
         await orphans.stop();
         await rpc.stop();
         await openedBus.close();
-        rt.metrics.brokerConnected(false);
+        metrics.brokerConnected(false);
         await served?.close();
         await lock.release();
       },
@@ -127,24 +129,24 @@ export async function startAgent(rt: Runtime): Promise<Agent> {
 }
 
 /** The metrics endpoint at `[metrics] listen`, with the process metrics; none when the option is empty. */
-async function serveMetrics(rt: Runtime, readiness: Readiness): Promise<MetricsServer | undefined> {
+async function serveMetrics(rt: Runtime, metrics: AgentMetrics, readiness: Readiness): Promise<MetricsServer | undefined> {
   const listen = rt.config.metrics.listen;
   if (listen === null) return undefined;
-  rt.metrics.collectProcessMetrics();
-  return startMetricsServer({ listen, metrics: rt.metrics, readiness: () => readiness.state(), log: rt.log });
+  metrics.collectProcessMetrics();
+  return startMetricsServer({ listen, metrics, readiness: () => readiness.state(), log: rt.log });
 }
 
 /** The broker connection's state, as the bus reports it: readiness, and the broker metrics. */
-function watchBroker(rt: Runtime, bus: Bus, readiness: Readiness): void {
+function watchBroker(metrics: AgentMetrics, bus: Bus, readiness: Readiness): void {
   readiness.broker(true);
-  rt.metrics.brokerConnected(true);
+  metrics.brokerConnected(true);
   bus.on('disconnected', () => {
     readiness.broker(false);
-    rt.metrics.brokerConnected(false);
+    metrics.brokerConnected(false);
   });
   bus.on('reconnected', () => {
     readiness.broker(true);
-    rt.metrics.brokerReconnected();
+    metrics.brokerReconnected();
   });
 }
 

@@ -6,7 +6,7 @@ import { hypervisorFromConfig } from '../hypervisor/from-config.js';
 import type { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
 import type { Hypervisor } from '../hypervisor/types.js';
 import type { Logger } from '../log.js';
-import { AgentMetrics } from '../metrics/agent-metrics.js';
+import type { AgentMetrics } from '../metrics/agent-metrics.js';
 import { QemuImg, qemuImgFromConfig } from '../qemu-img/qemu-img.js';
 import { SnapshotEngine } from '../snapshot/engine.js';
 import { quiesceOptions } from '../snapshot/guest-freeze.js';
@@ -32,8 +32,11 @@ export interface Runtime {
   /** One process at a time per instance (the agent, a command, recovery). */
   locks: InstanceLocks;
   engine: SnapshotEngine;
-  /** This runtime's Prometheus metrics (its own registry); served by `serve` at `[metrics] listen`. */
-  metrics: AgentMetrics;
+  /**
+   * This runtime's Prometheus metrics (its own registry), once made (metricsOf): `serve` records and
+   * serves them; a one-shot command has none (prom-client alone costs ~12 MiB of RSS).
+   */
+  metrics?: AgentMetrics;
   /**
    * Aborted by a one-shot command on a signal (`snapshot`, on SIGINT, SIGTERM, SIGHUP): every
    * operation of this runtime then fails at its next step with the abort's reason, and so undoes
@@ -43,8 +46,8 @@ export interface Runtime {
 }
 
 /**
- * `metrics`: the metrics to record into, instead of a registry of the runtime's own (the demo keeps
- * one across the agents it starts one after the other).
+ * `metrics`: the metrics to record into (the demo keeps one across the agents it starts one after
+ * the other); else the runtime has none until metricsOf() makes them.
  */
 export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: BeforeStep; metrics?: AgentMetrics } = {}): Runtime {
   const qemuImg = qemuImgFromConfig(config.hypervisor);
@@ -59,15 +62,6 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
   const operations = new OperationJournal(path.join(config.DEFAULT.state_path, 'operations'), log);
   const locks = new InstanceLocks(path.join(config.DEFAULT.state_path, 'locks'), log);
   const interrupt = new AbortController();
-  const metrics =
-    opts.metrics ??
-    new AgentMetrics({
-      strategies: STRATEGIES,
-      rpcMethods: SERVED_METHODS,
-      imageStoreFreeBytes: () => store.freeBytes(),
-      pendingInternalSnapshots: () => pending.count(),
-      log,
-    });
   const engine = new SnapshotEngine({
     hv,
     store,
@@ -85,8 +79,22 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
       await opts.beforeStep?.(step, index);
     },
   });
-  return { config, log, hv, ...(qemu && { qemu }), qemuImg, store, pending, lifecycle, operations, locks, engine, metrics, interrupt };
+  return { config, log, hv, ...(qemu && { qemu }), qemuImg, store, pending, lifecycle, operations, locks, engine, ...(opts.metrics && { metrics: opts.metrics }), interrupt };
 }
 
 /** Builds the runtime of a command from its global options (the config files), once per command. */
 export type RuntimeFactory = () => Promise<Runtime>;
+
+/** The runtime's metrics, made on first use: prom-client is loaded only by what records them. */
+export async function metricsOf(rt: Runtime): Promise<AgentMetrics> {
+  if (rt.metrics !== undefined) return rt.metrics;
+  const { AgentMetrics } = await import('../metrics/agent-metrics.js');
+  rt.metrics = new AgentMetrics({
+    strategies: STRATEGIES,
+    rpcMethods: SERVED_METHODS,
+    imageStoreFreeBytes: () => rt.store.freeBytes(),
+    pendingInternalSnapshots: () => rt.pending.count(),
+    log: rt.log,
+  });
+  return rt.metrics;
+}
