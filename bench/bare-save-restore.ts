@@ -48,7 +48,8 @@ export async function bareSaveRestore(paths: { qmpSocket: string; pidFile: strin
     await qmp.close();
   }
   // Gone as the agent judges it (a zombie waiting for its reaper counts as gone).
-  const uuid = argv[argv.indexOf('-uuid') + 1];
+  const uuidAt = argv.indexOf('-uuid');
+  const uuid = uuidAt < 0 ? undefined : argv[uuidAt + 1];
   if (uuid === undefined || !(await waitForGuestExit(pid, uuid, QMP_TIMEOUT_MS))) throw new Error(`bare save: QEMU ${pid} did not exit after quit`);
 
   const exitMs = Math.round(Date.now() - savedAt);
