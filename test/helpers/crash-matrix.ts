@@ -102,6 +102,8 @@ export interface CrashBench {
   /** The versioned notifications of the vhost, from before the first request. */
   tap: NotificationTap;
   agents: AgentProcess[];
+  /** The last case's recovering agent, left serving with the next case's fault armed (see inSequence). */
+  armed?: { agent: AgentProcess; conf: string; point: string };
   close(): Promise<void>;
 }
 
@@ -230,6 +232,40 @@ export interface CrashCase {
   /** The fault point (without `kill:`). */
   point: string;
   guest: 'running' | 'paused';
+  /** The case run after this one (inSequence): its fault can be armed in this case's recovering agent. */
+  next?: CrashCase;
+}
+
+/**
+ * The cases in the order they run, each knowing the next. Starting an agent is most of a case's cost,
+ * so a case's recovering agent is started with the next case's fault armed and goes on to be the
+ * next case's crashing agent, when nothing its recovery does can reach that fault: the same config,
+ * a point before a step or the commit (recovery never runs a step forward or commits; the points
+ * inside a managed save or a resume it can reach), and not after a case whose recovery carries the
+ * request out again.
+ */
+export function inSequence(cases: CrashCase[]): CrashCase[] {
+  return cases.map((c, i) => ({ ...c, next: cases[i + 1] }));
+}
+
+function armable(c: CrashCase): string | undefined {
+  const next = c.next;
+  if (next === undefined || next.strategy !== c.strategy || c.point === 'operation-recorded') return undefined;
+  return next.point.startsWith('step:') || next.point === 'commit' ? next.point : undefined;
+}
+
+/** The case's crashing agent: the previous case's recovering agent when it was armed for this point. */
+async function crashingAgent(bench: CrashBench, conf: string, point: string): Promise<AgentProcess> {
+  const armed = bench.armed;
+  bench.armed = undefined;
+  if (armed !== undefined) {
+    if (armed.conf === conf && armed.point === point && armed.agent.exitStatus === undefined) return armed.agent;
+    await armed.agent.stop();
+  }
+  const agent = spawnAgent(conf, { env: { SNAPSHOT_DRIVER_FAULT: `kill:${point}` } });
+  bench.agents.push(agent);
+  await agent.waitForLog('agent serving');
+  return agent;
 }
 
 /**
@@ -241,9 +277,7 @@ export async function runCrashCase(bench: CrashBench, c: CrashCase): Promise<{ o
   const uuid = await bench.guest(c.strategy, c.guest);
   const imageId = randomUUID();
 
-  const crashing = spawnAgent(conf, { env: { SNAPSHOT_DRIVER_FAULT: `kill:${c.point}` } });
-  bench.agents.push(crashing);
-  await crashing.waitForLog('agent serving');
+  const crashing = await crashingAgent(bench, conf, c.point);
   await castSnapshot(bench, uuid, imageId);
   const exit = await Promise.race([
     crashing.exited,
@@ -264,8 +298,11 @@ export async function runCrashCase(bench: CrashBench, c: CrashCase): Promise<{ o
     expect((record.steps as string[])[Number(index)]).toBe(name);
   }
 
-  const restarted = await startAgentProcess(conf);
+  const nextPoint = armable(c);
+  const restarted = await startAgentProcess(conf, nextPoint === undefined ? {} : { env: { SNAPSHOT_DRIVER_FAULT: `kill:${nextPoint}` } });
   bench.agents.push(restarted);
+  // Armed at once: should a check below fail, the next case still stops or uses it (never two agents on the queue).
+  if (nextPoint !== undefined) bench.armed = { agent: restarted, conf, point: nextPoint };
   const recovered = restarted.find('interrupted snapshot recovered', { image_id: imageId });
   expect(recovered, `recovery of ${imageId}\n${restarted.tail()}`).toHaveLength(1);
 
@@ -278,7 +315,7 @@ export async function runCrashCase(bench: CrashBench, c: CrashCase): Promise<{ o
     expect(faultOf(note.message)).toMatchObject({ exception: 'SnapshotInterrupted', exception_message: expect.stringContaining('interrupted') });
   }
   await waitFor('the request journal to empty', async () => ((await journalEntries(bench)).length === 0 ? true : undefined));
-  await restarted.stop();
+  if (nextPoint === undefined) await restarted.stop();
 
   // The guest is back in its power state, its disk clean, our snapshots within policy.
   // Read in this process, from the same config (a CLI process per check costs seconds per case).

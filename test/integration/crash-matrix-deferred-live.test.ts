@@ -6,17 +6,17 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
-import { killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
+import { inSequence, killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
 
 const STRATEGIES: StrategyName[] = ['deferred-delete', 'live', 'monitor-snapshot', 'suspend-create-resume-extract'];
-const CASES: CrashCase[] = [
+const CASES: CrashCase[] = inSequence([
   ...killPoints('deferred-delete').map((point) => ({ strategy: 'deferred-delete' as const, point, guest: 'running' as const })),
   ...killPoints('live').map((point) => ({ strategy: 'live' as const, point, guest: 'running' as const })),
   ...killPoints('monitor-snapshot').map((point) => ({ strategy: 'monitor-snapshot' as const, point, guest: 'running' as const })),
   ...killPoints('suspend-create-resume-extract').map((point) => ({ strategy: 'suspend-create-resume-extract' as const, point, guest: 'paused' as const })),
   { strategy: 'suspend-create-resume-extract', point: 'managed-save:migrating', guest: 'running' },
   { strategy: 'suspend-create-resume-extract', point: 'managed-save:migrating', guest: 'paused' },
-];
+]);
 
 let bench: CrashBench;
 

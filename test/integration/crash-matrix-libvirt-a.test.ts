@@ -14,14 +14,16 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
-import { killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
+import { inSequence, killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
 import { libvirtView } from '../helpers/libvirt.js';
 
 const SUSPENDING: StrategyName[] = ['cold', 'suspend-create-resume-extract'];
-const CASES: CrashCase[] = SUSPENDING.flatMap((strategy, i) =>
-  killPoints(strategy)
-    .filter((point) => i === 0 || !point.startsWith('step:0:'))
-    .map((point) => ({ strategy, point, guest: 'running' as const })),
+const CASES: CrashCase[] = inSequence(
+  SUSPENDING.flatMap((strategy, i) =>
+    killPoints(strategy)
+      .filter((point) => i === 0 || !point.startsWith('step:0:'))
+      .map((point) => ({ strategy, point, guest: 'running' as const })),
+  ),
 );
 
 let bench: CrashBench;

@@ -8,11 +8,11 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
-import { killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
+import { inSequence, killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
 import { libvirtView } from '../helpers/libvirt.js';
 
 const STRATEGIES: StrategyName[] = ['deferred-delete', 'live', 'monitor-snapshot', 'suspend-create-resume-extract'];
-const CASES: CrashCase[] = [
+const CASES: CrashCase[] = inSequence([
   // A kill before the first step (nothing done yet) is the same for every strategy: taken once.
   ...(['deferred-delete', 'live', 'monitor-snapshot'] as const).flatMap((strategy, i) =>
     killPoints(strategy)
@@ -21,7 +21,7 @@ const CASES: CrashCase[] = [
   ),
   { strategy: 'suspend-create-resume-extract', point: 'managed-save:migrating', guest: 'running' },
   { strategy: 'suspend-create-resume-extract', point: 'managed-save:migrating', guest: 'paused' },
-];
+]);
 
 let bench: CrashBench;
 

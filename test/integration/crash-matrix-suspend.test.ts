@@ -9,10 +9,10 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
 import { cliJson, runCli } from '../helpers/cli.js';
-import { expectStoreConsistent, killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
+import { expectStoreConsistent, inSequence, killPoints, makeCrashBench, runCrashCase, type CrashBench, type CrashCase } from '../helpers/crash-matrix.js';
 
 const STRATEGIES: StrategyName[] = ['cold', 'suspend-create-resume-extract', 'double-suspend'];
-const CASES: CrashCase[] = STRATEGIES.flatMap((strategy) => killPoints(strategy).map((point) => ({ strategy, point, guest: 'running' as const })));
+const CASES: CrashCase[] = inSequence(STRATEGIES.flatMap((strategy) => killPoints(strategy).map((point) => ({ strategy, point, guest: 'running' as const }))));
 /** Kills inside the resume from the managed save: before any state is sent, and once it is loaded. */
 const IN_RESUME: CrashCase[] = (['resume:loading', 'resume:loaded'] as const).flatMap((point) =>
   (['running', 'paused'] as const).map((guest) => ({ strategy: 'suspend-create-resume-extract' as const, point, guest })),
