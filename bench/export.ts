@@ -11,7 +11,7 @@
  *     each, the faster of two tries); floor = the slower of the two;
  *   - the shell pipeline: `qemu-img convert -O raw`, then `md5sum`, then `sha512sum`.
  * Before all of that, `snapshot --strategy cold` of a disk of `--rss-virtual-gib` (default 16) with the
- * same data, run as the command an operator types (node dist/cli/main.js; `npm run build` first),
+ * same data, run as the command an operator types (node dist/snapshot-driver.mjs; `npm run build` first),
  * gives that process's peak RSS.
  *
  * Usage: npm run bench:export [-- --runs N --virtual-gib G --data-mb M --rss-virtual-gib G]
@@ -113,7 +113,7 @@ async function exportOnce(rt: Runtime, uuid: string): Promise<Export> {
 
 /** Runs `snapshot --strategy cold` of `uuid` in a CLI process; its peak RSS (VmHWM), sampled until it exits. */
 async function cliExportRss(base: string, config: Config, uuid: string): Promise<{ peakMiB: number; ms: number }> {
-  const cli = path.resolve(import.meta.dirname, '../dist/cli/main.js');
+  const cli = path.resolve(import.meta.dirname, '../dist/snapshot-driver.mjs');
   await fs.access(cli).catch(() => {
     throw new Error(`${cli} is missing: run \`npm run build\` first`);
   });
@@ -158,7 +158,7 @@ async function main(): Promise<void> {
   const rt = buildRuntime(config, silentLogger());
   try {
     // Peak RSS: the agent's command line exporting the big disk, as an operator runs it (node
-    // dist/cli/main.js snapshot), its high-water mark read from /proc while it runs.
+    // dist/snapshot-driver.mjs snapshot), its high-water mark read from /proc while it runs.
     const big = await makeInstance(rt, base, rssVirtualGib * GiB);
     const rss = await cliExportRss(base, config, big);
     await rt.qemu!.deleteInstance(big);

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 guest_dir=$(bash scripts/guest-image.sh)
-exec node dist/cli/main.js "$@" demo --guest-dir "$guest_dir"
+exec node dist/snapshot-driver.mjs "$@" demo --guest-dir "$guest_dir"

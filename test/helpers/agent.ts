@@ -1,14 +1,15 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { CLI_ENTRY } from './entry.js';
 
 /**
- * The agent as operators run it: `node dist/cli/main.js --config-file X serve` in a child process
+ * The agent as operators run it: `node dist/snapshot-driver.mjs --config-file X serve` in a child process
  * (test/global-setup.ts builds dist/). Its stderr (pino JSON, one object a line) is collected and
  * parsed, so that tests can wait for and assert on log lines.
  */
 
-const CLI = path.resolve(import.meta.dirname, '../../dist/cli/main.js');
+const CLI = CLI_ENTRY;
 
 /** One parsed stderr line: pino's fields (`msg`, `level`, …), or `{ raw }` for a line that is not JSON. */
 export type LogLine = Record<string, unknown> & { msg?: string; raw?: string };

@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
-import path from 'node:path';
+import { CLI_ENTRY } from './entry.js';
 
-const CLI = path.resolve(import.meta.dirname, '../../dist/cli/main.js');
+const CLI = CLI_ENTRY;
 
 export interface CliResult {
   code: number;

@@ -1,6 +1,6 @@
 /**
  * The config and command-line part of the hostile-input corpus (test/hostile/corpus.ts), against the
- * built CLI (`node dist/cli/main.js`, built by test/global-setup.ts).
+ * built CLI (`node dist/snapshot-driver.mjs`, built by test/global-setup.ts).
  *
  * Layout: `<tmp>/sandbox/{instances,state,images}` is the agent's world (the sandbox config points
  * every folder there), `<tmp>/outside/` holds canary files at the paths a `../../` traversal from
@@ -17,8 +17,9 @@ import path from 'node:path';
 import { dir } from 'tmp-promise';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLI_CASES, CONFIG_CASES, SANDBOX_INI, UNKNOWN_UUID, assertUniqueIds, type CliCase, type ConfigCase } from '../hostile/corpus.js';
+import { CLI_ENTRY } from '../helpers/entry.js';
 
-const CLI = path.resolve(import.meta.dirname, '../../dist/cli/main.js');
+const CLI = CLI_ENTRY;
 /** A case that has not exited by then is a hang: killed, and the case fails. */
 const HANG_MS = 20_000;
 

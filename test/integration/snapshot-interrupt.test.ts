@@ -16,9 +16,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentProcess } from '../helpers/agent.js';
 import { cliJson } from '../helpers/cli.js';
 import { makeCrashBench, type CrashBench } from '../helpers/crash-matrix.js';
+import { CLI_ENTRY } from '../helpers/entry.js';
 
 /** The CLI under test (default: the built one; SD_TEST_CLI lets a build of another tree be tried). */
-const CLI = process.env.SD_TEST_CLI ?? path.resolve(import.meta.dirname, '../../dist/cli/main.js');
+const CLI = process.env.SD_TEST_CLI ?? CLI_ENTRY;
 /** `cold`'s steps: quiesce, suspend, export-disk, resume, thaw. Stopped here, the guest is saved. */
 const STOP_WHILE_SAVED = 'stop:step:2:export-disk';
 

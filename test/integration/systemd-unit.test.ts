@@ -2,7 +2,7 @@
  * etc/snapshot-driver.service is a unit systemd accepts as it is: `systemd-analyze verify` (from
  * Debian's systemd package, which scripts/setup.sh installs; no systemd need run) finds nothing to
  * say about it. verify also checks that ExecStart's program exists and is executable: the copy
- * verified here runs the repository's own entry point (node dist/cli/main.js) instead of
+ * verified here runs the repository's own entry point (node dist/snapshot-driver.mjs) instead of
  * /usr/local/bin/snapshot-driver, every other line as shipped. Without systemd-analyze the test
  * fails, saying so.
  */
@@ -13,9 +13,10 @@ import { dir, type DirectoryResult } from 'tmp-promise';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { defaultConfig } from '../../src/config/schema.js';
 import { runProgram } from '../../src/util/exec.js';
+import { CLI_ENTRY } from '../helpers/entry.js';
 
 const UNIT = fileURLToPath(new URL('../../etc/snapshot-driver.service', import.meta.url));
-const ENTRY = fileURLToPath(new URL('../../dist/cli/main.js', import.meta.url));
+const ENTRY = CLI_ENTRY;
 const SHIPPED_PROGRAM = '/usr/local/bin/snapshot-driver';
 const VERIFY_TIMEOUT_MS = 60_000;
 
