@@ -123,6 +123,11 @@ export interface ExportOptions {
   dest: ExportDest | string;
   /** Progress as a fraction 0..1. */
   onProgress?: (fraction: number) => void;
+  /**
+   * No guest waits for this export (it runs again, or was shut off before): it yields the CPUs to
+   * guests and to other snapshots' saves and restores.
+   */
+  background?: boolean;
 }
 
 /**

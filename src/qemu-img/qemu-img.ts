@@ -37,7 +37,16 @@ export interface ConvertOptions {
   /** The image is open in a running QEMU: read without taking a lock (-U). Only safe with a snapshot. */
   forceShare?: boolean;
   onProgress?: (fraction: number) => void;
+  /** Nothing waits for this copy but its snapshot (the guest runs, or is shut off): at BACKGROUND_NICE. */
+  background?: boolean;
 }
+
+/**
+ * Niceness of a copy that no guest waits for (as of the image store's hash threads): on a busy host
+ * the CPUs go first to guests and to the managed saves and restores of other snapshots, whose guests
+ * are down until they end (bench:pair measures one guest's downtime beside another's export).
+ */
+export const BACKGROUND_NICE = 10;
 
 /** A qemu-img -p output reader: it prints "    (12.34/100%)\r" repeatedly. */
 function progressParser(onProgress: ((fraction: number) => void) | undefined): ((chunk: string) => void) | undefined {
@@ -115,20 +124,20 @@ export class QemuImg {
   }
 
   /** runProgram with the bound of `kind`. */
-  private runBounded(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal) {
+  private runBounded(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, nice?: number) {
     const [timeoutMs, timeoutOption] =
       kind === 'quick'
         ? [this.bounds.quickMs, QEMU_IMG_TIMEOUT_OPTION]
         : kind === 'snapshot'
           ? [this.bounds.snapshotMs, JOB_TIMEOUT_OPTION]
           : [this.bounds.exportMs, EXPORT_TIMEOUT_OPTION];
-    return runProgram(this.binary, args, { onStdout, signal, timeoutMs, timeoutOption, killGraceMs: this.bounds.killGraceMs });
+    return runProgram(this.binary, args, { onStdout, signal, timeoutMs, timeoutOption, killGraceMs: this.bounds.killGraceMs, nice });
   }
 
-  private async run(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal): Promise<string> {
+  private async run(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, nice?: number): Promise<string> {
     let res;
     try {
-      res = await this.runBounded(kind, args, onStdout, signal);
+      res = await this.runBounded(kind, args, onStdout, signal, nice);
     } catch (err) {
       if (err instanceof ProgramTimeout) throw err;
       throw new QemuImgError(`cannot run ${this.binary}: ${(err as Error).message}`, args, '', { cause: err });
@@ -210,7 +219,7 @@ export class QemuImg {
     if (opts.onProgress) args.push('-p');
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), src, dest);
     else args.push('-n', '--target-is-zero', src, dest.nbdUri);
-    await this.run('export', args, progressParser(opts.onProgress));
+    await this.run('export', args, progressParser(opts.onProgress), undefined, opts.background ? BACKGROUND_NICE : undefined);
   }
 
   /**
@@ -223,7 +232,7 @@ export class QemuImg {
   async convertNbdToRaw(
     uri: string,
     dest: string | { nbdUri: string },
-    opts: { onProgress?: (fraction: number) => void; signal?: AbortSignal; rateLimit?: number; targetExists?: boolean } = {},
+    opts: { onProgress?: (fraction: number) => void; signal?: AbortSignal; rateLimit?: number; targetExists?: boolean; background?: boolean } = {},
   ): Promise<void> {
     const args = ['convert', '-f', 'raw', '-O', 'raw'];
     if (opts.targetExists || typeof dest !== 'string') args.push('-n', '--target-is-zero');
@@ -231,7 +240,7 @@ export class QemuImg {
     if (opts.onProgress) args.push('-p');
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), uri, dest);
     else args.push(uri, dest.nbdUri);
-    await this.run('export', args, progressParser(opts.onProgress), opts.signal);
+    await this.run('export', args, progressParser(opts.onProgress), opts.signal, opts.background ? BACKGROUND_NICE : undefined);
   }
 
   /** `qemu-img check --output=json -f qcow2`. Exit codes 2/3 (errors/leaks) are results, not failures. */

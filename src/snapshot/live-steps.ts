@@ -30,7 +30,7 @@ export const startBackup: Step = {
   async run(ctx) {
     // Our freeze answered only because a process runs; else ask (a shut-off guest is never frozen).
     if (!ctx.freeze?.holding && !(await holdsDisk(ctx))) {
-      await exportInto(ctx, undefined);
+      await exportInto(ctx, undefined, true); // no guest is down for it
       return;
     }
     ctx.backup = await ctx.hv.startLiveBackup(ctx.uuid, ctx.incoming ?? ctx.store.partialPath(ctx.imageId));

@@ -192,13 +192,13 @@ export const monitorCreateSnapshot: Step = {
  * behind the writing; the step ends when the data is written (the hashes are awaited by the commit,
  * after the instance is released).
  */
-export async function exportInto(ctx: SnapshotContext, snapshotName: string | undefined): Promise<void> {
+export async function exportInto(ctx: SnapshotContext, snapshotName: string | undefined, background: boolean): Promise<void> {
   await ctx.store.markSaving(ctx.imageId);
   // live's first step has made it ready already.
   const incoming = ctx.incoming ?? (await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log));
   ctx.incoming = incoming;
   try {
-    await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: incoming, onProgress: ctx.onProgress });
+    await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: incoming, onProgress: ctx.onProgress, background });
     await incoming.finish();
   } catch (err) {
     await incoming.abort(err);
@@ -214,17 +214,17 @@ export async function removePartial(ctx: SnapshotContext): Promise<void> {
   await fs.rm(ctx.store.partialPath(ctx.imageId), { force: true });
 }
 
-/** Raw export of the active layer of the offline disk (cold). */
+/** Raw export of the active layer of the offline disk (cold: a guest it saved waits for it). */
 export const exportDisk: Step = {
   name: 'export-disk',
-  run: (ctx) => exportInto(ctx, undefined),
+  run: (ctx) => exportInto(ctx, undefined, !processHoldsDisk(ctx.priorState)),
   undo: removePartial,
 };
 
 /** Raw export of our internal snapshot (read with -U while the guest runs). */
 export const exportSnapshot: Step = {
   name: 'export-snapshot',
-  run: (ctx) => exportInto(ctx, ctx.snapshotName),
+  run: (ctx) => exportInto(ctx, ctx.snapshotName, true),
   undo: removePartial,
 };
 

@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process';
+import { getPriority, setPriority } from 'node:os';
 import { ProgramTimeout } from '../errors.js';
 import { anyAlive, processTree, signalIfSame } from './processes.js';
 
@@ -23,6 +24,12 @@ export interface RunOptions {
   /** Kill the program (SIGKILL) when this is aborted; it then resolves with the code it had. */
   signal?: AbortSignal;
   env?: NodeJS.ProcessEnv;
+  /**
+   * Run it at this niceness at least (never above the priority it inherits), set right after it
+   * starts: the threads it makes from then on inherit it; one made before, such as QEMU's RCU
+   * thread, keeps the inherited one.
+   */
+  nice?: number;
 }
 
 /** From SIGTERM to SIGKILL when a program overruns its bound. */
@@ -38,6 +45,13 @@ const PIPE_CLOSE_MS = 1000;
 export function runProgram(file: string, args: readonly string[], opts: RunOptions = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(file, [...args], { stdio: ['ignore', 'pipe', 'pipe'], env: opts.env ?? process.env });
+    if (opts.nice !== undefined && child.pid !== undefined) {
+      try {
+        if (getPriority(child.pid) < opts.nice) setPriority(child.pid, opts.nice);
+      } catch {
+        // Gone already (its exit is reported below), or not allowed: it runs at our priority.
+      }
+    }
     let stdout = '';
     let stderr = '';
     let timer: NodeJS.Timeout | undefined;

@@ -3,7 +3,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { STRATEGIES, type StrategyName } from '../../src/config/schema.js';
-import type { ResumeResult, SaveResult } from '../../src/hypervisor/types.js';
+import type { ExportOptions, ResumeResult, SaveResult } from '../../src/hypervisor/types.js';
 import { windowDowntimeMs } from '../../src/snapshot/downtime.js';
 import { STRATEGY_STEPS, USES_MANAGED_SAVE } from '../../src/snapshot/strategies.js';
 import { allowedLeft, expectSafeFailure, guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
@@ -248,5 +248,24 @@ describe('downtime', () => {
     // Paused before: by the save's account, or by the operation's prior state.
     expect(windowDowntimeMs({ wallStartedAt: 10, save: { priorState: 'paused', bytes: 1 } }, 'running', { state: 'paused' }, 900)).toBe(0);
     expect(windowDowntimeMs({ wallStartedAt: 10 }, 'paused', undefined, 900)).toBe(0);
+  });
+});
+
+describe('export priority', () => {
+  // Only cold's export of a guest it saved has a guest waiting for it; every other export runs at
+  // a lower CPU priority (qemu-img at BACKGROUND_NICE), so that other guests' saves and restores
+  // come first on a busy host.
+  it.each(STRATEGIES.flatMap((strategy) => STATES.map((state) => [strategy, state] as const)))('%s, %s guest', async (strategy, state) => {
+    const e = await env(strategy);
+    const uuid = randomUUID();
+    await guestIn(e, state, uuid);
+    const mark = e.hv.calls.length;
+    expect(await e.engine.take({ requestId: 'req-prio', instanceUuid: uuid, imageId: randomUUID() })).toMatchObject({ status: 'active' });
+    const exports = e.hv.calls.slice(mark).filter((c) => c.op === 'exportDisk');
+    // live on a guest with a process copies through its backup job, not exportDisk.
+    const viaJob = strategy === 'live' && (state === 'running' || state === 'paused');
+    expect(exports).toHaveLength(viaJob ? 0 : 1);
+    const guestWaits = strategy === 'cold' && (state === 'running' || state === 'paused');
+    for (const c of exports) expect((c.args[1] as ExportOptions).background).toBe(!guestWaits);
   });
 });

@@ -87,7 +87,8 @@ class PullBackupJob implements BackupJob {
 
   async wait(onProgress?: (fraction: number) => void): Promise<void> {
     const uri = `nbd+unix:///${encodeURIComponent(this.domain.rootDisk.target)}?socket=${this.socket}`;
-    this.copying ??= this.ctx.qemuImg.convertNbdToRaw(uri, this.dest, { onProgress, signal: this.abort.signal });
+    // The guest runs all along.
+    this.copying ??= this.ctx.qemuImg.convertNbdToRaw(uri, this.dest, { onProgress, signal: this.abort.signal, background: true });
     try {
       await this.copying;
     } finally {

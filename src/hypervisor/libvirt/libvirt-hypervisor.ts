@@ -261,7 +261,7 @@ export class LibvirtHypervisor implements Hypervisor {
   async exportDisk(uuid: string, opts: ExportOptions): Promise<void> {
     if (opts.snapshotName === undefined) {
       const d = await this.domains.requireInactive(uuid, 'export the active layer of the disk');
-      await this.qemuImg.convertToRaw(d.xml.rootDisk.path, opts.dest, { onProgress: opts.onProgress });
+      await this.qemuImg.convertToRaw(d.xml.rootDisk.path, opts.dest, { onProgress: opts.onProgress, background: opts.background });
       return;
     }
     // An internal snapshot's clusters are never rewritten while it exists: safe to read with -U.
@@ -270,6 +270,7 @@ export class LibvirtHypervisor implements Hypervisor {
       snapshotName: opts.snapshotName,
       forceShare: d.state === 'running' || d.state === 'paused',
       onProgress: opts.onProgress,
+      background: opts.background,
     });
   }
 

@@ -56,7 +56,7 @@ export async function liveSnapshotDelete(g: QemuGuests, uuid: string, name: stri
 export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOptions): Promise<void> {
   if (opts.snapshotName === undefined) {
     const { layout } = await g.requireNoProcess(uuid, 'export the active layer of the disk');
-    await g.qemuImg.convertToRaw(layout.disk, opts.dest, { onProgress: opts.onProgress });
+    await g.qemuImg.convertToRaw(layout.disk, opts.dest, { onProgress: opts.onProgress, background: opts.background });
     return;
   }
   // An internal snapshot's clusters are never rewritten while it exists: safe to read with -U.
@@ -65,6 +65,7 @@ export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOption
     snapshotName: opts.snapshotName,
     forceShare: p.pid !== undefined,
     onProgress: opts.onProgress,
+    background: opts.background,
   });
 }
 

@@ -278,6 +278,8 @@ export class QemuBackupJob implements BackupJob {
       signal: this.abort.signal,
       rateLimit: this.ctx.speed || undefined,
       targetExists: true,
+      // The guest runs all along.
+      background: true,
     });
     try {
       await this.copying;
