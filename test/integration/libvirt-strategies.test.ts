@@ -18,6 +18,7 @@ import { SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
 import { expectDowntimeAsObserved, report } from '../helpers/guest-downtime.js';
 import { libvirtView, makeLibvirtBench, virsh, type LibvirtBench, type TestDomain } from '../helpers/libvirt.js';
 import { writerPasses } from '../helpers/linux-guest.js';
+import { localStore } from '../../src/image-store/image-store.js';
 
 const MiB = 2 ** 20;
 const qemuImg = new QemuImg('qemu-img');
@@ -58,7 +59,7 @@ describe('every strategy on one running libvirt domain, quiesce = required', () 
     const obs = await observeRunningGuest(dom.console, () => rt.engine.take({ requestId: `lv-${strategy}`, instanceUuid: dom.uuid, imageId, strategy }));
     const result = obs.result;
     expect(result).toMatchObject({ status: 'active', strategy, quiesced: true });
-    const image = rt.store.dataPath(imageId);
+    const image = localStore(rt.store).dataPath(imageId);
     const fsReport = await checkGuestImage(image, path.join(bench.base, `check-${imageId}`));
     report(strategy, 'libvirt quiesced', { ...result, observed: obs.guest, image: fsReport, allocated: await allocated(image) });
     expect(fsReport.cleanWithoutReplay).toBe(true);
@@ -98,7 +99,7 @@ describe('paused, then shut off: every strategy gives the same bytes, the disk a
       for (const strategy of STRATEGIES) {
         const r = await rt.engine.take({ requestId: `lv-${state}-${strategy}`, instanceUuid: dom.uuid, imageId: randomUUID(), strategy });
         expect(r).toMatchObject({ status: 'active', downtime_ms: 0, quiesced: false });
-        sums.set(`${state}/${strategy}`, await sha512(rt.store.dataPath(r.image_id)));
+        sums.set(`${state}/${strategy}`, await sha512(localStore(rt.store).dataPath(r.image_id)));
         expect((await rt.hv.info(dom.uuid)).state).toBe(state);
         const view = await libvirtView(dom.uuid);
         expect(view).toMatchObject({ managedSave: false, job: 'None', state: expect.stringMatching(state === 'paused' ? /^paused/ : /^shut off/) });
