@@ -21,6 +21,10 @@ command -v flock >/dev/null || missing+=(util-linux)
 # oslo.messaging that the wire-compatibility tests talk to.
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 installed python3-oslo.messaging || missing+=(python3-oslo.messaging)
+# A real Glance for the Glance image store's tests (test/helpers/glance.ts runs it from the Python
+# package: python3 -m glance.cmd.api, no glance-api service), and curl for bench:export's baseline.
+installed python3-glance || missing+=(python3-glance)
+command -v curl >/dev/null || missing+=(curl)
 # The real Linux test guest (scripts/guest-image.sh): its root filesystem is made and checked with
 # e2fsprogs, its initramfs packed with cpio, its writer and probe compiled statically.
 command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || missing+=(e2fsprogs)

@@ -19,6 +19,7 @@ import { observeRunningGuest } from '../guest-check/observe.js';
 import { waitForGuestReady } from '../guest-check/ready.js';
 import { createLogger, type Logger } from '../log.js';
 import { printTable } from './output.js';
+import { localStore } from '../image-store/image-store.js';
 
 const END_TIMEOUT_MS = 300_000;
 
@@ -64,6 +65,7 @@ function demoConfig(config: Config, base: string): Config {
   config.DEFAULT.transport_url = 'memory:///snapdrv-demo';
   config.DEFAULT.host = 'demo-host';
   config.image_store.path = path.join(base, 'images');
+  config.image_store.backend = 'local'; // the demo reads the images' files
   config.image_store.reserved_space_mb = 0;
   config.hypervisor.shutdown_timeout = 1;
   // The demo guest is made on the spot: the qemu backend's own instance, whatever the config says.
@@ -147,7 +149,7 @@ export function registerDemoCommand(program: Command): void {
             if (end.eventType !== 'instance.snapshot.end') throw new SnapshotFailed(`${strategy}: ${end.eventType}`);
             const image = await rt.store.show(imageId);
             const verified = await rt.store.verify(imageId);
-            const fsReport = await checkGuestImage(rt.store.dataPath(imageId), path.join(base, 'check', imageId));
+            const fsReport = await checkGuestImage(localStore(rt.store).dataPath(imageId), path.join(base, 'check', imageId));
             const recordsOk = fsReport.records.problems.length === 0 && Number(fsReport.records.last) >= fsyncedBefore;
             if (!verified.ok || !fsReport.cleanAfterReplay || !recordsOk) process.exitCode = 1;
             rows.push([

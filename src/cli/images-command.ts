@@ -4,7 +4,7 @@ import { printJson, printTable } from './output.js';
 import { progressReporter } from './progress.js';
 
 export function registerImagesCommands(program: Command, runtime: RuntimeFactory): void {
-  const images = program.command('images').description('the local image store');
+  const images = program.command('images').description('the image store ([image_store] backend: the local folder or Glance)');
 
   images
     .command('list')

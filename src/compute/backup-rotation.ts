@@ -1,5 +1,5 @@
 import { errorMessage, ImageNotFound } from '../errors.js';
-import type { ImageMeta, ImageStore } from '../image-store/image-store.js';
+import type { ImageMeta, ImageStoreBackend } from '../image-store/image-store.js';
 import type { Logger } from '../log.js';
 
 export interface RotationRequest {
@@ -17,10 +17,11 @@ export interface RotationRequest {
  * end; a failed delete is logged and the rest go on. Only `active` backups count: a killed attempt
  * neither takes a place nor pushes a good backup out. Returns the ids deleted.
  */
-export async function rotateBackups(store: ImageStore, req: RotationRequest, log: Logger): Promise<string[]> {
+export async function rotateBackups(store: ImageStoreBackend, req: RotationRequest, log: Logger): Promise<string[]> {
   const uuid = req.instanceUuid.toLowerCase();
   const newId = req.newImageId?.toLowerCase();
-  const backups = (await store.list()).filter(
+  // The filter goes to Glance as property filters (the local store applies it itself); checked again here.
+  const backups = (await store.list({ instanceUuid: uuid, imageType: 'backup', backupType: req.backupType })).filter(
     (m) =>
       m.status === 'active' &&
       m.properties.image_type === 'backup' &&

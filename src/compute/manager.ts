@@ -1,7 +1,7 @@
 import { STRATEGIES } from '../config/schema.js';
 import { errorMessage, ImageNotFound, SnapshotInterrupted } from '../errors.js';
 import type { Hypervisor } from '../hypervisor/types.js';
-import type { ImageMeta, ImageStore } from '../image-store/image-store.js';
+import type { ImageMeta, ImageStoreBackend, StoreRequestAuth } from '../image-store/image-store.js';
 import { operationLogger, type Logger } from '../log.js';
 import type { AgentMetrics, OperationTrack } from '../metrics/agent-metrics.js';
 import type { RpcContext, RpcTarget } from '../messaging/rpc-types.js';
@@ -67,7 +67,7 @@ type Rest = () => Promise<unknown>;
 export interface ComputeManagerDeps {
   engine: Pick<SnapshotEngine, 'takeFromGuest'>;
   lifecycle: Lifecycle;
-  store: ImageStore;
+  store: ImageStoreBackend;
   hv: Hypervisor;
   log: Logger;
   /** `[DEFAULT] max_concurrent_snapshots`: snapshots and backups running at once, across instances. */
@@ -189,7 +189,7 @@ export class ComputeManager implements RpcTarget {
           const result = await finish();
           // Best effort, as in nova: the backup is made and active whatever happens to older ones.
           await rotateBackups(
-            this.deps.store,
+            this.deps.store.forRequest({ ...storeAuth(ctx), log }),
             { instanceUuid: uuid, backupType: call.backupType, rotation: call.rotation, newImageId: call.imageId },
             log,
           ).catch((err: unknown) => log.error({ err }, `backup rotation failed: ${errorMessage(err)}`));
@@ -232,8 +232,9 @@ export class ComputeManager implements RpcTarget {
       projectId: ctx.projectId ?? instance.projectId,
       instance: instance.raw,
     };
+    const store = this.deps.store.forRequest({ ...storeAuth(ctx), log });
     if (ctx.replayed) {
-      const earlier = await this.earlierOutcome(info, log);
+      const earlier = await this.earlierOutcome(store, info, log);
       if (earlier !== undefined) return () => Promise.resolve(earlier);
     }
     // A slot is granted at once only when one is free and nobody waits for it (FifoSemaphore).
@@ -270,6 +271,7 @@ export class ComputeManager implements RpcTarget {
         userId: info.userId,
         owner: info.projectId,
         baseImageRef: instance.imageRef || undefined,
+        auth: storeAuth(ctx),
       };
       unfinished = await this.deps.engine.takeFromGuest(req);
     } catch (err) {
@@ -289,7 +291,7 @@ export class ComputeManager implements RpcTarget {
           bytes: result.size,
         });
         // Before anyone is told: from here a crash leaves a request that answers with this result again.
-        await this.recordResult(result, log);
+        await this.recordResult(store, result, log);
         await this.notify(log, 'snapshotEnd', (n) => n.snapshotEnd({ ...info, strategy: result.strategy }, result));
         return result;
       } finally {
@@ -302,10 +304,16 @@ export class ComputeManager implements RpcTarget {
    * Keeps the result in the image's metadata (RESULT_PROPERTY), fsynced. The snapshot is made
    * whatever happens here: a failure is logged, and a replay would then answer UnrecordedSnapshotResult.
    */
-  private async recordResult(result: SnapshotResult, log: Logger): Promise<void> {
+  private async recordResult(store: ImageStoreBackend, result: SnapshotResult, log: Logger): Promise<void> {
+    const value = JSON.stringify(result);
+    if (value.length > store.maxPropertyChars) {
+      // Glance keeps at most 255 characters a property: a replay then answers with the image's own facts.
+      log.debug({ image_id: result.image_id, chars: value.length }, 'snapshot result not recorded with the image: too long for the store');
+      return;
+    }
     try {
       // A JSON string: image properties are strings in Glance, where this store's records go too.
-      await this.deps.store.setProperties(result.image_id, { [RESULT_PROPERTY]: JSON.stringify(result) });
+      await store.setProperties(result.image_id, { [RESULT_PROPERTY]: value });
     } catch (err) {
       log.error({ err, image_id: result.image_id }, `could not record the snapshot's result with its image: ${errorMessage(err)}`);
     }
@@ -320,8 +328,7 @@ export class ComputeManager implements RpcTarget {
    * with SnapshotInterrupted (naming the image's kill reason) and an error notification. Undefined:
    * no image of this request, so it is carried out.
    */
-  private async earlierOutcome(info: SnapshotInfo, log: Logger): Promise<SnapshotReply | undefined> {
-    const { store } = this.deps;
+  private async earlierOutcome(store: ImageStoreBackend, info: SnapshotInfo, log: Logger): Promise<SnapshotReply | undefined> {
     let meta: ImageMeta;
     try {
       meta = await store.show(info.imageId);
@@ -374,6 +381,18 @@ export class ComputeManager implements RpcTarget {
       log.warn({ err }, `notifier ${what} failed: ${errorMessage(err)}`);
     }
   }
+}
+
+/** What the image store sends with this request's calls (Glance: the token, in memory only). */
+function storeAuth(ctx: RpcContext): Omit<StoreRequestAuth, 'log'> {
+  const roles = Array.isArray(ctx.raw.roles) ? ctx.raw.roles.filter((r): r is string => typeof r === 'string') : undefined;
+  return {
+    requestId: ctx.requestId,
+    ...(ctx.authToken !== undefined && { authToken: ctx.authToken }),
+    ...(ctx.projectId !== undefined && { projectId: ctx.projectId }),
+    ...(ctx.userId !== undefined && { userId: ctx.userId }),
+    ...(roles !== undefined && roles.length > 0 && { roles }),
+  };
 }
 
 /**

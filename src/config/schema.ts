@@ -34,6 +34,46 @@ export type HypervisorDriver = (typeof HYPERVISOR_DRIVERS)[number];
 export const QUIESCE_MODES = ['off', 'auto', 'required'] as const;
 export type QuiesceMode = (typeof QUIESCE_MODES)[number];
 
+/** `[image_store] backend` (SPEC §6, §6.1). */
+export const IMAGE_STORE_BACKENDS = ['local', 'glance'] as const;
+export type ImageStoreBackendName = (typeof IMAGE_STORE_BACKENDS)[number];
+
+/** `[glance] auth_strategy`: keystone sends the request's token; noauth sends none. */
+export const GLANCE_AUTH_STRATEGIES = ['keystone', 'noauth'] as const;
+
+const API_SERVERS_FORM = 'a comma-separated list of http:// or https:// URLs such as http://glance.example:9292';
+
+/**
+ * `[glance] api_servers`: URLs tried in order, as nova's. Scheme, host, port and a path prefix only
+ * (no credentials, query or fragment); a trailing slash is dropped. Empty: none.
+ */
+const apiServers = z.string().transform((value, ctx): string[] => {
+  const out: string[] = [];
+  for (const item of value.split(',').map((v) => v.trim()).filter((v) => v !== '')) {
+    let url: URL;
+    try {
+      url = new URL(item);
+    } catch {
+      ctx.issues.push({ code: 'custom', input: value, message: `${API_SERVERS_FORM} (${JSON.stringify(item.slice(0, 80))} is not a URL)` });
+      return z.NEVER;
+    }
+    const problem =
+      url.protocol !== 'http:' && url.protocol !== 'https:'
+        ? `${url.protocol} is not http: or https:`
+        : url.username !== '' || url.password !== ''
+          ? 'credentials do not belong in the URL'
+          : url.search !== '' || url.hash !== ''
+            ? 'no query or fragment'
+            : undefined;
+    if (problem !== undefined) {
+      ctx.issues.push({ code: 'custom', input: value, message: `${API_SERVERS_FORM} (${url.host}: ${problem})` });
+      return z.NEVER;
+    }
+    out.push(`${url.protocol}//${url.host}${url.pathname.replace(/\/+$/, '')}`);
+  }
+  return out;
+});
+
 /** A transport URL (SPEC §5); the message names the problem, never the password. */
 const transportUrl = z.string().superRefine((value, ctx) => {
   const problem = transportUrlProblem(value);
@@ -122,6 +162,16 @@ export const schema = z
         path: nonEmpty.default('/var/lib/snapshot-driver/images'),
         reserved_space_mb: int(0).default(512),
         os_hash_algo: z.enum(['sha512', 'sha384', 'sha256']).default('sha512'),
+        backend: z.enum(IMAGE_STORE_BACKENDS).default('local'),
+      })
+      .strict()
+      .prefault({}),
+    glance: z
+      .object({
+        api_servers: apiServers.default([]),
+        timeout: positiveNum.default(60),
+        retries: int(0, 20).default(3),
+        auth_strategy: z.enum(GLANCE_AUTH_STRATEGIES).default('keystone'),
       })
       .strict()
       .prefault({}),
@@ -145,7 +195,12 @@ export const schema = z
       .strict()
       .prefault({}),
   })
-  .strict();
+  .strict()
+  .superRefine((config, ctx) => {
+    if (config.image_store.backend === 'glance' && config.glance.api_servers.length === 0) {
+      ctx.addIssue({ code: 'custom', path: ['glance', 'api_servers'], message: `${API_SERVERS_FORM} (required with [image_store] backend = glance)` });
+    }
+  });
 
 export type Config = z.infer<typeof schema>;
 export type RawConfig = Record<string, Record<string, string>>;

@@ -8,3 +8,29 @@ export class ImageInvalidState extends SnapshotDriverError {}
 
 /** A metadata file that does not parse, or an active image whose data file is missing. */
 export class ImageStoreCorrupt extends SnapshotDriverError {}
+
+/** Glance answered with an error status: the message names the request, the status and Glance's own message (trimmed). */
+export class GlanceError extends SnapshotDriverError {
+  constructor(
+    message: string,
+    readonly status: number,
+    readonly glanceMessage: string,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * No Glance API server answered (connection refused or reset, a timeout, a server that stopped
+ * reading), after the bounded retries over every `[glance] api_servers`.
+ */
+export class GlanceUnavailable extends SnapshotDriverError {}
+
+/**
+ * `[glance] auth_strategy = keystone` and the operation has no token to send: a request carried out
+ * again from the journal after a crash (tokens are never journaled), or a command-line operation.
+ */
+export class GlanceAuthMissing extends SnapshotDriverError {}
+
+/** The image Glance made of the upload is not what the agent sent (size, hash), or not active. */
+export class GlanceUploadMismatch extends SnapshotDriverError {}

@@ -4,7 +4,7 @@ import { ImageExists, ImageNotFound, InvalidInstanceId } from '../errors.js';
 import { isUuid } from '../util/uuid.js';
 import { fsyncDir, isErrno, pathExists, unlinkIfExists } from '../util/durable-fs.js';
 import { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
-import { digestFile, type FileDigests, type ParallelDigest } from './hash.js';
+import { digestFile, type ParallelDigest } from './hash.js';
 import { IncomingImage, incomingSocketDirs } from './incoming-image.js';
 import type { NbdLog } from './nbd-server.js';
 import { FILE_MODE, isoSeconds, newImageMeta, readImageMeta, writeImageMeta } from './metadata.js';
@@ -23,6 +23,8 @@ import {
 } from './types.js';
 
 export * from './types.js';
+export * from './backend.js';
+import type { CommitOptions, ImageFilter, ImageStoreBackend, StoreLeftovers } from './backend.js';
 export { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
 
 const DIR_MODE = 0o750;
@@ -72,7 +74,9 @@ export type StoreHook = (point: StoreHookPoint, id: string, digest?: ParallelDig
  * within this process by a keyed mutex, and across processes (the agent, `images delete`, `cleanup`,
  * a `snapshot` command) by a kernel lock on `<path>/.locks/<id>.lock` held for the whole operation.
  */
-export class ImageStore {
+export class ImageStore implements ImageStoreBackend {
+  readonly backend = 'local';
+  readonly maxPropertyChars = Number.POSITIVE_INFINITY;
   readonly paths: StorePaths;
   readonly osHashAlgo: OsHashAlgo;
   readonly reservedSpaceMb: number;
@@ -124,6 +128,15 @@ export class ImageStore {
   /** Throws InvalidImageId unless `id` is a UUID. */
   static validateId(id: unknown): asserts id is string {
     validateImageId(id);
+  }
+
+  /** The local store keeps no credentials: the same store for every request. */
+  forRequest(): this {
+    return this;
+  }
+
+  get partialDir(): string {
+    return this.paths.partialDir;
   }
 
   /** The store's directory (absolute). */
@@ -219,7 +232,7 @@ export class ImageStore {
    * sparse file stays sparse), fsync both directories, and only then record size, checksums and
    * status `active`. On failure the status is left unchanged.
    */
-  async commit(id: string, opts: { virtualSize?: number; onProgress?: ProgressCallback; digests?: Promise<FileDigests> } = {}): Promise<ImageMeta> {
+  async commit(id: string, opts: CommitOptions = {}): Promise<ImageMeta> {
     const cid = canonicalId(id);
     return this.exclusive(cid, 'commit', async () => {
       const meta = await this.mustRead(cid);
@@ -296,7 +309,7 @@ export class ImageStore {
    * Leftovers on disk, for start-up recovery: the names in `.partial/`, and the temp files of metadata
    * writes (`.<id>.json.tmp-<pid>-<hex>`) in the store's folder, with the pid that wrote each.
    */
-  async leftovers(): Promise<{ partials: string[]; temps: { file: string; pid: number }[]; socketDirs: { dir: string; pid: number }[] }> {
+  async leftovers(): Promise<StoreLeftovers> {
     const names = async (dir: string) => readdir(dir).catch((err: unknown) => (isErrno(err, 'ENOENT') ? [] : Promise.reject(err)));
     const temps: { file: string; pid: number }[] = [];
     for (const name of await names(this.paths.root)) {
@@ -306,8 +319,18 @@ export class ImageStore {
     return { partials: await names(this.paths.partialDir), temps, socketDirs: await incomingSocketDirs() };
   }
 
-  /** Every image with metadata in the store, oldest first (created_at, then id). */
-  async list(): Promise<ImageMeta[]> {
+  /** The images with metadata in the store (those `filter` takes), oldest first (created_at, then id). */
+  async list(filter?: ImageFilter): Promise<ImageMeta[]> {
+    const all = await this.listAll();
+    return filter === undefined ? all : all.filter((m) => matches(m, filter));
+  }
+
+  /** Images left queued or saving: all of this store's are the agent's own. */
+  async unfinishedOwnImages(): Promise<ImageMeta[]> {
+    return (await this.listAll()).filter((m) => m.status === 'queued' || m.status === 'saving');
+  }
+
+  private async listAll(): Promise<ImageMeta[]> {
     let names: string[];
     try {
       names = await readdir(this.paths.root);
@@ -468,6 +491,20 @@ async function openRegularFile(file: string, missing: () => Error): Promise<File
   return fh;
 }
 
+function matches(m: ImageMeta, f: ImageFilter): boolean {
+  return (
+    (f.instanceUuid === undefined || String(m.properties.instance_uuid).toLowerCase() === f.instanceUuid.toLowerCase()) &&
+    (f.imageType === undefined || m.properties.image_type === f.imageType) &&
+    (f.backupType === undefined || m.properties.backup_type === f.backupType)
+  );
+}
+
 function cmp(a: string, b: string): number {
   return a < b ? -1 : a > b ? 1 : 0;
+}
+
+/** The local store behind `store`, for what reads its files (the demo, tests); throws for another backend. */
+export function localStore(store: ImageStoreBackend): ImageStore {
+  if (!(store instanceof ImageStore)) throw new TypeError(`[image_store] backend = ${store.backend}: this needs the local store's files`);
+  return store;
 }

@@ -65,3 +65,4 @@ export interface VerifyResult {
   expected_os_hash_value: string;
   size_ok: boolean;
 }
+

@@ -5,6 +5,7 @@
  * Envelope 2.0: `{"oslo.version": "2.0", "oslo.message": "<the message as a JSON string>"}`.
  * Envelope 1.0: the message dict itself, unwrapped.
  */
+import { Secret } from '../util/secret.js';
 import { randomUUID } from 'node:crypto';
 import { MalformedMessage } from '../errors.js';
 import type { MessageProperties } from './bus.js';
@@ -37,8 +38,14 @@ export const JSON_PROPERTIES: Readonly<MessageProperties> = Object.freeze({
   deliveryMode: 2,
 });
 
-/** Context keys never kept: the agent has no use for a caller's keystone token. */
+/**
+ * Context keys never kept in the request (which is journaled): the caller's keystone token travels
+ * beside it, in memory only (DecodeResult.authToken).
+ */
 const DROPPED_CONTEXT_KEYS = new Set(['auth_token']);
+
+/** Fernet tokens are ~250 characters, old PKI ones a few KiB: a header Glance takes. */
+const MAX_AUTH_TOKEN_CHARS = 16 * 1024;
 
 const RPC_VERSION_RE = /^\d{1,9}\.\d{1,9}(\.\d{1,9})?$/;
 /** Reply queues and message ids are hex or uuid-like; anything else is not an address we answer. */
@@ -51,7 +58,15 @@ export interface ReplyAddress {
 }
 
 export type DecodeResult =
-  | { ok: true; request: RpcRequest }
+  | {
+      ok: true;
+      request: RpcRequest;
+      /**
+       * `_context_auth_token`, kept apart from the request: the request is journaled, the token never
+       * is (held in memory for the image store's calls to Glance only).
+       */
+      authToken?: Secret;
+    }
   | {
       ok: false;
       error: MalformedMessage;
@@ -135,7 +150,9 @@ export function decodeRequest(body: Buffer, opts: DecodeOptions = {}): DecodeRes
   const replyTo = readReplyAddress(message);
   const uniqueId = typeof message._unique_id === 'string' ? message._unique_id : undefined;
   try {
-    return { ok: true, request: toRequest(message) };
+    const request = toRequest(message);
+    const authToken = readAuthToken(message._context_auth_token);
+    return { ok: true, request, ...(authToken !== undefined && { authToken }) };
   } catch (err) {
     if (!(err instanceof MalformedMessage)) throw err;
     return { ok: false, error: err, ...(replyTo && { replyTo }), ...(uniqueId !== undefined && { uniqueId }) };
@@ -272,6 +289,12 @@ function toRequest(message: Record<string, unknown>): RpcRequest {
     ...(timeoutS !== undefined && { timeoutS }),
     context,
   };
+}
+
+/** A keystone token as oslo.context sends it; anything else (absent, null, not text) is none. */
+function readAuthToken(v: unknown): Secret | undefined {
+  if (typeof v !== 'string' || v.length === 0 || v.length > MAX_AUTH_TOKEN_CHARS || !/^[\x21-\x7e]+$/.test(v)) return undefined;
+  return new Secret(v);
 }
 
 function optionalString(message: Record<string, unknown>, key: string): string | undefined {

@@ -11,6 +11,7 @@
  * Nothing is requeued forever: a malformed or refused message is acked, logged with its reason,
  * and answered with a failure when it was a call whose reply address could be read.
  */
+import type { Secret } from '../util/secret.js';
 import type { Logger } from '../log.js';
 import type { AgentMetrics } from '../metrics/agent-metrics.js';
 import { UNKNOWN_METHOD, type RpcResultLabel } from '../metrics/names.js';
@@ -195,6 +196,7 @@ export class RpcServer {
     }
     // A request id made up now is journaled with the request, so a replay logs under the same id.
     const request = withRequestId(decoded.request);
+    const { authToken } = decoded;
     const log = this.requestLogger(request, requestContext(request).requestId);
 
     try {
@@ -227,18 +229,19 @@ export class RpcServer {
     bus.ack(delivery);
     log.info({ journal_id: entry.id, call: request.msgId !== undefined }, 'RPC request accepted');
     await faultPointAfterOutput('rpc-accepted');
-    this.launch(entry, false);
+    this.launch(entry, false, authToken);
   }
 
-  private launch(entry: JournalEntry, replayed: boolean): void {
-    const run = this.run(entry, replayed).catch((err: unknown) => {
+  /** `authToken`: the caller's, in memory only (a replay from the journal has none). */
+  private launch(entry: JournalEntry, replayed: boolean, authToken?: Secret): void {
+    const run = this.run(entry, replayed, authToken).catch((err: unknown) => {
       this.log.error({ err: errorMessage(err), journal_id: entry.id }, 'unexpected error running an RPC request');
     });
     this.running.add(run);
     void run.finally(() => this.running.delete(run));
   }
 
-  private async run(entry: JournalEntry, replayed: boolean): Promise<void> {
+  private async run(entry: JournalEntry, replayed: boolean, authToken: Secret | undefined): Promise<void> {
     const request = entry.request;
     const ctx = requestContext(request);
     const log = this.requestLogger(request, ctx.requestId).child({ journal_id: entry.id });
@@ -249,7 +252,7 @@ export class RpcServer {
     let result: unknown;
     let failure: unknown;
     try {
-      const callCtx: RpcCallContext = { ...ctx, log, ...(replayed && { replayed }) };
+      const callCtx: RpcCallContext = { ...ctx, log, ...(replayed && { replayed }), ...(authToken !== undefined && { authToken }) };
       result = await this.deps.target.call(request.method, request.args, callCtx);
     } catch (err) {
       ok = false;

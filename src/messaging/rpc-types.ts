@@ -1,3 +1,4 @@
+import type { Secret } from '../util/secret.js';
 /**
  * What crosses the boundary between the RPC server (src/messaging) and what it serves (src/compute):
  * a decoded request, the target that handles it, and the journal that makes it durable.
@@ -28,6 +29,11 @@ export interface RpcContext {
   raw: Record<string, unknown>;
   /** The request comes from the journal at start-up (accepted before a crash), not from the queue. */
   replayed?: boolean;
+  /**
+   * The caller's keystone token (`_context_auth_token`), for the image store's calls to Glance: held
+   * in memory only, never journaled nor logged. Absent on a replay from the journal.
+   */
+  authToken?: Secret;
 }
 
 /** What the RPC server dispatches to (the compute manager). */

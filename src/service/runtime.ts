@@ -1,7 +1,8 @@
 import path from 'node:path';
 import { STRATEGIES, type Config } from '../config/schema.js';
 import { SERVED_METHODS } from '../compute/rpc-args.js';
-import { ImageStore } from '../image-store/image-store.js';
+import { imageStoreFromConfig } from '../image-store/from-config.js';
+import type { ImageStoreBackend } from '../image-store/image-store.js';
 import { hypervisorFromConfig } from '../hypervisor/from-config.js';
 import type { QemuHypervisor } from '../hypervisor/qemu/qemu-hypervisor.js';
 import type { Hypervisor } from '../hypervisor/types.js';
@@ -25,7 +26,8 @@ export interface Runtime {
   /** The qemu backend, when `[hypervisor] driver = qemu`: it also creates and deletes instances. */
   qemu?: QemuHypervisor;
   qemuImg: QemuImg;
-  store: ImageStore;
+  /** The image store `[image_store] backend` names (local folder or Glance). */
+  store: ImageStoreBackend;
   pending: PendingSnapshots;
   lifecycle: Lifecycle;
   operations: OperationJournal;
@@ -52,11 +54,7 @@ export interface Runtime {
 export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: BeforeStep; metrics?: AgentMetrics } = {}): Runtime {
   const qemuImg = qemuImgFromConfig(config.hypervisor);
   const { hv, qemu } = hypervisorFromConfig(config, log);
-  const store = new ImageStore({
-    path: config.image_store.path,
-    reservedSpaceMb: config.image_store.reserved_space_mb,
-    osHashAlgo: config.image_store.os_hash_algo,
-  });
+  const store = imageStoreFromConfig(config, log);
   const pending = new PendingSnapshots(path.join(config.DEFAULT.state_path, 'pending'));
   const lifecycle = new Lifecycle(hv, pending, log, { softRebootWaitMs: config.hypervisor.wait_soft_reboot_seconds * 1000 });
   const operations = new OperationJournal(path.join(config.DEFAULT.state_path, 'operations'), log);

@@ -1,5 +1,5 @@
 import type { Hypervisor, BackupJob, PowerState } from '../hypervisor/types.js';
-import type { ImageStore } from '../image-store/image-store.js';
+import type { ImageStoreBackend } from '../image-store/image-store.js';
 import type { IncomingImage } from '../image-store/incoming-image.js';
 import type { Logger } from '../log.js';
 import type { SuspendWindow } from './downtime.js';
@@ -10,7 +10,7 @@ import type { PendingSnapshots } from './pending.js';
 /** What every step of one snapshot operation sees and updates. */
 export interface SnapshotContext {
   readonly hv: Hypervisor;
-  readonly store: ImageStore;
+  readonly store: ImageStoreBackend;
   readonly lifecycle: Lifecycle;
   readonly pending: PendingSnapshots;
   readonly log: Logger;

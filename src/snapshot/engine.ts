@@ -1,6 +1,6 @@
 import { STRATEGIES, type StrategyName } from '../config/schema.js';
 import type { Lifecycle } from './lifecycle.js';
-import { ImageStore } from '../image-store/image-store.js';
+import { ImageStore, type ImageStoreBackend, type StoreRequestAuth } from '../image-store/image-store.js';
 import type { Hypervisor } from '../hypervisor/types.js';
 import { ConfigError, errorMessage, InvalidInstanceId, SnapshotFailed, UnknownStrategy, UsageError } from '../errors.js';
 import { operationLogger, type Logger } from '../log.js';
@@ -24,6 +24,8 @@ export interface SnapshotRequest {
   userId?: string;
   owner?: string;
   baseImageRef?: string;
+  /** What a remote store (Glance) is sent with this request's calls: its token (in memory only), project, user. */
+  auth?: Omit<StoreRequestAuth, 'requestId' | 'log'>;
   onProgress?: (phase: 'export' | 'checksum', fraction: number) => void;
 }
 
@@ -58,7 +60,7 @@ export interface UnfinishedImage {
 
 export interface SnapshotEngineDeps {
   hv: Hypervisor;
-  store: ImageStore;
+  store: ImageStoreBackend;
   lifecycle: Lifecycle;
   log: Logger;
   namePrefix: string;
@@ -109,7 +111,7 @@ export class SnapshotEngine {
    * recovered like one during the steps). Bad input is refused before anything is touched.
    */
   async takeFromGuest(req: SnapshotRequest): Promise<UnfinishedImage> {
-    const { hv, store, lifecycle } = this.deps;
+    const { hv, lifecycle } = this.deps;
     ImageStore.validateId(req.imageId);
     if (!isUuid(req.instanceUuid)) throw new InvalidInstanceId(req.instanceUuid);
     const strategy = parseStrategy(req.strategy ?? this.deps.defaultStrategy);
@@ -120,6 +122,7 @@ export class SnapshotEngine {
       );
     }
     const log = operationLogger(this.deps.log, req.requestId, req.instanceUuid).child({ image_id: req.imageId, strategy });
+    const store = this.deps.store.forRequest({ ...req.auth, requestId: req.requestId, log });
 
     const started = performance.now();
     const instance = await hv.info(req.instanceUuid);
@@ -174,7 +177,7 @@ export class SnapshotEngine {
       downtimeMs: 0,
       quiesced: false,
     };
-    const failed = (err: unknown) => this.failed(err, { req, op, ctx, log, priorState: instance.state });
+    const failed = (err: unknown) => this.failed(err, { req, op, ctx, store, log, priorState: instance.state });
     let left: number;
     try {
       await runSteps(steps, ctx, { record: (index, phase) => op.step(index, phase), beforeStep: this.deps.beforeStep });
@@ -220,9 +223,9 @@ export class SnapshotEngine {
   /** A failed snapshot: its image killed, its record ended if all was put right; throws SnapshotFailed. */
   private async failed(
     err: unknown,
-    { req, op, ctx, log, priorState }: { req: SnapshotRequest; op: OperationHandle; ctx: SnapshotContext; log: Logger; priorState: string },
+    { req, op, ctx, store, log, priorState }: { req: SnapshotRequest; op: OperationHandle; ctx: SnapshotContext; store: ImageStoreBackend; log: Logger; priorState: string },
   ): Promise<never> {
-    const { hv, store } = this.deps;
+    const { hv } = this.deps;
     // Data still being hashed is not wanted any more.
     await ctx.incoming?.abort(err);
     const killed = await store.kill(req.imageId, errorMessage(err)).then(

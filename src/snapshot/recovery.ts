@@ -4,7 +4,7 @@ import type { StrategyName } from '../config/schema.js';
 import type { Lifecycle } from './lifecycle.js';
 import { errorMessage, ImageNotFound, InstanceNotFound } from '../errors.js';
 import { processHoldsDisk, type Hypervisor, type PowerState } from '../hypervisor/types.js';
-import type { ImageStore } from '../image-store/image-store.js';
+import type { ImageStoreBackend } from '../image-store/image-store.js';
 import { operationLogger, type Logger } from '../log.js';
 import type { AgentMetrics } from '../metrics/agent-metrics.js';
 import { isRunning, type ProcessIdentity } from '../util/process-identity.js';
@@ -27,7 +27,7 @@ import { USES_MANAGED_SAVE } from './strategies.js';
 
 export interface RecoveryDeps {
   hv: Hypervisor;
-  store: ImageStore;
+  store: ImageStoreBackend;
   lifecycle: Lifecycle;
   pending: PendingSnapshots;
   operations: OperationJournal;
@@ -245,7 +245,9 @@ async function imageActive(deps: RecoveryDeps, imageId: string): Promise<boolean
 }
 
 async function recoverImage(deps: RecoveryDeps, rec: OperationRecord, reason: string): Promise<RecoveredOperation['image']> {
-  const { store } = deps;
+  // No token (never journaled): with Glance on keystone this fails with GlanceAuthMissing and the
+  // record is kept, for an operator (or a noauth Glance) to finish.
+  const store = deps.store.forRequest({ requestId: rec.request_id, log: operationLogger(deps.log, rec.request_id, rec.instance_uuid) });
   // Any backup job writing it was cancelled above.
   await fs.rm(store.partialPath(rec.image_id), { force: true });
   let status: string;
@@ -264,7 +266,9 @@ async function recoverImage(deps: RecoveryDeps, rec: OperationRecord, reason: st
     case 'queued':
       if (rec.phase === 'setup') {
         // Nothing was touched: forget the image, so that a journaled request is carried out again.
-        await store.delete(rec.image_id);
+        // Glance's record is nova-api's, and a deleted id cannot be used again there: it is left
+        // queued for the replay to adopt.
+        if (store.backend === 'local') await store.delete(rec.image_id);
         return 'discarded';
       }
   }
@@ -281,8 +285,8 @@ async function recoverImage(deps: RecoveryDeps, rec: OperationRecord, reason: st
 export async function sweepStore(deps: RecoveryDeps): Promise<StoreSweep> {
   const { store, operations, log } = deps;
   const out: StoreSweep = { partialsRemoved: [], tempsRemoved: [], socketDirsRemoved: [], imagesKilled: [] };
-  for (const img of await store.list()) {
-    if ((img.status === 'queued' || img.status === 'saving') && !(await operations.has(img.id))) {
+  for (const img of await store.unfinishedOwnImages()) {
+    if (!(await operations.has(img.id))) {
       await store.kill(img.id, 'interrupted: found unfinished at start-up, with no operation in the journal');
       out.imagesKilled.push(img.id);
     }
@@ -290,7 +294,7 @@ export async function sweepStore(deps: RecoveryDeps): Promise<StoreSweep> {
   const { partials, temps, socketDirs } = await store.leftovers();
   for (const name of partials) {
     if (isUuid(name) && (await operations.has(name))) continue;
-    await fs.rm(path.join(store.paths.partialDir, name), { force: true, recursive: true });
+    await fs.rm(path.join(store.partialDir, name), { force: true, recursive: true });
     out.partialsRemoved.push(name);
   }
   for (const t of temps) {

@@ -17,6 +17,7 @@ import { report } from '../helpers/guest-downtime.js';
 import { libvirtView, makeLibvirtBench, type LibvirtBench, type TestDomain } from '../helpers/libvirt.js';
 import { writerPasses } from '../helpers/linux-guest.js';
 import { mountSmallFs, type SmallFs } from '../helpers/small-fs.js';
+import { localStore } from '../../src/image-store/image-store.js';
 
 const MiB = 2 ** 20;
 const STORE_MB = 64;
@@ -70,7 +71,7 @@ describe('live on libvirt: the image store fills during the copy', () => {
     expect(String((obs.result as Error).message)).toMatch(NO_SPACE);
     expect((await rt.store.show(imageId)).status).toBe('killed');
     await expect(fs.stat(rt.store.partialPath(imageId))).rejects.toMatchObject({ code: 'ENOENT' });
-    await expect(fs.stat(rt.store.dataPath(imageId))).rejects.toMatchObject({ code: 'ENOENT' });
+    await expect(fs.stat(localStore(rt.store).dataPath(imageId))).rejects.toMatchObject({ code: 'ENOENT' });
 
     // The guest: no write error, no stop; it runs and writes on.
     expect(obs.guest.writerErrors).toEqual([]);

@@ -18,6 +18,7 @@ import type { Step } from '../../src/snapshot/context.js';
 import { writerPasses } from '../helpers/linux-guest.js';
 import { LIBVIRT_URI, libvirtdScript, libvirtView, makeLibvirtBench, virsh, type LibvirtBench, type TestDomain } from '../helpers/libvirt.js';
 import { checkGuestImage } from '../../src/guest-check/ext4.js';
+import { localStore } from '../../src/image-store/image-store.js';
 
 let bench: LibvirtBench;
 
@@ -96,7 +97,7 @@ describe('libvirtd restarted during an operation', () => {
     const r = await rt.engine.take({ requestId: `backup-${how}`, instanceUuid: dom.uuid, imageId, strategy: 'live' });
     expect(r).toMatchObject({ status: 'active', quiesced: true });
     expect((await rt.store.verify(imageId)).ok).toBe(true);
-    const fsReport = await checkGuestImage(rt.store.dataPath(imageId), path.join(bench.base, `check-${imageId}`));
+    const fsReport = await checkGuestImage(localStore(rt.store).dataPath(imageId), path.join(bench.base, `check-${imageId}`));
     expect(fsReport).toMatchObject({ cleanWithoutReplay: true, records: { problems: [] } });
     await expectLeftClean(dom);
   });

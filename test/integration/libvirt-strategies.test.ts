@@ -18,6 +18,7 @@ import { SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
 import { expectDowntimeAsObserved, report } from '../helpers/guest-downtime.js';
 import { libvirtView, makeLibvirtBench, virsh, type LibvirtBench, type TestDomain } from '../helpers/libvirt.js';
 import { writerPasses } from '../helpers/linux-guest.js';
+import { localStore } from '../../src/image-store/image-store.js';
 
 const MiB = 2 ** 20;
 const qemuImg = new QemuImg('qemu-img');
@@ -58,7 +59,7 @@ describe('every strategy on one running libvirt domain, quiesce = required', () 
     const obs = await observeRunningGuest(dom.console, () => rt.engine.take({ requestId: `lv-${strategy}`, instanceUuid: dom.uuid, imageId, strategy }));
     const result = obs.result;
     expect(result).toMatchObject({ status: 'active', strategy, quiesced: true });
-    const image = rt.store.dataPath(imageId);
+    const image = localStore(rt.store).dataPath(imageId);
     const fsReport = await checkGuestImage(image, path.join(bench.base, `check-${imageId}`));
     report(strategy, 'libvirt quiesced', { ...result, observed: obs.guest, image: fsReport, allocated: await allocated(image) });
     expect(fsReport.cleanWithoutReplay).toBe(true);

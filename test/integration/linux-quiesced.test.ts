@@ -13,6 +13,7 @@ import { checkGuestImage } from '../../src/guest-check/ext4.js';
 import { observeRunningGuest } from '../../src/guest-check/observe.js';
 import { createLinuxGuest, makeLinuxBench, writerPasses, type LinuxBench, type LinuxGuest } from '../helpers/linux-guest.js';
 import { expectDowntimeAsObserved, HOST_STALL_ALLOWANCE_MS, report } from '../helpers/guest-downtime.js';
+import { localStore } from '../../src/image-store/image-store.js';
 
 let bench: LinuxBench;
 
@@ -44,7 +45,7 @@ describe('every strategy on one running Linux guest, quiesce = required', () => 
     expect(result).toMatchObject({ status: 'active', strategy, quiesced: true, internal_snapshots: left });
     expect((await hv.info(guest.uuid)).state).toBe('running');
 
-    const image = rt.store.dataPath(imageId);
+    const image = localStore(rt.store).dataPath(imageId);
     const fs = await checkGuestImage(image, path.join(bench.base, `check-${imageId}`));
     report(strategy, 'quiesced', { ...result, boot_ms: guest.bootMs, observed: obs.guest, image: fs });
     expect(fs.needsRecovery).toBe(false);

@@ -12,6 +12,7 @@ import { checkGuestImage } from '../../src/guest-check/ext4.js';
 import { observeRunningGuest } from '../../src/guest-check/observe.js';
 import { createLinuxGuest, makeLinuxBench, writerPasses, type LinuxBench, type LinuxGuest } from '../helpers/linux-guest.js';
 import { expectDowntimeAsObserved, report } from '../helpers/guest-downtime.js';
+import { localStore } from '../../src/image-store/image-store.js';
 
 let bench: LinuxBench;
 
@@ -37,7 +38,7 @@ describe('every strategy on one Linux guest, quiesce = off', () => {
     );
     expect(obs.result).toMatchObject({ status: 'active', quiesced: false, freeze_ms: 0 });
     expect((await hv.info(guest.uuid)).state).toBe('running');
-    const fs = await checkGuestImage(rt.store.dataPath(imageId), path.join(bench.base, `check-${imageId}`));
+    const fs = await checkGuestImage(localStore(rt.store).dataPath(imageId), path.join(bench.base, `check-${imageId}`));
     report(strategy, 'unquiesced', { ...obs.result, observed: obs.guest, image: fs });
     expect(fs.cleanAfterReplay).toBe(true);
     expect(fs.records.problems).toEqual([]);

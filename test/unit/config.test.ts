@@ -281,7 +281,7 @@ describe('loadConfig', () => {
       expect.stringMatching(/^\[hypervisor\] driver = "xen" in .*a\.conf:5: expected one of qemu\b/),
       `cannot read config file ${missing}: no such file`,
       `[image_store] reserved_space_mb = "-1" in ${b}:2: expected at least 0`,
-      `[image_store] colour in ${b}:3: unknown option; known options: path, reserved_space_mb, os_hash_algo`,
+      `[image_store] colour in ${b}:3: unknown option; known options: path, reserved_space_mb, os_hash_algo, backend`,
     ]);
   });
 

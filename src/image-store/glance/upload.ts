@@ -1,0 +1,161 @@
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { Transform, type TransformCallback } from 'node:stream';
+import type { Logger } from '../../log.js';
+import { GlanceUnavailable } from '../errors.js';
+import type { StoreRequestAuth } from '../backend.js';
+import type { OsHashAlgo } from '../types.js';
+import { describeAnswer, glanceError, NoAnswer, noAnswer, type GlanceClient } from './client.js';
+
+/** Read size of the staged file: large enough that hashing and writing stay cheap per chunk. */
+const CHUNK = 1024 * 1024;
+
+export interface UploadResult {
+  /** The os_hash (hex) of exactly what was sent. */
+  osHash: string;
+  bytes: number;
+  /** Attempts made (1 when the first one went through). */
+  attempts: number;
+}
+
+export interface UploadOptions {
+  client: GlanceClient;
+  imageId: string;
+  file: string;
+  size: number;
+  osHashAlgo: OsHashAlgo;
+  auth: StoreRequestAuth | undefined;
+  log: Logger;
+  /** The image's status in Glance now (to tell whether a cut upload may be tried again). */
+  status: () => Promise<string>;
+  /** Progress of the bytes sent (0..1). */
+  onProgress?: (fraction: number) => void;
+}
+
+/**
+ * PUT /v2/images/{id}/file of a staged file: streamed from disk with backpressure (undici sends a
+ * chunk only when the socket has taken the last), chunked, hashed as it goes. An answer other than
+ * 204 ends it with GlanceError naming Glance's answer (a 4xx is never tried again, nor is a 5xx
+ * unless the image went back to `queued`). A connection cut, an answer that does not come, or a
+ * server that takes no data for `[glance] timeout` is tried again (up to `[glance] retries`) only
+ * when Glance has put the image back to `queued`, as it does after a failed upload.
+ */
+export async function uploadImageFile(o: UploadOptions): Promise<UploadResult> {
+  const { client } = o;
+  const what = `upload image ${o.imageId} to Glance`;
+  let last: string | undefined;
+  for (let attempt = 1; attempt <= client.retries + 1; attempt++) {
+    if (attempt > 1) await client.pause(attempt - 1);
+    const sent = await putOnce(o, what);
+    if (sent.kind === 'done') return { osHash: sent.osHash, bytes: sent.bytes, attempts: attempt };
+    if (sent.kind === 'refused') throw sent.error;
+    last = sent.why;
+    // Only an image back in queued may be uploaded again; Glance restores it after a failed upload.
+    let status: string;
+    try {
+      status = await o.status();
+    } catch (err) {
+      o.log.warn({ image_id: o.imageId, attempt }, `upload failed (${sent.why}); cannot read the image's status: ${(err as Error).message}`);
+      if (attempt <= client.retries) continue;
+      throw err;
+    }
+    if (status !== 'queued') throw new GlanceUnavailable(`cannot ${what}: ${sent.why}; the image is ${status} in Glance, not queued: not tried again`);
+    o.log.warn({ image_id: o.imageId, attempt, retries: client.retries }, `upload failed (${sent.why}); the image is back in queued`);
+  }
+  throw new GlanceUnavailable(`cannot ${what}: ${last ?? 'failed'} (${client.retries + 1} attempts)`);
+}
+
+type Sent = { kind: 'done'; osHash: string; bytes: number } | { kind: 'refused'; error: Error } | { kind: 'again'; why: string };
+
+/** One attempt: the servers in order, the next one only when one could not be reached. */
+async function putOnce(o: UploadOptions, what: string): Promise<Sent> {
+  let why = 'no Glance API server';
+  for (const server of o.client.apiServers) {
+    const sent = await putTo(server, o, what);
+    if (sent.kind !== 'unreached') return sent;
+    why = `${server}: ${sent.why}`;
+    o.log.warn({ glance: server, image_id: o.imageId }, `Glance not reached: ${sent.why}`);
+  }
+  return { kind: 'again', why };
+}
+
+async function putTo(server: string, o: UploadOptions, what: string): Promise<Sent | { kind: 'unreached'; why: string }> {
+  const hasher = new HashingCounter(o.osHashAlgo, o.size, o.onProgress);
+  const source = createReadStream(o.file, { highWaterMark: CHUNK });
+  source.on('error', (err) => hasher.destroy(err));
+  const body = source.pipe(hasher);
+  const abort = new AbortController();
+  const timeoutMs = o.client.timeoutMs;
+  // A server that stops reading stalls the socket, and undici's timeouts do not cover a request's
+  // body: no progress (data taken, or an answer once all was sent) for timeoutMs aborts the request.
+  let seen = -1;
+  let lastProgress = performance.now();
+  const watchdog = setInterval(() => {
+    const now = performance.now();
+    if (hasher.bytes !== seen) {
+      seen = hasher.bytes;
+      lastProgress = now;
+      return;
+    }
+    if (now - lastProgress < timeoutMs) return;
+    const why = hasher.readableEnded
+      ? `Glance did not answer within ${timeoutMs / 1000} s of the last byte`
+      : `Glance took no data for ${timeoutMs / 1000} s after ${hasher.bytes} of ${o.size} bytes`;
+    abort.abort(new NoAnswer(why, true));
+  }, Math.max(10, timeoutMs / 4));
+  watchdog.unref();
+  try {
+    const answer = await o.client.put(server, `/v2/images/${o.imageId}/file`, body, {
+      auth: o.auth,
+      what,
+      contentType: 'application/octet-stream',
+      signal: abort.signal,
+    });
+    if (answer.status === 204 || answer.status === 201 || answer.status === 200) {
+      if (!hasher.readableEnded || hasher.bytes !== o.size) {
+        return { kind: 'again', why: `Glance answered ${answer.status} after ${hasher.bytes} of ${o.size} bytes` };
+      }
+      return { kind: 'done', osHash: hasher.digest(), bytes: hasher.bytes };
+    }
+    if (answer.status >= 500) return { kind: 'again', why: `Glance answered ${describeAnswer(answer.status, answer.body)}` };
+    return { kind: 'refused', error: glanceError(what, answer.status, answer.body, o.auth?.authToken?.reveal()) };
+  } catch (err) {
+    const e = noAnswer(err, timeoutMs);
+    if (!e.reached) return { kind: 'unreached', why: e.message };
+    return { kind: 'again', why: e.message };
+  } finally {
+    clearInterval(watchdog);
+    source.destroy();
+    hasher.destroy();
+  }
+}
+
+/** Passes the data through, hashing and counting it. */
+class HashingCounter extends Transform {
+  bytes = 0;
+  private readonly hash;
+  private lastReported = 0;
+
+  constructor(
+    algo: OsHashAlgo,
+    private readonly size: number,
+    private readonly onProgress?: (fraction: number) => void,
+  ) {
+    super();
+    this.hash = createHash(algo);
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    this.hash.update(chunk);
+    this.bytes += chunk.length;
+    if (this.onProgress && this.size > 0 && this.bytes - this.lastReported >= this.size / 100) {
+      this.lastReported = this.bytes;
+      this.onProgress(Math.min(1, this.bytes / this.size));
+    }
+    cb(null, chunk);
+  }
+
+  digest(): string {
+    return this.hash.digest('hex');
+  }
+}
