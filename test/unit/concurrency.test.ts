@@ -12,7 +12,6 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { pino } from 'pino';
 import { dir } from 'tmp-promise';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FileJournal } from '../../src/compute/journal.js';
@@ -22,8 +21,6 @@ import { STRATEGIES, type StrategyName } from '../../src/config/schema.js';
 import { FakeHypervisor } from '../../src/hypervisor/fake/fake-hypervisor.js';
 import type { BackupJob, ExportOptions, PowerState } from '../../src/hypervisor/types.js';
 import { ImageStore } from '../../src/image-store/image-store.js';
-import { RpcServer } from '../../src/messaging/rpc-server.js';
-import { openMemoryBus } from '../../src/messaging/transport/memory-bus.js';
 import { SnapshotEngine } from '../../src/snapshot/engine.js';
 import { DEFAULT_QUIESCE } from '../../src/snapshot/guest-freeze.js';
 import { OperationJournal } from '../../src/snapshot/operation-journal.js';
@@ -32,7 +29,7 @@ import { SNAPSHOTS_LEFT_MAX } from '../../src/snapshot/strategies.js';
 import { expectConcurrencyBound, operationsByInstance, serialProblems, startOrder } from '../helpers/concurrency-log.js';
 import { allowedLeft, PREFIX } from '../helpers/fake-env.js';
 import { captureLogger, type CapturedLine } from '../helpers/log-capture.js';
-import { TestRpcClient } from '../helpers/rpc-client.js';
+import { serveOnMemoryBus } from '../helpers/memory-rpc.js';
 
 const MAX_CONCURRENT = 3;
 const HOST = 'concurrency-host';
@@ -104,16 +101,7 @@ async function setup(strategy: StrategyName) {
     engine, lifecycle, store, hv, log, maxConcurrentSnapshots: MAX_CONCURRENT, defaultStrategy: strategy, notifier,
   });
   const journal = await new FileJournal({ dir: path.join(tmp.path, 'state', 'journal'), log }).open();
-  const vhost = `/concurrency-${randomUUID()}`;
-  const bus = openMemoryBus(vhost, pino({ level: 'silent' }));
-  cleanups.push(() => bus.close());
-  const server = new RpcServer({ bus, target: manager, journal, controlExchange: 'nova', host: HOST, log });
-  await server.start();
-  cleanups.push(() => server.stop());
-  const clientBus = openMemoryBus(vhost, pino({ level: 'silent' }));
-  cleanups.push(() => clientBus.close());
-  const client = await new TestRpcClient(clientBus, { exchange: 'nova', topic: 'compute', version: '6.0' }).open();
-  cleanups.push(() => client.close());
+  const { server, client } = await serveOnMemoryBus({ target: manager, journal, host: HOST, log }, cleanups);
   return { hv, store, pending, operations, journal, server, client, lines, notified };
 }
 

@@ -6,7 +6,6 @@
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { pino } from 'pino';
 import { dir } from 'tmp-promise';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FileJournal } from '../../src/compute/journal.js';
@@ -17,8 +16,6 @@ import { FakeHypervisor } from '../../src/hypervisor/fake/fake-hypervisor.js';
 import { ImageStore } from '../../src/image-store/image-store.js';
 import { silentLogger } from '../../src/log.js';
 import { encodeEnvelope } from '../../src/messaging/envelope.js';
-import { RpcServer } from '../../src/messaging/rpc-server.js';
-import { openMemoryBus } from '../../src/messaging/transport/memory-bus.js';
 import { AgentMetrics, METRIC_NAMES, SECONDS_BUCKETS } from '../../src/metrics/agent-metrics.js';
 import { SnapshotEngine } from '../../src/snapshot/engine.js';
 import { Lifecycle } from '../../src/snapshot/lifecycle.js';
@@ -28,7 +25,8 @@ import { recoverOperations } from '../../src/snapshot/recovery.js';
 import { STRATEGY_STEPS } from '../../src/snapshot/strategies.js';
 import { PREFIX } from '../helpers/fake-env.js';
 import { diffSamples, parseExposition, seriesKey } from '../helpers/prom-text.js';
-import { RemoteFailure, TestRpcClient } from '../helpers/rpc-client.js';
+import { RemoteFailure } from '../helpers/rpc-client.js';
+import { serveOnMemoryBus } from '../helpers/memory-rpc.js';
 
 const HOST = 'metrics-host';
 /** What the fake reports as the I/O hold of a snapshot created through the monitor: the downtime. */
@@ -67,16 +65,7 @@ async function setup(o: { strategy?: StrategyName; maxConcurrent?: number } = {}
   const engine = new SnapshotEngine({ hv, store, lifecycle, operations, log, namePrefix: PREFIX, defaultStrategy: strategy });
   const manager = new ComputeManager({ engine, lifecycle, store, hv, log, maxConcurrentSnapshots: o.maxConcurrent ?? 5, defaultStrategy: strategy, metrics });
   const journal = await new FileJournal({ dir: path.join(tmp.path, 'state', 'journal'), log }).open();
-  const vhost = `/metrics-${randomUUID()}`;
-  const bus = openMemoryBus(vhost, pino({ level: 'silent' }));
-  cleanups.push(() => bus.close());
-  const server = new RpcServer({ bus, target: manager, journal, controlExchange: 'nova', host: HOST, log, metrics });
-  await server.start();
-  cleanups.push(() => server.stop());
-  const clientBus = openMemoryBus(vhost, pino({ level: 'silent' }));
-  cleanups.push(() => clientBus.close());
-  const client = await new TestRpcClient(clientBus, { exchange: 'nova', topic: 'compute', version: '6.0' }).open();
-  cleanups.push(() => client.close());
+  const { server, client } = await serveOnMemoryBus({ target: manager, journal, host: HOST, log, metrics }, cleanups);
   const guest = async (): Promise<string> => {
     const uuid = randomUUID();
     await hv.createInstance({ uuid, name: `g-${uuid.slice(0, 4)}`, memoryMb: 128, vcpus: 1, machine: 'pc', diskSizeBytes: DISK_BYTES });
@@ -89,6 +78,12 @@ async function setup(o: { strategy?: StrategyName; maxConcurrent?: number } = {}
 }
 
 const ours = (key: string) => key.startsWith('snapshot_driver_');
+
+/** Nothing in progress and nothing waiting for its turn. */
+function expectIdle(samples: Map<string, number>): void {
+  expect(samples.get(seriesKey(METRIC_NAMES.inProgress))).toBe(0);
+  expect(samples.get(seriesKey(METRIC_NAMES.waiting))).toBe(0);
+}
 const key = seriesKey;
 const n = METRIC_NAMES;
 
@@ -141,8 +136,7 @@ describe('metrics: snapshots, RPC requests and operations', () => {
     // The duration as the result reports it, in the bucket that holds it.
     const durationS = result.duration_ms / 1000;
     expect(diffSamples(before, after, (k) => k.startsWith(`${n.duration}_`))).toEqual(oneObservation(n.duration, 'monitor-snapshot', durationS));
-    expect(after.get(key(n.inProgress))).toBe(0);
-    expect(after.get(key(n.waiting))).toBe(0);
+    expectIdle(after);
     expect(after.get(key(n.storeFreeBytes))).toBe(STATFS.bavail * STATFS.bsize);
     expect(after.get(key(n.pending))).toBe(0);
   });
@@ -162,8 +156,7 @@ describe('metrics: snapshots, RPC requests and operations', () => {
       [key(n.snapshots, { strategy: 'monitor-snapshot', result: 'failure' })]: 2,
       [key(n.rpcRequests, { method: 'snapshot_instance', result: 'failure' })]: 2,
     });
-    expect(after.get(key(n.inProgress))).toBe(0);
-    expect(after.get(key(n.waiting))).toBe(0);
+    expectIdle(after);
   });
 
   it('malformed, unknown, incompatible, invalid and duplicate requests count as refused; a made-up method adds no series', async () => {
@@ -192,8 +185,7 @@ describe('metrics: snapshots, RPC requests and operations', () => {
       [key(n.rpcRequests, { method: 'stop_instance', result: 'success' })]: 1,
       [key(n.rpcRequests, { method: 'start_instance', result: 'success' })]: 1,
     });
-    expect(after.get(key(n.inProgress))).toBe(0);
-    expect(after.get(key(n.waiting))).toBe(0);
+    expectIdle(after);
   });
 
   it('two snapshots of one instance: one in progress and one waiting in its line, then both done and the gauges at 0', async () => {
@@ -214,8 +206,7 @@ describe('metrics: snapshots, RPC requests and operations', () => {
     hold.open();
     await Promise.all([first, second]);
     const after = await s.scrape();
-    expect(after.get(key(n.inProgress))).toBe(0);
-    expect(after.get(key(n.waiting))).toBe(0);
+    expectIdle(after);
     expect(diffSamples(before, after, (k) => k.startsWith(n.snapshots) || k.startsWith(n.rpcRequests))).toEqual({
       [key(n.snapshots, { strategy: 'monitor-snapshot', result: 'success' })]: 2,
       [key(n.rpcRequests, { method: 'snapshot_instance', result: 'success' })]: 2,
@@ -237,8 +228,7 @@ describe('metrics: snapshots, RPC requests and operations', () => {
     hold.open();
     await Promise.all([first, second]);
     const after = await s.scrape();
-    expect(after.get(key(n.inProgress))).toBe(0);
-    expect(after.get(key(n.waiting))).toBe(0);
+    expectIdle(after);
   });
 
   it('deferred-delete: the pending internal snapshot is counted, and no more once a hard reboot deleted it', async () => {
