@@ -37,14 +37,15 @@ export interface ConvertOptions {
   /** The image is open in a running QEMU: read without taking a lock (-U). Only safe with a snapshot. */
   forceShare?: boolean;
   onProgress?: (fraction: number) => void;
-  /** Nothing waits for this copy but its snapshot (the guest runs, or is shut off): at BACKGROUND_NICE. */
+  /** Nothing waits for this copy but its snapshot (the guest runs, or is shut off): at the background niceness. */
   background?: boolean;
 }
 
 /**
- * Niceness of a copy that no guest waits for (as of the image store's hash threads): on a busy host
- * the CPUs go first to guests and to the managed saves and restores of other snapshots, whose guests
- * are down until they end (bench:pair measures one guest's downtime beside another's export).
+ * Default niceness of a copy that no guest waits for (`[hypervisor] background_export_nice`; the
+ * image store's hash threads run at 10 too): on a busy host the CPUs go first to guests and to the
+ * managed saves and restores of other snapshots, whose guests are down until they end (bench:pair
+ * measures one guest's downtime beside another's export).
  */
 export const BACKGROUND_NICE = 10;
 
@@ -109,8 +110,12 @@ export const DEFAULT_QEMU_IMG_BOUNDS: QemuImgBounds = { quickMs: 120_000, snapsh
 type BoundKind = 'quick' | 'snapshot' | 'export';
 
 /** qemu-img as `[hypervisor]` configures it: its program and its bounds. */
-export function qemuImgFromConfig(h: { qemu_img: string; qemu_img_timeout: number; job_timeout: number; export_timeout: number }): QemuImg {
-  return new QemuImg(h.qemu_img, { quickMs: h.qemu_img_timeout * 1000, snapshotMs: h.job_timeout * 1000, exportMs: h.export_timeout * 1000 });
+export function qemuImgFromConfig(h: { qemu_img: string; qemu_img_timeout: number; job_timeout: number; export_timeout: number; background_export_nice: number }): QemuImg {
+  return new QemuImg(
+    h.qemu_img,
+    { quickMs: h.qemu_img_timeout * 1000, snapshotMs: h.job_timeout * 1000, exportMs: h.export_timeout * 1000 },
+    h.background_export_nice,
+  );
 }
 
 export class QemuImg {
@@ -119,8 +124,14 @@ export class QemuImg {
   constructor(
     readonly binary = 'qemu-img',
     bounds: Partial<QemuImgBounds> = {},
+    /** Niceness of a background copy (ConvertOptions.background); 0: none. */
+    readonly backgroundNice = BACKGROUND_NICE,
   ) {
     this.bounds = { ...DEFAULT_QEMU_IMG_BOUNDS, ...bounds };
+  }
+
+  private niceFor(background: boolean | undefined): number | undefined {
+    return background && this.backgroundNice > 0 ? this.backgroundNice : undefined;
   }
 
   /** runProgram with the bound of `kind`. */
@@ -219,7 +230,7 @@ export class QemuImg {
     if (opts.onProgress) args.push('-p');
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), src, dest);
     else args.push('-n', '--target-is-zero', src, dest.nbdUri);
-    await this.run('export', args, progressParser(opts.onProgress), undefined, opts.background ? BACKGROUND_NICE : undefined);
+    await this.run('export', args, progressParser(opts.onProgress), undefined, this.niceFor(opts.background));
   }
 
   /**
@@ -240,7 +251,7 @@ export class QemuImg {
     if (opts.onProgress) args.push('-p');
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), uri, dest);
     else args.push(uri, dest.nbdUri);
-    await this.run('export', args, progressParser(opts.onProgress), opts.signal, opts.background ? BACKGROUND_NICE : undefined);
+    await this.run('export', args, progressParser(opts.onProgress), opts.signal, this.niceFor(opts.background));
   }
 
   /** `qemu-img check --output=json -f qcow2`. Exit codes 2/3 (errors/leaks) are results, not failures. */

@@ -83,7 +83,8 @@ describe('every strategy on one running libvirt domain, quiesce = required', () 
   it('after all of them: the disk is clean once its QEMU has let go of it (read while it runs, it would not be settled)', async () => {
     await virsh('destroy', dom.uuid);
     expect(await qemuImg.check(dom.disk)).toMatchObject({ clean: true });
-  });
+    // Twelve snapshots, their exports at background priority beside the other test files (71 s seen).
+  }, 300_000);
 });
 
 describe('paused, then shut off: every strategy gives the same bytes, the disk as it is', () => {
@@ -113,5 +114,6 @@ describe('paused, then shut off: every strategy gives the same bytes, the disk a
     // Pending snapshots of deferred-delete went with the last one taken offline.
     expect(await ours(dom.disk)).toEqual([]);
     expect(await qemuImg.check(dom.disk)).toMatchObject({ clean: true });
-  });
+    // Twelve snapshots, their exports at background priority beside the other test files (71 s seen).
+  }, 300_000);
 });
