@@ -18,6 +18,8 @@ import { fakeRecoveryDeps, guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '..
 
 let glance: FakeGlance;
 let e: FakeEnv;
+/** The hung snapshot: it ends (fails) once the fake Glance is stopped, before the env is removed. */
+let hung: Promise<unknown> | undefined;
 
 beforeEach(async () => {
   glance = await FakeGlance.start();
@@ -26,6 +28,8 @@ beforeEach(async () => {
 
 afterEach(async () => {
   await glance.stop();
+  await hung;
+  hung = undefined;
   await e.cleanup();
 });
 
@@ -43,7 +47,7 @@ async function hungUpload(): Promise<{ uuid: string; imageId: string }> {
   glance.addQueued(imageId);
   glance.stopReadingAfter = 1;
   const engine = new SnapshotEngine({ hv: e.hv, store: glanceStore('noauth'), lifecycle: e.lifecycle, operations: e.operations, log: silentLogger(), namePrefix: PREFIX, defaultStrategy: 'monitor-snapshot' });
-  void engine.take({ requestId: `req-${imageId}`, instanceUuid: uuid, imageId }).catch(() => undefined);
+  hung = engine.take({ requestId: `req-${imageId}`, instanceUuid: uuid, imageId }).catch(() => undefined);
   const deadline = Date.now() + 30_000;
   while (glance.images.get(imageId)?.status !== 'saving') {
     if (Date.now() > deadline) throw new Error('the upload did not begin');

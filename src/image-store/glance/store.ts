@@ -214,6 +214,7 @@ export class GlanceImageStore implements ImageStoreBackend {
         { image_id: cid, bytes: sent.bytes, attempts: sent.attempts, upload_s: Number(seconds.toFixed(3)), mib_per_s: Number((sent.bytes / 1048576 / Math.max(seconds, 1e-6)).toFixed(1)) },
         'image uploaded to Glance and verified',
       );
+      this.shared.notOurs.delete(cid);
       return { ...image, virtual_size: image.virtual_size ?? opts.virtualSize ?? image.size };
     } finally {
       await fs.rm(file, { force: true });
@@ -227,7 +228,7 @@ export class GlanceImageStore implements ImageStoreBackend {
   async kill(id: string, reason?: string): Promise<void> {
     const cid = canonicalId(id);
     await fs.rm(this.paths.partial(cid), { force: true });
-    if (this.shared.notOurs.has(cid)) {
+    if (this.shared.notOurs.delete(cid)) {
       this.log.warn({ image_id: cid, reason }, 'image left in Glance: the upload it took was not ours');
       return;
     }
