@@ -3,13 +3,27 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { sweepStore, type RecoveryDeps } from '../../src/snapshot/recovery.js';
 import { fakeRecoveryDeps, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
 
 const envs: FakeEnv[] = [];
 afterEach(async () => {
   for (const e of envs.splice(0)) await e.cleanup();
+});
+
+// The sweep looks for receivers' socket folders in the temp folder of the host: this file's own,
+// so that what other test files' killed agents leave there is not seen here.
+const savedTmpdir = process.env.TMPDIR;
+let privateTmp: string;
+beforeAll(async () => {
+  privateTmp = await fs.mkdtemp(path.join(os.tmpdir(), 'sweep-test-'));
+  process.env.TMPDIR = privateTmp;
+});
+afterAll(async () => {
+  if (savedTmpdir === undefined) delete process.env.TMPDIR;
+  else process.env.TMPDIR = savedTmpdir;
+  await fs.rm(privateTmp, { recursive: true, force: true });
 });
 
 function deps(e: FakeEnv): RecoveryDeps {
