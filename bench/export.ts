@@ -214,7 +214,7 @@ async function glanceUpload(): Promise<void> {
     }
     const [o, c] = [median(ours), median(curl)];
     console.log(`\nupload of ${mb} MiB into a local Glance (python3-glance 25, file store), ${runs} runs, medians`);
-    console.log(`agent (undici PUT of the staged file, sha512 as sent, then the record checked)  ${s(o)} s = ${(mb / (o / 1000)).toFixed(0)} MiB/s`);
+    console.log(`agent (undici PUT of the staged file, then the record checked against the export's hashes)  ${s(o)} s = ${(mb / (o / 1000)).toFixed(0)} MiB/s`);
     console.log(`curl -T (PUT, application/octet-stream)  ${s(c)} s = ${(mb / (c / 1000)).toFixed(0)} MiB/s`);
     console.log(`throughput ratio agent/curl ${(c / o).toFixed(2)}`);
     await client.close();

@@ -188,7 +188,7 @@ describe('Glance store on a fake Glance', () => {
     expect(lines.some((l) => /upload failed .*back in queued/.test(String(l.msg)))).toBe(true);
   });
 
-  it('a Glance whose hash is not that of the data sent fails the commit (GlanceUploadMismatch)', async () => {
+  it('a Glance whose hash is not that of the data exported fails the commit (GlanceUploadMismatch)', async () => {
     const id = randomUUID();
     glance.addQueued(id);
     const store = storeFor();
@@ -196,7 +196,7 @@ describe('Glance store on a fake Glance', () => {
     glance.lieAboutHash = true;
     const err = await s.commit(id, { digests }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(GlanceUploadMismatch);
-    expect((err as Error).message).toMatch(/os_hash_value f{128} \(sent data hashes to [0-9a-f]{128}\)/);
+    expect((err as Error).message).toMatch(/os_hash_value f{128} \(the data exported hashes to [0-9a-f]{128}\)/);
   });
 
   it('tries api_servers in order: an unreachable first one is passed over', async () => {

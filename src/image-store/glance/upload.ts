@@ -1,18 +1,15 @@
-import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { Transform, type TransformCallback } from 'node:stream';
 import type { Logger } from '../../log.js';
 import { GlanceUnavailable } from '../errors.js';
 import type { StoreRequestAuth } from '../backend.js';
-import type { OsHashAlgo } from '../types.js';
 import { describeAnswer, glanceError, NoAnswer, noAnswer, type GlanceClient } from './client.js';
 
 /** Read size of the staged file: large enough that hashing and writing stay cheap per chunk. */
 const CHUNK = 1024 * 1024;
 
 export interface UploadResult {
-  /** The os_hash (hex) of exactly what was sent. */
-  osHash: string;
+  /** Bytes sent. */
   bytes: number;
   /** Attempts made (1 when the first one went through). */
   attempts: number;
@@ -23,7 +20,6 @@ export interface UploadOptions {
   imageId: string;
   file: string;
   size: number;
-  osHashAlgo: OsHashAlgo;
   auth: StoreRequestAuth | undefined;
   log: Logger;
   /** The image's status in Glance now (to tell whether a cut upload may be tried again). */
@@ -34,7 +30,9 @@ export interface UploadOptions {
 
 /**
  * PUT /v2/images/{id}/file of a staged file: streamed from disk with backpressure (undici sends a
- * chunk only when the socket has taken the last), chunked, hashed as it goes. An answer other than
+ * chunk only when the socket has taken the last), chunked. It is not hashed again on its way out:
+ * the receiver hashed it as the export made it, and Glance's own hash of what it took must equal
+ * that (the commit checks), which no change of the data between the two can pass. An answer other than
  * 204 ends it with GlanceError naming Glance's answer (a 4xx is never tried again, nor is a 5xx
  * unless the image went back to `queued`). A connection cut, an answer that does not come, or a
  * server that takes no data for `[glance] timeout` is tried again (up to `[glance] retries`) only
@@ -47,7 +45,7 @@ export async function uploadImageFile(o: UploadOptions): Promise<UploadResult> {
   for (let attempt = 1; attempt <= client.retries + 1; attempt++) {
     if (attempt > 1) await client.pause(attempt - 1);
     const sent = await putOnce(o, what);
-    if (sent.kind === 'done') return { osHash: sent.osHash, bytes: sent.bytes, attempts: attempt };
+    if (sent.kind === 'done') return { bytes: sent.bytes, attempts: attempt };
     if (sent.kind === 'refused') throw sent.error;
     last = sent.why;
     // Only an image back in queued may be uploaded again; Glance restores it after a failed upload.
@@ -65,7 +63,7 @@ export async function uploadImageFile(o: UploadOptions): Promise<UploadResult> {
   throw new GlanceUnavailable(`cannot ${what}: ${last ?? 'failed'} (${client.retries + 1} attempts)`);
 }
 
-type Sent = { kind: 'done'; osHash: string; bytes: number } | { kind: 'refused'; error: Error } | { kind: 'again'; why: string };
+type Sent = { kind: 'done'; bytes: number } | { kind: 'refused'; error: Error } | { kind: 'again'; why: string };
 
 /** One attempt: the servers in order, the next one only when one could not be reached. */
 async function putOnce(o: UploadOptions, what: string): Promise<Sent> {
@@ -80,7 +78,7 @@ async function putOnce(o: UploadOptions, what: string): Promise<Sent> {
 }
 
 async function putTo(server: string, o: UploadOptions, what: string): Promise<Sent | { kind: 'unreached'; why: string }> {
-  const hasher = new HashingCounter(o.osHashAlgo, o.size, o.onProgress);
+  const hasher = new Counter(o.size, o.onProgress);
   const source = createReadStream(o.file, { highWaterMark: CHUNK });
   source.on('error', (err) => hasher.destroy(err));
   const body = source.pipe(hasher);
@@ -115,7 +113,7 @@ async function putTo(server: string, o: UploadOptions, what: string): Promise<Se
       if (!hasher.readableEnded || hasher.bytes !== o.size) {
         return { kind: 'again', why: `Glance answered ${answer.status} after ${hasher.bytes} of ${o.size} bytes` };
       }
-      return { kind: 'done', osHash: hasher.digest(), bytes: hasher.bytes };
+      return { kind: 'done', bytes: hasher.bytes };
     }
     if (answer.status >= 500) return { kind: 'again', why: `Glance answered ${describeAnswer(answer.status, answer.body)}` };
     return { kind: 'refused', error: glanceError(what, answer.status, answer.body, o.auth?.authToken?.reveal()) };
@@ -130,32 +128,24 @@ async function putTo(server: string, o: UploadOptions, what: string): Promise<Se
   }
 }
 
-/** Passes the data through, hashing and counting it. */
-class HashingCounter extends Transform {
+/** Passes the data through, counting it. */
+class Counter extends Transform {
   bytes = 0;
-  private readonly hash;
   private lastReported = 0;
 
   constructor(
-    algo: OsHashAlgo,
     private readonly size: number,
     private readonly onProgress?: (fraction: number) => void,
   ) {
     super();
-    this.hash = createHash(algo);
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    this.hash.update(chunk);
     this.bytes += chunk.length;
     if (this.onProgress && this.size > 0 && this.bytes - this.lastReported >= this.size / 100) {
       this.lastReported = this.bytes;
       this.onProgress(Math.min(1, this.bytes / this.size));
     }
     cb(null, chunk);
-  }
-
-  digest(): string {
-    return this.hash.digest('hex');
   }
 }
