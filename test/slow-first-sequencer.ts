@@ -6,20 +6,26 @@ import { BaseSequencer, type TestSpecification } from 'vitest/node';
  * it has no timings for (a clean clone) by size, and the crash matrices are short files of long tests.
  */
 const SLOWEST_FIRST = [
-  'crash-matrix-libvirt-b', // 244
-  'crash-matrix-libvirt-a', // 209
-  'strategies-qemu', // 163
-  'libvirt-strategies', // 141
+  'crash-matrix-libvirt-b', // 212
+  'strategies-qemu', // 201 (256 MiB disks then)
+  'libvirt-strategies', // 161
+  'crash-matrix-libvirt-a', // 140
   'crash-matrix-deferred-live', // 113
-  'qemu-live-store-trouble', // 101
-  'crash-matrix-suspend', // 91
-  'linux-quiesced', // 90
-  'linux-unquiesced', // 76
-  'linux-quiesce', // 69
-  'libvirt-live-store',
-  'concurrency-qemu', // 53
-  'recovery', // 48
-  'cleanup-recovery', // 41
+  'qemu-live-store-trouble', // 107
+  'crash-matrix-suspend', // 106
+  'linux-quiesced', // 98
+  'linux-unquiesced', // 77
+  'concurrency-qemu', // 63
+  'linux-quiesce', // 57
+  'glance', // 51
+  'oslo-interop', // 41
+  'disk-full', // 41
+  'qemu-live', // 38
+  'guest-failures', // 35
+  'snapshot-interrupt', // 31
+  'recovery', // 31
+  'cleanup-recovery', // 29
+  'hostile-cli', // 28
 ];
 
 function rank(spec: TestSpecification): number {

@@ -23,7 +23,7 @@ export class FakeGlance {
   readonly images = new Map<string, FakeImage>();
   readonly data = new Map<string, Buffer>();
   readonly requests: SeenRequest[] = [];
-  /** Answer the next PUTs with this status at once, without reading the body (413, 409, 503…). */
+  /** Answer the next PUTs with this status at once, before reading the body (then drained; 413, 409, 503…). */
   earlyAnswer: { status: number; message: string; times: number } | undefined;
   /** Stop reading the next PUT's body after this many bytes (the socket is paused, nothing answered). */
   stopReadingAfter: number | undefined;
@@ -160,7 +160,9 @@ export class FakeGlance {
     if (req.method !== 'PUT') return this.error(res, 405, 'method not allowed');
     if (this.earlyAnswer !== undefined && this.earlyAnswer.times > 0) {
       this.earlyAnswer.times--;
-      res.setHeader('connection', 'close');
+      // Answered before the body is read, which is then drained, as servers do (a lingering close):
+      // a socket closed with the body unread is reset, and the client may see the reset instead.
+      req.resume();
       return this.error(res, this.earlyAnswer.status, this.earlyAnswer.message);
     }
     if (req.headers['content-type'] !== 'application/octet-stream') return this.error(res, 415, 'Unsupported Content-Type');

@@ -61,7 +61,8 @@ function guestWrite(uuid: string, pattern: number, offsetMiB: number, lenMiB: nu
   return writeThroughGuest(hv, uuid, pattern, offsetMiB * MiB, lenMiB * MiB);
 }
 
-async function newGuest(state: 'running' | 'paused' | 'shutoff', diskMiB = 256): Promise<string> {
+/** A guest with data at 0 and at 100 MiB of a disk of `diskMiB` (each image is read whole some 5 times). */
+async function newGuest(state: 'running' | 'paused' | 'shutoff', diskMiB = 128): Promise<string> {
   const uuid = randomUUID();
   await hv.createInstance({ uuid, name: `t-${state}`, memoryMb: 128, vcpus: 1, machine: 'pc', diskSizeBytes: diskMiB * MiB });
   await rt.lifecycle.start(uuid);
