@@ -9,7 +9,6 @@ import { CLI_ENTRY } from './entry.js';
  * parsed, so that tests can wait for and assert on log lines.
  */
 
-const CLI = CLI_ENTRY;
 
 /** One parsed stderr line: pino's fields (`msg`, `level`, …), or `{ raw }` for a line that is not JSON. */
 export type LogLine = Record<string, unknown> & { msg?: string; raw?: string };
@@ -161,7 +160,7 @@ function matches(line: LogLine, msg: string | RegExp, fields: Record<string, unk
 
 /** Spawns the agent without waiting for it (for a start that is expected to die). */
 export function spawnAgent(configFile: string, opts: StartAgentOptions = {}): AgentProcess {
-  const child = spawn(process.execPath, [CLI, '--config-file', configFile, 'serve'], {
+  const child = spawn(process.execPath, [CLI_ENTRY, '--config-file', configFile, 'serve'], {
     env: { ...process.env, ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

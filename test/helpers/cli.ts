@@ -1,7 +1,6 @@
 import { spawn } from 'node:child_process';
 import { CLI_ENTRY } from './entry.js';
 
-const CLI = CLI_ENTRY;
 
 export interface CliResult {
   code: number;
@@ -15,7 +14,7 @@ const CLI_TIMEOUT_MS = 300_000;
 /** Runs the built CLI (test/global-setup.ts builds it) with an argument vector, bounded in time. */
 export function runCli(args: readonly string[], env: NodeJS.ProcessEnv = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [CLI_ENTRY, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     const timer = setTimeout(() => {

@@ -255,3 +255,15 @@ export async function watchQmpEvents(hv: QemuHypervisor, uuid: string): Promise<
     },
   };
 }
+
+/**
+ * `<dir>/qemu-img-stub`: a qemu-img that runs the shell lines `onConvert` first when asked to
+ * `convert` (they may `exec` something else instead), and the real qemu-img for the rest.
+ */
+export async function writeQemuImgStub(dir: string, onConvert: string[]): Promise<string> {
+  const stub = path.join(dir, 'qemu-img-stub');
+  const real = await fs.realpath(QEMU_IMG).catch(() => QEMU_IMG);
+  const lines = ['#!/bin/sh', 'if [ "$1" = convert ]; then', ...onConvert.map((l) => `  ${l}`), 'fi', `exec '${real}' "$@"`, ''];
+  await fs.writeFile(stub, lines.join('\n'), { mode: 0o755 });
+  return stub;
+}

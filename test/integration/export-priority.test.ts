@@ -7,7 +7,7 @@ import { defaultConfig } from '../../src/config/schema.js';
 import { BACKGROUND_NICE } from '../../src/qemu-img/qemu-img.js';
 import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
 import { silentLogger } from '../../src/log.js';
-import { assertQemuInstalled, killQemuUnder, QEMU_IMG } from '../helpers/qemu-guest.js';
+import { assertQemuInstalled, killQemuUnder, writeQemuImgStub } from '../helpers/qemu-guest.js';
 import { tempDirsConfig } from '../helpers/temp-config.js';
 
 /** `[hypervisor] background_export_nice` here: not the default, to show that the option is what counts. */
@@ -33,21 +33,10 @@ beforeAll(async () => {
   base = (await dir({ prefix: 'sdp-' })).path;
   pidFile = path.join(base, 'convert.pid');
   goFile = path.join(base, 'go');
-  const stub = path.join(base, 'qemu-img-stub');
-  const realQemuImg = await fs.realpath(QEMU_IMG).catch(() => QEMU_IMG);
-  await fs.writeFile(
-    stub,
-    [
-      '#!/bin/sh',
-      `if [ "$1" = convert ]; then`,
-      `  echo $$ > '${pidFile}.new' && mv '${pidFile}.new' '${pidFile}'`,
-      `  while [ ! -e '${goFile}' ]; do sleep 0.02; done`,
-      'fi',
-      `exec '${realQemuImg}' "$@"`,
-      '',
-    ].join('\n'),
-    { mode: 0o755 },
-  );
+  const stub = await writeQemuImgStub(base, [
+    `echo $$ > '${pidFile}.new' && mv '${pidFile}.new' '${pidFile}'`,
+    `while [ ! -e '${goFile}' ]; do sleep 0.02; done`,
+  ]);
   const config = tempDirsConfig(base, { shutdownTimeoutS: 1 });
   config.hypervisor.qemu_img = stub;
   config.hypervisor.background_export_nice = NICE;

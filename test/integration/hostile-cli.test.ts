@@ -19,7 +19,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLI_CASES, CONFIG_CASES, SANDBOX_INI, UNKNOWN_UUID, assertUniqueIds, type CliCase, type ConfigCase } from '../hostile/corpus.js';
 import { CLI_ENTRY } from '../helpers/entry.js';
 
-const CLI = CLI_ENTRY;
 /** A case that has not exited by then is a hang: killed, and the case fails. */
 const HANG_MS = 20_000;
 
@@ -34,7 +33,7 @@ interface Run {
 /** Runs the built CLI with an argument vector (no shell) in `cwd`. */
 function runCli(args: readonly string[], cwd: string): Promise<Run> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { cwd, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, SNAPSHOT_DRIVER_LOG_LEVEL: 'info' } });
+    const child = spawn(process.execPath, [CLI_ENTRY, ...args], { cwd, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, SNAPSHOT_DRIVER_LOG_LEVEL: 'info' } });
     let stdout = '';
     let stderr = '';
     let hung = false;
@@ -107,7 +106,7 @@ function configPath(c: ConfigCase): string {
 
 beforeAll(async () => {
   assertUniqueIds();
-  await fs.access(CLI); // built by the global setup
+  await fs.access(CLI_ENTRY); // built by the global setup
   const tmp = await dir({ prefix: 'hostile-cli-', unsafeCleanup: true });
   cleanup = () => tmp.cleanup();
   base = tmp.path;

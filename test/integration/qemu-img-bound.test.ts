@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
 import { SnapshotFailed } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
-import { assertQemuInstalled, killQemuUnder, processAlive, QEMU_IMG } from '../helpers/qemu-guest.js';
+import { assertQemuInstalled, killQemuUnder, processAlive, writeQemuImgStub } from '../helpers/qemu-guest.js';
 import { tempDirsConfig } from '../helpers/temp-config.js';
 
 /**
@@ -26,18 +26,7 @@ beforeAll(async () => {
   await assertQemuInstalled();
   base = (await dir({ prefix: 'sdb-' })).path;
   pidFile = path.join(base, 'convert.pids');
-  const stub = path.join(base, 'qemu-img-stub');
-  const realQemuImg = (await fs.realpath(QEMU_IMG).catch(() => QEMU_IMG)) || QEMU_IMG;
-  await fs.writeFile(
-    stub,
-    [
-      '#!/bin/sh',
-      `if [ "$1" = convert ]; then echo $$ >> '${pidFile}'; exec sleep 100000; fi`,
-      `exec '${realQemuImg}' "$@"`,
-      '',
-    ].join('\n'),
-    { mode: 0o755 },
-  );
+  const stub = await writeQemuImgStub(base, [`echo $$ >> '${pidFile}'`, 'exec sleep 100000']);
   const config = tempDirsConfig(base, { shutdownTimeoutS: 1 });
   config.hypervisor.qemu_img = stub;
   config.hypervisor.export_timeout = 1;
