@@ -149,17 +149,24 @@ describe('Glance store on a fake Glance', () => {
     noTokenAnywhere(err);
   });
 
-  it('a 409 on the upload (another agent got there first) fails without deleting the image', async () => {
+  // Glance answers 409 to an upload that finds the image saving already, and 410 to one that read it
+  // queued but lost the race to mark it saving (its update "from queued" matched no row).
+  it.each([
+    [409, 'Image status transition from saving to saving is not allowed'],
+    [410, 'Image 1 could not be found after upload. The image may have been deleted during the upload, cleaning up the chunks uploaded.'],
+  ])('a %i on the upload (another agent got there first) fails without deleting the image', async (status, message) => {
     const id = randomUUID();
     glance.addQueued(id);
     const store = storeFor();
     const { s, digests } = await staged(store, id, randomBytes(100_000));
-    glance.earlyAnswer = { status: 409, message: 'Image status transition from saving to saving is not allowed', times: 1 };
+    glance.earlyAnswer = { status, message, times: 1 };
     const err = await s.commit(id, { digests }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(GlanceError);
-    expect((err as Error).message).toMatch(/HTTP 409: Image status transition/);
+    expect((err as Error).message).toContain(`HTTP ${status}: ${message} (another upload has the image, or it was deleted: it is left to that)`);
+    expect(glance.requests.filter((r) => r.method === 'PUT')).toHaveLength(1);
     await s.kill(id, 'lost the race');
     expect(glance.images.has(id)).toBe(true);
+    expect(glance.requests.filter((r) => r.method === 'DELETE')).toHaveLength(0);
   });
 
   it('a server that stops reading ends the upload within [glance] timeout, nothing staged left', async () => {

@@ -196,7 +196,13 @@ export class GlanceImageStore implements ImageStoreBackend {
         status: async () => (await this.show(cid)).status,
         onProgress: opts.onProgress,
       }).catch((err: unknown) => {
-        if (err instanceof GlanceError && err.status === 409) this.shared.notOurs.add(cid);
+        // 409: another upload had already marked the image saving. 410: Glance's answer to the upload
+        // that loses the race to mark it saving (or to an image deleted meanwhile). Either way the
+        // image is not this upload's to delete: deleting it would fail the winner's upload too.
+        if (err instanceof GlanceError && (err.status === 409 || err.status === 410)) {
+          this.shared.notOurs.add(cid);
+          throw new GlanceError(`${err.message} (another upload has the image, or it was deleted: it is left to that)`, err.status, err.glanceMessage);
+        }
         throw err;
       });
       const seconds = (performance.now() - started) / 1000;
