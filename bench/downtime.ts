@@ -14,11 +14,12 @@
  * push backup job writing straight into the store's file, QEMU's default copy-before-write, whose
  * guest writes wait for the store), with the store on the guest's own disk or on a throttled one
  * (`--store throttled:<MiB/s>`: an ext4 on a loop device over a qemu-storage-daemon FUSE export with a
- * throttle filter; this machine has no cgroup io controller nor device-mapper).
+ * throttle filter; this machine has no cgroup io controller nor device-mapper), or in memory (`--store
+ * memory`: a tmpfs, which tells the CPU's share of the contention from the disk's).
  *
  * Usage: npm run bench:downtime [-- --driver qemu|libvirt|both --runs N --ram-mb M --data-mb D
  *        --disk-mb S --quiesce off|auto|required --ram-fill random|zero --probe-gap-ms G
- *        --strategies s1,s2 --unprotected --store same|throttled:<MiB/s>]
+ *        --strategies s1,s2 --unprotected --store same|memory|throttled:<MiB/s>]
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -60,8 +61,9 @@ const strategies = values.strategies.split(',') as StrategyName[];
 for (const st of strategies) {
   if (!(STRATEGIES as readonly string[]).includes(st)) throw new Error(`--strategies: a comma-separated list of ${STRATEGIES.join(', ')}`);
 }
-const storeMatch = /^(?:same|throttled:(\d+(?:\.\d+)?))$/.exec(values.store);
-if (!storeMatch) throw new Error('--store: same, or throttled:<MiB/s>');
+const storeMatch = /^(?:same|memory|throttled:(\d+(?:\.\d+)?))$/.exec(values.store);
+if (!storeMatch) throw new Error('--store: same, memory, or throttled:<MiB/s>');
+const storeInMemory = values.store === 'memory';
 const throttleMiBps = storeMatch[1] === undefined ? undefined : Number(storeMatch[1]);
 if (values.unprotected && values.driver !== 'qemu') throw new Error('--unprotected: with --driver qemu only');
 const ramMb = Number(values['ram-mb']);
@@ -162,6 +164,11 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
     store = await throttledStore(path.join(base, 'throttled-store'), { bytesPerSecond: throttleMiBps * MiB, sizeBytes: (dataMb + 1024) * MiB });
     config.image_store.path = path.join(store.mountpoint, 'images');
   }
+  let memoryDir: string | undefined;
+  if (storeInMemory) {
+    memoryDir = await fs.mkdtemp('/dev/shm/sdd-store-');
+    config.image_store.path = path.join(memoryDir, 'images');
+  }
   // BENCH_LOG=1: the agent's log lines (debug) on stderr, to see where an operation's time goes.
   const rt = buildRuntime(config, process.env.BENCH_LOG ? createLogger({ level: 'debug' }) : silentLogger());
   const cmdline = `${guest.cmdline} probe.gap_ms=${PROBE_GAP_MS}${fillMb > 0 ? ` guest.fill_mb=${fillMb}` : ''}`;
@@ -224,6 +231,7 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
   } finally {
     await g.close();
     await store?.close();
+    if (memoryDir !== undefined) await fs.rm(memoryDir, { recursive: true, force: true });
     await fs.rm(base, { recursive: true, force: true });
   }
 }
@@ -264,7 +272,7 @@ function printDriver(driver: string, figures: Map<Row, Figures>): void {
       `of its clock over ${PROBE_GAP_MS} ms (0: none); writer: its write+fsync latencies over the whole window (the snapshot and 3 s after), ` +
       `p50/p99 over all runs (to within 19%), max the median of each run's longest; p99 vs idle: against the same guest doing nothing, same run; ` +
       `vs bare: downtime against bare QEMU's save+restore of the same guest, same run, per managed save (double-suspend has two); ` +
-      `store: ${throttleMiBps === undefined ? "on the guest disk's filesystem" : `throttled to ${throttleMiBps} MiB/s`}`,
+      `store: ${storeInMemory ? 'in memory (tmpfs: no disk I/O beside the guest)' : throttleMiBps === undefined ? "on the guest disk's filesystem" : `throttled to ${throttleMiBps} MiB/s`}`,
   );
   console.log('strategy                       downtime_ms  guest_saw_ms  vs cold  vs bare  duration_ms  vs cold  freeze_ms  gap_ms  fsync_p50  fsync_p99  p99 vs idle  fsync_max');
   for (const [s, f] of figures) {

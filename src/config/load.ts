@@ -100,10 +100,13 @@ export function configFromIni(files: readonly ParsedIni[]): Config {
   return validate(files, []);
 }
 
-/** Options whose values must never be echoed in messages or logs. */
+/**
+ * Options whose values must never be echoed in messages or logs: passwords, and URLs that may hold
+ * one (`[glance] api_servers` refuses credentials, but its error must not repeat them).
+ */
 export function isSecretOption(option: string): boolean {
   const name = option.toLowerCase();
-  return name.includes('password') || name.includes('transport_url');
+  return name.includes('password') || name.includes('transport_url') || name === 'api_servers';
 }
 
 /** Every section the schema knows, with its options, in schema order. */

@@ -2,7 +2,7 @@ import os from 'node:os';
 import { z } from 'zod';
 import { LISTEN_FORM, parseListenAddress, type ListenAddress } from './listen-address.js';
 import { rabbitOptionsSchema } from './rabbit-options.js';
-import { transportUrlProblem } from './transport-url.js';
+import { redactTransportUrl, transportUrlProblem } from './transport-url.js';
 import { bool, int, nonEmpty, num, positiveNum } from './values.js';
 
 export { rabbitOptionsSchema, type RabbitOptions } from './rabbit-options.js';
@@ -54,7 +54,7 @@ const apiServers = z.string().transform((value, ctx): string[] => {
     try {
       url = new URL(item);
     } catch {
-      ctx.issues.push({ code: 'custom', input: value, message: `${API_SERVERS_FORM} (${JSON.stringify(item.slice(0, 80))} is not a URL)` });
+      ctx.issues.push({ code: 'custom', input: value, message: `${API_SERVERS_FORM} (${JSON.stringify(redactTransportUrl(item).slice(0, 80))} is not a URL)` });
       return z.NEVER;
     }
     const problem =

@@ -43,7 +43,10 @@ describe('[image_store] backend and [glance]', () => {
     expect(problem('[image_store]\nbackend = swift\n')).toMatch(/^\[image_store\] backend = "swift" in \/etc\/x\.conf:2: expected one of local, glance/);
     expect(problem('[glance]\napi_servers = ftp://g1\n')).toMatch(/^\[glance\] api_servers .*http:\/\/ or https:\/\/ URLs.*ftp: is not http: or https:/);
     expect(problem('[glance]\napi_servers = g1:9292\n')).toMatch(/^\[glance\] api_servers .*http:\/\/ or https:\/\/ URLs/);
-    expect(problem('[glance]\napi_servers = http://user:pw@g1\n')).toMatch(/credentials do not belong in the URL/);
+    // The value is not echoed: it may hold a password.
+    expect(problem('[glance]\napi_servers = http://user:s3cret@g1, http://g2\n')).toMatch(/^\[glance\] api_servers in \/etc\/x\.conf:2: .*\(g1: credentials do not belong in the URL\)$/);
+    expect(problem('[glance]\napi_servers = http://user:s3cret@g1\n')).not.toContain('s3cret');
+    expect(problem('[glance]\napi_servers = http://user:s3cret@g 1\n')).toMatch(/\(\"http:\/\/user:\*\*\*@g 1\" is not a URL\)/);
     expect(problem('[glance]\ntimeout = 0\n')).toMatch(/^\[glance\] timeout = "0" in \/etc\/x\.conf:2: /);
     expect(problem('[glance]\nretries = -1\n')).toMatch(/^\[glance\] retries = "-1"/);
     expect(problem('[glance]\nauth_strategy = token\n')).toMatch(/^\[glance\] auth_strategy = "token" .*expected one of keystone, noauth/);
