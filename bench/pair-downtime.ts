@@ -52,12 +52,27 @@ async function take(rt: Runtime, g: BenchGuest, r: number) {
 }
 
 /** Resolves once the guest has been down and runs again. */
-async function downAndUpAgain(rt: Runtime, uuid: string): Promise<void> {
+/**
+ * Resolves once the guest has been down and runs again, while its snapshot `taking` is in progress.
+ * A snapshot that ends (or fails) first ends the wait: with the time it ran again if it went down,
+ * else an error (nothing was measured).
+ */
+async function downAndUpAgain(rt: Runtime, uuid: string, taking: Promise<unknown>): Promise<void> {
+  let settled = false;
+  taking.then(
+    () => (settled = true),
+    () => (settled = true),
+  );
   let wasDown = false;
   for (;;) {
+    const ended = settled;
     const { state } = await rt.hv.info(uuid);
     if (state !== 'running') wasDown = true;
     else if (wasDown) return;
+    if (ended) {
+      await taking; // its own error, if it failed
+      throw new Error(`guest ${uuid}: its snapshot ended but the guest was never seen down and running again`);
+    }
     await new Promise((r) => setTimeout(r, POLL_MS));
   }
 }
@@ -89,10 +104,12 @@ async function main(): Promise<void> {
       let aDoneAt = Infinity;
       const first = take(rt, a, r).finally(() => (aDoneAt = Date.now()));
       first.catch(() => undefined);
-      await downAndUpAgain(rt, a.uuid);
+      await downAndUpAgain(rt, a.uuid, first);
       // B runs again (its downtime over) before A's export has ended: the two overlapped.
-      const bUp = downAndUpAgain(rt, b.uuid).then(() => Date.now());
-      const second = await take(rt, b, r);
+      const taking = take(rt, b, r);
+      const bUp = downAndUpAgain(rt, b.uuid, taking).then(() => Date.now());
+      bUp.catch(() => undefined); // awaited below, after B's own outcome
+      const second = await taking;
       const overlapping = (await bUp) < aDoneAt;
       await first;
       loop.disable();
