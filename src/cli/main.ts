@@ -17,7 +17,7 @@ function collect(value: string, previous: string[]): string[] {
 
 export function buildProgram(): Command {
   const program = new Command('snapshot-driver')
-    .description('Snapshots QEMU guests with qcow2 disks into a local image store')
+    .description('Snapshots QEMU guests with qcow2 disks into an image store (a local folder or Glance)')
     .option('--config-file <file>', 'config file (repeatable; later files override)', collect, [])
     .showHelpAfterError()
     .exitOverride();
