@@ -36,6 +36,10 @@ export async function incomingSocketDirs(): Promise<{ dir: string; pid: number }
  * user's process can connect first; or by `put` in this process), and hashed behind the writing.
  */
 export class IncomingImage {
+  /** Milliseconds the producer was held back by the gate (holdBack), in all. */
+  heldBackMs = 0;
+  private gate: (() => Promise<number>) | undefined;
+
   private constructor(
     private readonly receiver: ImageReceiver,
     private readonly nbd: NbdExport,
@@ -45,10 +49,13 @@ export class IncomingImage {
   static async open(file: string, size: number, osHashAlgo: OsHashAlgo, log: NbdLog, onDigest?: (d: ParallelDigest) => void): Promise<IncomingImage> {
     const receiver = await ImageReceiver.create(file, size, osHashAlgo, onDigest);
     let socketDir: string | undefined;
+    let image: IncomingImage | undefined;
     try {
       socketDir = await fs.mkdtemp(path.join(os.tmpdir(), `${SOCKET_DIR_PREFIX}${process.pid}-`));
-      const nbd = await serveNbdExport(path.join(socketDir, 'image.sock'), { size, put: (o, d) => receiver.put(o, d) }, log);
-      return new IncomingImage(receiver, nbd, socketDir);
+      // Pieces come one at a time (the next request is read once this one is answered).
+      const nbd = await serveNbdExport(path.join(socketDir, 'image.sock'), { size, put: (o, d) => image!.put(o, d) }, log);
+      image = new IncomingImage(receiver, nbd, socketDir);
+      return image;
     } catch (err) {
       await receiver.abort(err instanceof Error ? err : new Error(String(err)));
       if (socketDir !== undefined) await fs.rm(socketDir, { recursive: true, force: true });
@@ -64,8 +71,17 @@ export class IncomingImage {
     return this.nbd.uri;
   }
 
-  put(offset: number, data: Buffer | readonly Buffer[]): Promise<void> {
+  async put(offset: number, data: Buffer | readonly Buffer[]): Promise<void> {
+    if (this.gate !== undefined) this.heldBackMs += await this.gate();
     return this.receiver.put(offset, data);
+  }
+
+  /**
+   * For an export no guest waits for: each piece passes `gate` first (GuestWaits.gate), which holds it
+   * while another guest of the host waits; held, the producer takes no more data and stops.
+   */
+  holdBack(gate: () => Promise<number>): void {
+    this.gate = gate;
   }
 
   /**

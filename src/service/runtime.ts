@@ -17,6 +17,7 @@ import { PendingSnapshots } from '../snapshot/pending.js';
 import { faultPoint } from '../util/fault.js';
 import { InstanceLocks } from '../snapshot/instance-locks.js';
 import { Lifecycle } from '../snapshot/lifecycle.js';
+import { GuestWaits } from '../util/guest-waits.js';
 
 /** The agent's parts, wired from a config: what the CLI and the RPC server act through. */
 export interface Runtime {
@@ -70,6 +71,7 @@ export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: B
     quiesce: quiesceOptions(config.snapshot),
     operations,
     faultPoint,
+    guestWaits: new GuestWaits(config.hypervisor.background_export_yield_seconds * 1000),
     beforeStep: async (step, index) => {
       faultPoint(`step:${step.name}`);
       faultPoint(`step:${index}:${step.name}`);

@@ -2,6 +2,7 @@ import type { Hypervisor, BackupJob, PowerState } from '../hypervisor/types.js';
 import type { ImageStoreBackend } from '../image-store/image-store.js';
 import type { IncomingImage } from '../image-store/incoming-image.js';
 import type { Logger } from '../log.js';
+import type { WatchedOperation } from '../util/guest-waits.js';
 import type { SuspendWindow } from './downtime.js';
 import type { GuestFreeze, QuiesceOptions } from './guest-freeze.js';
 import type { Lifecycle } from './lifecycle.js';
@@ -24,6 +25,8 @@ export interface SnapshotContext {
   /** The disk's virtual size: the size of the raw image. */
   readonly diskSize: number;
   onProgress?: (fraction: number) => void;
+  /** This operation among the host's (GuestWaits): its background exports hold back while another guest waits. */
+  watched?: WatchedOperation;
   /** The image's data as the store received it from an export (hashed on the way), once exported. */
   incoming?: IncomingImage;
   /** True from the start of this operation's managed save until the guest is resumed. */

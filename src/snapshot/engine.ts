@@ -10,6 +10,7 @@ import type { OperationHandle, OperationJournal } from './operation-journal.js';
 import { runSteps, type BeforeStep } from './run-steps.js';
 import type { SnapshotContext } from './context.js';
 import { STRATEGY_STEPS, USES_MANAGED_SAVE } from './strategies.js';
+import type { GuestWaits } from '../util/guest-waits.js';
 
 export interface SnapshotRequest {
   requestId: string;
@@ -76,6 +77,8 @@ export interface SnapshotEngineDeps {
    * `operation-recorded` (journaled and image queued, no step begun) and `commit` (every step done).
    */
   faultPoint?: (point: string) => void | Promise<void>;
+  /** The host's guests waiting on their snapshots (`[hypervisor] background_export_yield_seconds`); none: exports never hold back. */
+  guestWaits?: GuestWaits;
 }
 
 export function parseStrategy(s: string): StrategyName {
@@ -178,13 +181,17 @@ export class SnapshotEngine {
       quiesced: false,
     };
     const failed = (err: unknown) => this.failed(err, { req, op, ctx, store, log, priorState: instance.state });
+    // Until its steps (or their undoing) end: down or frozen, the guest holds the host's other exports back.
+    ctx.watched = this.deps.guestWaits?.watch(() => ctx.suspended || ctx.freeze?.holding === true);
     let left: number;
     try {
       await runSteps(steps, ctx, { record: (index, phase) => op.step(index, phase), beforeStep: this.deps.beforeStep });
       left = (await hv.listInternalSnapshots(req.instanceUuid)).filter((s) => s.name.startsWith(this.deps.namePrefix)).length;
       await op.commit();
     } catch (err) {
-      return failed(err);
+      return await failed(err);
+    } finally {
+      ctx.watched?.end();
     }
     return {
       finish: async () => {

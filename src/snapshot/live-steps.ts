@@ -1,5 +1,5 @@
 import { takePointInTime } from './quiesce-steps.js';
-import { exportInto, holdsDisk, removePartial } from './steps.js';
+import { exportInto, holdsDisk, logHeldBack, removePartial } from './steps.js';
 import type { SnapshotContext, Step } from './context.js';
 
 /**
@@ -17,6 +17,8 @@ export const markSaving: Step = {
   async run(ctx) {
     await ctx.store.markSaving(ctx.imageId);
     ctx.incoming = await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log);
+    // No guest waits for the copy (its own is frozen only while the job starts).
+    if (ctx.watched !== undefined) ctx.incoming.holdBack(ctx.watched.gate());
   },
   undo: removePartial,
 };
@@ -56,5 +58,6 @@ export const waitBackup: Step = {
     if (!ctx.backup) return; // exported offline by start-backup
     await ctx.backup.wait(ctx.onProgress);
     await ctx.incoming?.finish();
+    if (ctx.incoming !== undefined) logHeldBack(ctx, ctx.incoming.heldBackMs);
   },
 };

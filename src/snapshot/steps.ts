@@ -197,14 +197,21 @@ export async function exportInto(ctx: SnapshotContext, snapshotName: string | un
   // live's first step has made it ready already.
   const incoming = ctx.incoming ?? (await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log));
   ctx.incoming = incoming;
+  if (background && ctx.watched !== undefined) incoming.holdBack(ctx.watched.gate());
   try {
     await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: incoming, onProgress: ctx.onProgress, background });
     await incoming.finish();
+    logHeldBack(ctx, incoming.heldBackMs);
   } catch (err) {
     await incoming.abort(err);
     ctx.incoming = undefined;
     throw err;
   }
+}
+
+/** How long an export no guest waits for held back for the other guests of the host, if it did. */
+export function logHeldBack(ctx: SnapshotContext, heldBackMs: number): void {
+  if (heldBackMs > 0) ctx.log.info({ held_back_ms: Math.round(heldBackMs) }, 'the export held back while other guests of this host waited on their snapshots');
 }
 
 /** Removes the partial data (and stops its hashing, if it was being received). */

@@ -11,6 +11,7 @@ import type { PowerState } from '../../src/hypervisor/types.js';
 import { ImageStore, type StoreHook } from '../../src/image-store/image-store.js';
 import { silentLogger, type Logger } from '../../src/log.js';
 import { SnapshotEngine } from '../../src/snapshot/engine.js';
+import type { GuestWaits } from '../../src/util/guest-waits.js';
 import { DEFAULT_QUIESCE, type QuiesceOptions } from '../../src/snapshot/guest-freeze.js';
 import { OperationJournal } from '../../src/snapshot/operation-journal.js';
 import { PendingSnapshots } from '../../src/snapshot/pending.js';
@@ -33,6 +34,8 @@ export interface FakeEnvOptions {
   log?: Logger;
   /** The image store's test hook. */
   storeHook?: StoreHook;
+  /** The host's guests waiting on their snapshots (none: exports never hold back). */
+  guestWaits?: GuestWaits;
 }
 
 /** A fake hypervisor, a real image store in a temp dir, and the engine wired over them. */
@@ -60,6 +63,7 @@ export async function makeFakeEnv(opts: FakeEnvOptions = {}) {
     defaultStrategy: opts.strategy ?? 'suspend-create-resume-extract',
     quiesce: { ...DEFAULT_QUIESCE, ...opts.quiesce },
     beforeStep: (step, i) => beforeStep?.(step, i),
+    guestWaits: opts.guestWaits,
   });
   return {
     tmp: tmp.path,
