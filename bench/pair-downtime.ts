@@ -6,9 +6,10 @@
  * save and resume happen while A's export (qemu-img, the NBD receiver, the hash threads) runs in the
  * same process. Reported: B's downtime both ways (medians, their ratio), whether A's export was still
  * running when B ran again (else the run did not overlap), and the event loop's delay (p99, max)
- * over the pair.
+ * over the pair. `--yield-seconds S` sets `[hypervisor] background_export_yield_seconds` (default
+ * the agent's; 0: A's export does not hold back while B is down, as before it could).
  *
- * Usage: npm run bench:pair [-- --runs N --ram-mb M --data-mb D --strategy S]
+ * Usage: npm run bench:pair [-- --runs N --ram-mb M --data-mb D --strategy S --yield-seconds S]
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -27,6 +28,7 @@ import { qemuGuest, writeDiskData, type BenchGuest } from './bench-guest.js';
 const { values } = parseArgs({
   options: {
     runs: { type: 'string', default: '5' },
+    'yield-seconds': { type: 'string' },
     'ram-mb': { type: 'string', default: '512' },
     'data-mb': { type: 'string', default: '1024' },
     strategy: { type: 'string', default: 'suspend-create-resume-extract' },
@@ -81,6 +83,7 @@ async function main(): Promise<void> {
   const image = await buildGuestImage(path.resolve(import.meta.dirname, '../scripts/guest-image.sh'));
   const { base, config } = await benchConfig('sdd-pair-', 'auto');
   config.hypervisor.driver = 'qemu';
+  if (values['yield-seconds'] !== undefined) config.hypervisor.background_export_yield_seconds = Number(values['yield-seconds']);
   const rt = buildRuntime(config, silentLogger());
   const cmdline = `${image.cmdline} guest.fill_mb=${Math.floor((ramMb * 3) / 4)}`;
   const guests: BenchGuest[] = [];
@@ -91,7 +94,7 @@ async function main(): Promise<void> {
       await waitForGuestReady(rt.hv, g.uuid, g.console, 0, 30 * 60_000);
       await writeDiskData(g, DATA_OFFSET_MB, dataMb);
     }
-    console.log(`two guests: Linux ${image.kernelVersion}, ${ramMb} MiB RAM each (3/4 random bytes), ${dataMb} MiB of disk data each; strategy ${strategy}; qemu backend, TCG`);
+    console.log(`two guests: Linux ${image.kernelVersion}, ${ramMb} MiB RAM each (3/4 random bytes), ${dataMb} MiB of disk data each; strategy ${strategy}; qemu backend, TCG; background_export_yield_seconds ${config.hypervisor.background_export_yield_seconds}`);
     const alone: number[] = [];
     const paired: number[] = [];
     const loopP99: number[] = [];
