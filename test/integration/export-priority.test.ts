@@ -6,8 +6,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { defaultConfig } from '../../src/config/schema.js';
 import { BACKGROUND_NICE } from '../../src/qemu-img/qemu-img.js';
 import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
-import { silentLogger } from '../../src/log.js';
-import { assertQemuInstalled, killQemuUnder, writeQemuImgStub } from '../helpers/qemu-guest.js';
+import type { BeforeStep } from '../../src/snapshot/run-steps.js';
+import { assertQemuInstalled, guestFlush, guestWrite, killQemuUnder, writeQemuImgStub } from '../helpers/qemu-guest.js';
+import { captureLogger, type CapturedLine } from '../helpers/log-capture.js';
 import { tempDirsConfig } from '../helpers/temp-config.js';
 
 /** `[hypervisor] background_export_nice` here: not the default, to show that the option is what counts. */
@@ -19,7 +20,8 @@ const NICE = 7;
  * that on a busy host another guest's managed save and restore get the CPUs first; cold's export of
  * a guest it saved runs at the agent's own priority (that guest is down until it ends). Real QEMU,
  * real qemu-img behind a stub that, on `convert`, records its pid and waits for the test's go before
- * it runs the real one: the test reads the niceness of that very process from /proc.
+ * it runs the real one: the test reads the niceness of that very process from /proc. And such an
+ * export holds back (takes no data) while another guest is down in its managed save.
  */
 
 const MiB = 2 ** 20;
@@ -27,6 +29,8 @@ let base: string;
 let rt: Runtime;
 let pidFile: string;
 let goFile: string;
+let lines: CapturedLine[];
+let beforeStep: BeforeStep | undefined;
 
 beforeAll(async () => {
   await assertQemuInstalled();
@@ -40,7 +44,9 @@ beforeAll(async () => {
   const config = tempDirsConfig(base, { shutdownTimeoutS: 1 });
   config.hypervisor.qemu_img = stub;
   config.hypervisor.background_export_nice = NICE;
-  rt = buildRuntime(config, silentLogger());
+  const captured = captureLogger();
+  lines = captured.lines;
+  rt = buildRuntime(config, captured.log, { beforeStep: (step, i) => beforeStep?.(step, i) });
 });
 
 afterAll(async () => {
@@ -95,5 +101,63 @@ describe('export priority (real QEMU, real qemu-img)', () => {
     expect(await exportNice(uuid, 'cold')).toBe(ownNice);
     expect(await exportNice(uuid, 'suspend-create-resume-extract')).toBe(Math.max(ownNice, NICE));
     expect((await hv.info(uuid)).state).toBe('running');
+  });
+});
+
+describe('background exports hold back while another guest waits (real QEMU, real qemu-img)', () => {
+  it("a monitor-snapshot's export takes no data while another guest is down in its managed save; it goes on, exact, once that guest runs", async () => {
+    const hv = rt.qemu!;
+    await fs.writeFile(goFile, ''); // the stub runs the real qemu-img at once
+    const [a, b] = [randomUUID(), randomUUID()];
+    for (const uuid of [a, b]) {
+      await hv.createInstance({ uuid, name: 'yield', memoryMb: 64, vcpus: 1, machine: 'pc', diskSizeBytes: 16 * MiB });
+      await rt.lifecycle.start(uuid);
+    }
+    await guestWrite(hv, a, 0x5a, 0, 8 * MiB); // data to export: qemu-img sends no write for zeros
+    await guestFlush(hv, a);
+    // B (suspend-create-resume-extract) is held down, saved, before its snapshot is made.
+    let bDown!: () => void;
+    const bIsDown = new Promise<void>((r) => (bDown = r));
+    let letBRun!: () => void;
+    const bMayRun = new Promise<void>((r) => (letBRun = r));
+    beforeStep = async (step) => {
+      if (step.name !== 'create-snapshot') return;
+      bDown();
+      await bMayRun;
+    };
+    try {
+      const bDone = rt.engine.take({ requestId: 'req-b', instanceUuid: b, imageId: randomUUID(), strategy: 'suspend-create-resume-extract' });
+      await bIsDown;
+      expect((await hv.info(b)).state).toBe('saved');
+      await fs.rm(pidFile, { force: true });
+      const aImage = randomUUID();
+      let aSettled = false;
+      const aDone = rt.engine.take({ requestId: 'req-a', instanceUuid: a, imageId: aImage, strategy: 'monitor-snapshot' }).finally(() => (aSettled = true));
+      // Its qemu-img runs (the stub wrote its pid) but gets no answer to its first write.
+      const deadline = Date.now() + 60_000;
+      while (!(await fs.stat(pidFile).then(() => true, () => false))) {
+        if (Date.now() > deadline) throw new Error('no qemu-img convert started for A');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await new Promise((r) => setTimeout(r, 1000));
+      expect(aSettled).toBe(false);
+      expect((await hv.info(b)).state).toBe('saved');
+
+      letBRun();
+      await expect(bDone).resolves.toMatchObject({ status: 'active' });
+      await expect(aDone).resolves.toMatchObject({ status: 'active', strategy: 'monitor-snapshot', downtime_ms: expect.any(Number) });
+      const image = await fs.readFile(path.join(rt.config.image_store.path, aImage));
+      expect(image.length).toBe(16 * MiB);
+      expect(image.subarray(0, 8 * MiB).every((x) => x === 0x5a)).toBe(true);
+      expect(image.subarray(8 * MiB).every((x) => x === 0)).toBe(true);
+      const held = lines.filter((l) => l.msg === 'the export held back while other guests of this host waited on their snapshots');
+      expect(held).toHaveLength(1);
+      expect(held[0]).toMatchObject({ request_id: 'req-a', instance_uuid: a });
+      expect(Number(held[0]!.held_back_ms)).toBeGreaterThanOrEqual(900);
+      for (const uuid of [a, b]) expect((await hv.info(uuid)).state).toBe('running');
+    } finally {
+      letBRun?.();
+      beforeStep = undefined;
+    }
   });
 });
