@@ -1,6 +1,6 @@
 import type { Hypervisor, BackupJob, PowerState } from '../hypervisor/types.js';
 import type { ImageStoreBackend } from '../image-store/image-store.js';
-import type { IncomingImage } from '../image-store/incoming-image.js';
+import type { ImageSink } from '../image-store/incoming-image.js';
 import type { Logger } from '../log.js';
 import type { SuspendWindow } from './downtime.js';
 import type { GuestFreeze, QuiesceOptions } from './guest-freeze.js';
@@ -24,8 +24,8 @@ export interface SnapshotContext {
   /** The disk's virtual size: the size of the raw image. */
   readonly diskSize: number;
   onProgress?: (fraction: number) => void;
-  /** The image's data as the store received it from an export (hashed on the way), once exported. */
-  incoming?: IncomingImage;
+  /** The image's data as the store receives it from an export (hashed on the way), staged or streamed. */
+  incoming?: ImageSink;
   /** True from the start of this operation's managed save until the guest is resumed. */
   suspended: boolean;
   /** Guest downtime so far, in ms: the time its vCPUs did not run (or its I/O was held). */

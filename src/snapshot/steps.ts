@@ -1,5 +1,6 @@
 import fs from 'node:fs/promises';
 import { errorMessage, GuestLeftPaused, GuestLost, InstanceInvalidState, QmpTimeout } from '../errors.js';
+import { StreamedUploadCut } from '../image-store/errors.js';
 import type { Logger } from '../log.js';
 import { processHoldsDisk, type Hypervisor, type PowerState, type ResumeResult } from '../hypervisor/types.js';
 import type { SnapshotContext, Step } from './context.js';
@@ -190,20 +191,28 @@ export const monitorCreateSnapshot: Step = {
 /**
  * Exports into the store, which writes the data into the partial file as it comes and hashes it
  * behind the writing; the step ends when the data is written (the hashes are awaited by the commit,
- * after the instance is released).
+ * after the instance is released). An export no guest waits for (`background`: its source is read
+ * again as it was) may be streamed by the store straight into the image instead: that step ends when
+ * the store has it all, and when the store reports the upload cut with the image ready for another
+ * (StreamedUploadCut, bounded by the store), the export is run again from its start.
  */
 export async function exportInto(ctx: SnapshotContext, snapshotName: string | undefined, background: boolean): Promise<void> {
   await ctx.store.markSaving(ctx.imageId);
-  // live's first step has made it ready already.
-  const incoming = ctx.incoming ?? (await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log));
-  ctx.incoming = incoming;
-  try {
-    await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: incoming, onProgress: ctx.onProgress, background });
-    await incoming.finish();
-  } catch (err) {
-    await incoming.abort(err);
-    ctx.incoming = undefined;
-    throw err;
+  for (let attempt = 1; ; attempt++) {
+    // live's first step has made it ready already (staged: a backup job cannot be run again).
+    const incoming = ctx.incoming ?? (await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log, { streamable: background, attempt }));
+    ctx.incoming = incoming;
+    try {
+      await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: incoming, onProgress: ctx.onProgress, background });
+      await incoming.finish();
+      return;
+    } catch (err) {
+      // A streamed upload that failed first fails the export too: the store's error says why.
+      const cause = await incoming.abort(err);
+      ctx.incoming = undefined;
+      if (!(cause instanceof StreamedUploadCut)) throw cause;
+      ctx.log.warn({ attempt, err: errorMessage(cause) }, 'streamed upload cut: running the export again into a new upload');
+    }
   }
 }
 
