@@ -29,6 +29,10 @@ export class FakeGlance {
   stopReadingAfter: number | undefined;
   /** Cut the connection of the next PUT after this many bytes (the image goes back to queued). */
   cutAfter: number | undefined;
+  /** How many PUTs in a row cutAfter cuts (default 1). */
+  cutTimes = 1;
+  /** Called with each piece of a PUT's body as it is read (e.g. to look at the host meanwhile). */
+  onPutData: ((imageId: string, bytesSoFar: number) => void) | undefined;
   /** Record this os_hash_value instead of the real one. */
   lieAboutHash = false;
   private readonly server: http.Server;
@@ -176,13 +180,17 @@ export class FakeGlance {
     const stopAt = this.stopReadingAfter;
     const cutAt = this.cutAfter;
     this.stopReadingAfter = undefined;
-    this.cutAfter = undefined;
+    if (--this.cutTimes <= 0) {
+      this.cutAfter = undefined;
+      this.cutTimes = 1;
+    }
     try {
       for await (const c of req as AsyncIterable<Buffer>) {
         chunks.push(c);
         md5.update(c);
         sha.update(c);
         n += c.length;
+        this.onPutData?.(img.id, n);
         if (stopAt !== undefined && n >= stopAt) {
           // Reads nothing more and never answers (leaving the loop would drain the body): the
           // client's watchdog has to end it.

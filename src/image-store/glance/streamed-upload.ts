@@ -12,8 +12,10 @@ import { Counter, putBody, type Sent, type Unreached } from './upload.js';
  * so the NBD server stops reading and qemu-img waits for its replies. Memory stays bounded.
  */
 const BODY_BUFFER_BYTES = 1024 * 1024;
+/** The body takes data in pieces of at most this (no copy): a larger write waits as any other. */
+const SEND_PIECE_BYTES = 256 * 1024;
 /** Ranges qemu-img skips (zeros on a zero target) are sent as this, over and over (never written to). */
-const ZEROS = Buffer.alloc(1024 * 1024);
+const ZEROS = Buffer.alloc(SEND_PIECE_BYTES);
 
 /** How an upload that did not take every byte ended (Glance's answer, a cut, a server not reached). */
 export type UploadEnd = Exclude<Sent, { kind: 'done' }> | Unreached;
@@ -137,12 +139,12 @@ export class StreamedUpload implements ImageSink {
     if (offset + length > this.size) throw new RangeError(`image data beyond its size: ${length} bytes at ${offset}, size ${this.size}`);
     if (offset > this.position) {
       this.hasher.zeros(offset - this.position);
-      for (let left = offset - this.position; left > 0; left -= ZEROS.length) await this.send(left >= ZEROS.length ? ZEROS : ZEROS.subarray(0, left));
+      for (let left = offset - this.position; left > 0; left -= SEND_PIECE_BYTES) await this.send(ZEROS.subarray(0, Math.min(left, SEND_PIECE_BYTES)));
       this.position = offset;
     }
     for (const piece of pieces) {
       await this.hasher.update(piece);
-      await this.send(piece);
+      for (let at = 0; at < piece.length; at += SEND_PIECE_BYTES) await this.send(piece.subarray(at, at + SEND_PIECE_BYTES));
       this.position += piece.length;
     }
   }
