@@ -3,6 +3,7 @@ import fs from 'node:fs/promises';
 import { errorMessage, ImageExists, ImageNotFound, InvalidInstanceId } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { isErrno } from '../../util/durable-fs.js';
+import { faultPoint } from '../../util/fault.js';
 import { isUuid } from '../../util/uuid.js';
 import { GlanceError, GlanceUnavailable, GlanceUploadMismatch, ImageInvalidState, StreamedUploadCut } from '../errors.js';
 import { digestFile, type FileDigests } from '../hash.js';
@@ -187,6 +188,7 @@ export class GlanceImageStore implements ImageStoreBackend {
     }
     const what = `upload image ${cid} to Glance`;
     this.log.info({ image_id: cid, glance: answer.server, attempt, bytes: size }, 'streaming the export into Glance (nothing staged)');
+    if (attempt === 1) faultPoint('streamed-upload');
     return StreamedUpload.open({
       client: this.client,
       server: answer.server,
