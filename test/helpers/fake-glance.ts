@@ -23,6 +23,8 @@ export class FakeGlance {
   readonly images = new Map<string, FakeImage>();
   readonly data = new Map<string, Buffer>();
   readonly requests: SeenRequest[] = [];
+  /** The status each deleted image had when its DELETE came. */
+  readonly statusAtDelete = new Map<string, string>();
   /** Answer the next PUTs with this status at once, before reading the body (then drained; 413, 409, 503…). */
   earlyAnswer: { status: number; message: string; times: number } | undefined;
   /** Stop reading the next PUT's body after this many bytes (the socket is paused, nothing answered). */
@@ -134,6 +136,7 @@ export class FakeGlance {
     if (file === undefined) {
       if (req.method === 'GET') return this.json(res, 200, img);
       if (req.method === 'DELETE') {
+        this.statusAtDelete.set(img.id, img.status);
         this.images.delete(img.id);
         this.data.delete(img.id);
         res.writeHead(204).end();

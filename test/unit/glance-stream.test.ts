@@ -11,7 +11,7 @@ import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
 import { SnapshotFailed } from '../../src/errors.js';
-import { GlanceError, GlanceUnavailable } from '../../src/image-store/errors.js';
+import { GlanceError, GlanceUnavailable, GlanceUploadMismatch } from '../../src/image-store/errors.js';
 import { GlanceClient } from '../../src/image-store/glance/client.js';
 import { GlanceImageStore } from '../../src/image-store/glance/store.js';
 import { SnapshotEngine } from '../../src/snapshot/engine.js';
@@ -187,6 +187,31 @@ describe('exports streamed into Glance', () => {
     expect(e.hv.callCount('exportDisk', uuid)).toBe(1);
     expect(glance.images.has(imageId)).toBe(true);
     expect(glance.requests.filter((r) => r.method === 'DELETE')).toHaveLength(0);
+  });
+
+  it('Glance made it active, then a later step fails: the image is deleted (the snapshot failed), not left behind', async () => {
+    const uuid = await guest('running');
+    const imageId = randomUUID();
+    glance.addQueued(imageId);
+    e.hv.injectFault({ op: 'liveSnapshotDelete', uuid });
+    const err = await failure(engineFor('monitor-snapshot').engine.take({ requestId: 'req-late', instanceUuid: uuid, imageId }));
+    expect(err.message).toMatch(/step 5 \(delete-snapshot\) failed/);
+    expect(glance.statusAtDelete.get(imageId)).toBe('active');
+    expect(puts()).toBe(1);
+    expect(glance.requests.filter((r) => r.method === 'DELETE')).toHaveLength(1);
+    expect(glance.images.has(imageId)).toBe(false);
+    expect((await e.hv.info(uuid)).state).toBe('running');
+  });
+
+  it("Glance's hash not the export's: the commit fails (GlanceUploadMismatch) and the image is deleted", async () => {
+    const uuid = await guest('running', 4 * MiB);
+    const imageId = randomUUID();
+    glance.addQueued(imageId);
+    glance.lieAboutHash = true;
+    const err = await failure(engineFor('monitor-snapshot').engine.take({ requestId: 'req-lie', instanceUuid: uuid, imageId }));
+    expect(err.cause).toBeInstanceOf(GlanceUploadMismatch);
+    expect(err.message).toMatch(/os_hash_value f{128} \(the data exported hashes to [0-9a-f]{128}\)/);
+    expect(glance.images.has(imageId)).toBe(false);
   });
 
   it('backpressure: a Glance that stops reading holds the export back (its write waits) until [glance] timeout ends it', async () => {
