@@ -69,7 +69,11 @@ export interface ImageStoreBackend {
   forRequest(auth: StoreRequestAuth): ImageStoreBackend;
   partialPath(id: string): string;
   create(img: NewImage): Promise<ImageMeta>;
-  ensureSpace(id: string, bytesNeeded: number): Promise<void>;
+  /**
+   * Refuses (before anything is touched) an export the host has no room for. `streamable`: the
+   * export will be received with `streamable` (a store that streams it needs no host disk for it).
+   */
+  ensureSpace(id: string, bytesNeeded: number, opts?: { streamable?: boolean }): Promise<void>;
   freeBytes(): Promise<number>;
   markSaving(id: string): Promise<ImageMeta>;
   receive(id: string, size: number, log: NbdLog, opts?: ReceiveOptions): Promise<ImageSink>;

@@ -47,6 +47,12 @@ export interface SnapshotContext {
 /** One step of a strategy, and how to undo it when a later step fails. */
 export interface Step {
   readonly name: string;
+  /**
+   * The step exports into the store from a source that can be read again, no guest waiting for it
+   * (given the guest's power state before the operation): the store may stream it (exportInto's
+   * `background`).
+   */
+  readonly rerunnableExport?: (priorState: PowerState) => boolean;
   run(ctx: SnapshotContext): Promise<void>;
   undo?(ctx: SnapshotContext): Promise<void>;
 }

@@ -226,6 +226,7 @@ export async function removePartial(ctx: SnapshotContext): Promise<void> {
 /** Raw export of the active layer of the offline disk (cold: a guest it saved waits for it). */
 export const exportDisk: Step = {
   name: 'export-disk',
+  rerunnableExport: (prior) => !processHoldsDisk(prior),
   run: (ctx) => exportInto(ctx, undefined, !processHoldsDisk(ctx.priorState)),
   undo: removePartial,
 };
@@ -233,6 +234,7 @@ export const exportDisk: Step = {
 /** Raw export of our internal snapshot (read with -U while the guest runs). */
 export const exportSnapshot: Step = {
   name: 'export-snapshot',
+  rerunnableExport: () => true,
   run: (ctx) => exportInto(ctx, ctx.snapshotName, true),
   undo: removePartial,
 };

@@ -10,10 +10,11 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
-import { SnapshotFailed } from '../../src/errors.js';
+import { InsufficientSpace, SnapshotFailed } from '../../src/errors.js';
 import { GlanceError, GlanceUnavailable, GlanceUploadMismatch } from '../../src/image-store/errors.js';
 import { GlanceClient } from '../../src/image-store/glance/client.js';
 import { GlanceImageStore } from '../../src/image-store/glance/store.js';
+import type { StatfsFn } from '../../src/image-store/space.js';
 import { SnapshotEngine } from '../../src/snapshot/engine.js';
 import { FakeGlance } from '../helpers/fake-glance.js';
 import { guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
@@ -58,9 +59,9 @@ function partialNow(): string[] {
   }
 }
 
-function engineFor(strategy: StrategyName, retries = 2, timeoutMs = 5000): { engine: SnapshotEngine; store: GlanceImageStore } {
+function engineFor(strategy: StrategyName, retries = 2, timeoutMs = 5000, statfs?: StatfsFn): { engine: SnapshotEngine; store: GlanceImageStore } {
   const client = new GlanceClient({ apiServers: [glance.url], timeoutMs, retries, authStrategy: 'noauth', log, backoffMs: () => 0 });
-  const store = new GlanceImageStore({ client, stagingPath: staging, reservedSpaceMb: 0, osHashAlgo: 'sha512', log });
+  const store = new GlanceImageStore({ client, stagingPath: staging, reservedSpaceMb: 0, osHashAlgo: 'sha512', log, statfs });
   const engine = new SnapshotEngine({ hv: e.hv, store, lifecycle: e.lifecycle, operations: e.operations, log, namePrefix: PREFIX, defaultStrategy: strategy });
   return { engine, store };
 }
@@ -124,6 +125,23 @@ describe('exports streamed into Glance', () => {
     expect(result.os_hash_value).toBe(digests(e.hv.diskContent(uuid)).sha512);
     expect(seenWhileUploading.flat()).toEqual([]);
     expect(appeared).toEqual([]);
+  });
+
+  it('a host with no room to stage: the streamed export goes ahead, a staged one (cold of a running guest) is refused before anything is touched', async () => {
+    const full: StatfsFn = async () => ({ bavail: 0, bsize: 4096 });
+    const uuid = await guest('running', 4 * MiB);
+    const streamedId = randomUUID();
+    glance.addQueued(streamedId);
+    await expect(engineFor('monitor-snapshot', 2, 5000, full).engine.take({ requestId: 'req-full-1', instanceUuid: uuid, imageId: streamedId })).resolves.toMatchObject({ status: 'active' });
+    const stagedId = randomUUID();
+    glance.addQueued(stagedId);
+    const before = e.hv.calls.length;
+    const err = await engineFor('cold', 2, 5000, full).engine.take({ requestId: 'req-full-2', instanceUuid: uuid, imageId: stagedId }).catch((x: unknown) => x);
+    expect(err).toBeInstanceOf(InsufficientSpace);
+    expect((err as Error).message).toMatch(/staged before its upload to Glance/);
+    expect(e.hv.calls.slice(before).map((c) => c.op)).not.toContain('managedSave');
+    expect(glance.images.get(stagedId)?.status).toBe('queued');
+    expect((await e.hv.info(uuid)).state).toBe('running');
   });
 
   it('an early 413 fails the snapshot naming Glance, deletes the image, not retried; the guest runs on', async () => {

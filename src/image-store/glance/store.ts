@@ -150,8 +150,10 @@ export class GlanceImageStore implements ImageStoreBackend {
     }
   }
 
-  async ensureSpace(id: string, bytesNeeded: number): Promise<void> {
+  /** Room to stage the export; a streamed one is staged nowhere. */
+  async ensureSpace(id: string, bytesNeeded: number, opts: { streamable?: boolean } = {}): Promise<void> {
     const cid = canonicalId(id);
+    if (opts.streamable === true) return;
     await checkFreeSpace({ statfs: this.statfs, dir: this.paths.root, reservedSpaceMb: this.reservedSpaceMb, bytesNeeded, what: `image ${cid} (staged before its upload to Glance)` });
   }
 
