@@ -178,6 +178,21 @@ describe('exports streamed into Glance', () => {
     expect(await e.ownSnapshots(uuid)).toEqual([]);
   });
 
+  it('an export that fails on its own (its data all sent, the PUT not ended): not run again, the upload dropped, the image deleted', async () => {
+    const uuid = await guest('running');
+    const imageId = randomUUID();
+    glance.addQueued(imageId);
+    e.hv.injectFault({ op: 'exportDisk', uuid, when: 'after', error: new Error('qemu-img convert failed: Input/output error') });
+    const err = await failure(engineFor('monitor-snapshot', 3).engine.take({ requestId: 'req-own', instanceUuid: uuid, imageId }));
+    expect(err.message).toMatch(/step 4 \(export-snapshot\) failed: qemu-img convert failed: Input\/output error/);
+    expect(e.hv.callCount('exportDisk', uuid)).toBe(1);
+    expect(puts()).toBe(1);
+    // Glance saw the upload cut (never completed) before the failed snapshot deleted the image.
+    expect(glance.statusAtDelete.get(imageId)).not.toBe('active');
+    expect(glance.images.has(imageId)).toBe(false);
+    expect(await e.ownSnapshots(uuid)).toEqual([]);
+  });
+
   it('cut every time: a clear error once [glance] retries are spent, the image deleted', async () => {
     const uuid = await guest('running');
     const imageId = randomUUID();
