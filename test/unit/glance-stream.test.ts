@@ -178,6 +178,18 @@ describe('exports streamed into Glance', () => {
     expect(await e.ownSnapshots(uuid)).toEqual([]);
   });
 
+  it('a 503 on the streamed PUT (the image still queued) runs the export again, and ends active', async () => {
+    const uuid = await guest('running', 4 * MiB);
+    const imageId = randomUUID();
+    glance.addQueued(imageId);
+    glance.earlyAnswer = { status: 503, message: 'Service Unavailable', times: 1 };
+    const result = await engineFor('monitor-snapshot', 2).engine.take({ requestId: 'req-503', instanceUuid: uuid, imageId });
+    expect(result).toMatchObject({ status: 'active', os_hash_value: digests(glance.data.get(imageId)!).sha512 });
+    expect(puts()).toBe(2);
+    expect(e.hv.callCount('exportDisk', uuid)).toBe(2);
+    expect(lines.some((l) => /streamed upload failed \(Glance answered HTTP 503: Service Unavailable\)/.test(String(l.msg)))).toBe(true);
+  });
+
   it('an export that fails on its own (its data all sent, the PUT not ended): not run again, the upload dropped, the image deleted', async () => {
     const uuid = await guest('running');
     const imageId = randomUUID();

@@ -117,8 +117,9 @@ export interface PutBodyOptions {
 
 /**
  * One PUT /v2/images/{id}/file of `body` to one server: done (every byte of `size` sent and a 2xx),
- * refused (a 4xx other than a server not reached: never tried again), again (a cut, a 5xx, no
- * answer: may be tried again once the image is back in queued), or unreached.
+ * refused (any other answer below 500: never tried again), again (a cut, a 5xx, no answer, a 2xx
+ * before every byte: may be tried again once the image is back in queued), or unreached (the
+ * server could not be connected to).
  */
 export async function putBody(o: PutBodyOptions, body: UploadBody): Promise<Sent | Unreached> {
   const timeoutMs = o.client.timeoutMs;
