@@ -1,7 +1,7 @@
 import type { Logger } from '../log.js';
 import type { Secret } from '../util/secret.js';
 import type { FileDigests } from './hash.js';
-import type { IncomingImage } from './incoming-image.js';
+import type { ImageSink } from './incoming-image.js';
 import type { NbdLog } from './nbd-server.js';
 import type { ImageMeta, NewImage, OsHashAlgo, ProgressCallback, VerifyResult } from './types.js';
 
@@ -33,6 +33,19 @@ export interface CommitOptions {
   digests?: Promise<FileDigests>;
 }
 
+export interface ReceiveOptions {
+  /**
+   * The export can be run again from the start (nothing waits for it, and its source is still
+   * there): a store that can take the data as it comes may stream it instead of staging it.
+   */
+  streamable?: boolean;
+  /**
+   * Which run of the export this is (1-based): a streamed upload cut with the image back in queued
+   * fails with StreamedUploadCut while `[glance] retries` allows another run, else for good.
+   */
+  attempt?: number;
+}
+
 export interface StoreLeftovers {
   partials: string[];
   temps: { file: string; pid: number }[];
@@ -42,7 +55,8 @@ export interface StoreLeftovers {
 /**
  * What every layer above uses of an image store (`[image_store] backend`, chosen in
  * from-config.ts): the local folder (ImageStore) or Glance (GlanceImageStore). The data of an
- * image being made is always received into a local partial file first (`partialPath`).
+ * image being made is received into a local partial file (`partialPath`), or, where the store
+ * streams an export that can be run again (`receive` with `streamable`), straight into the store.
  */
 export interface ImageStoreBackend {
   readonly backend: 'local' | 'glance';
@@ -55,10 +69,14 @@ export interface ImageStoreBackend {
   forRequest(auth: StoreRequestAuth): ImageStoreBackend;
   partialPath(id: string): string;
   create(img: NewImage): Promise<ImageMeta>;
-  ensureSpace(id: string, bytesNeeded: number): Promise<void>;
+  /**
+   * Refuses (before anything is touched) an export the host has no room for. `streamable`: the
+   * export will be received with `streamable` (a store that streams it needs no host disk for it).
+   */
+  ensureSpace(id: string, bytesNeeded: number, opts?: { streamable?: boolean }): Promise<void>;
   freeBytes(): Promise<number>;
   markSaving(id: string): Promise<ImageMeta>;
-  receive(id: string, size: number, log: NbdLog): Promise<IncomingImage>;
+  receive(id: string, size: number, log: NbdLog, opts?: ReceiveOptions): Promise<ImageSink>;
   commit(id: string, opts?: CommitOptions): Promise<ImageMeta>;
   kill(id: string, reason?: string): Promise<void>;
   setProperties(id: string, properties: Record<string, unknown>): Promise<ImageMeta>;

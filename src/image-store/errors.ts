@@ -34,3 +34,10 @@ export class GlanceAuthMissing extends SnapshotDriverError {}
 
 /** The image Glance made of the upload is not what the agent sent (size, hash), or not active. */
 export class GlanceUploadMismatch extends SnapshotDriverError {}
+
+/**
+ * A streamed upload (the export's data sent to Glance as it was made, nothing staged) was cut, and
+ * Glance has put the image back in `queued`: the export may be run again from its start into a
+ * fresh upload (the store said so within `[glance] retries`).
+ */
+export class StreamedUploadCut extends SnapshotDriverError {}

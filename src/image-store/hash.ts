@@ -280,3 +280,50 @@ export async function hashFileRange(
   }
   return { position, slot };
 }
+
+/**
+ * md5 and the os_hash of data handed over as it passes by (buffers, and runs of zeros), on the
+ * digest's threads: each buffer is copied into a ring slot (the caller keeps its own), zeros are
+ * hashed without any data.
+ */
+export class PassingDigest {
+  private index = 0;
+  private slot: Buffer | undefined;
+  private filled = 0;
+  private bytes = 0;
+
+  constructor(private readonly digest: ParallelDigest) {}
+
+  async update(data: Buffer): Promise<void> {
+    for (let at = 0; at < data.length; ) {
+      this.slot ??= await this.digest.slot(this.index);
+      const n = data.copy(this.slot, this.filled, at);
+      this.filled += n;
+      at += n;
+      if (this.filled === this.slot.length) this.flush();
+    }
+    this.bytes += data.length;
+  }
+
+  zeros(length: number): void {
+    this.flush();
+    this.digest.pushZeros(length);
+    this.bytes += length;
+  }
+
+  async end(): Promise<FileDigests> {
+    this.flush();
+    const [md5, osHash] = await this.digest.end();
+    return { md5: md5!, osHash: osHash!, bytes: this.bytes };
+  }
+
+  close(): Promise<void> {
+    return this.digest.close();
+  }
+
+  private flush(): void {
+    if (this.slot !== undefined && this.filled > 0) this.digest.push(this.index++, this.filled);
+    this.slot = undefined;
+    this.filled = 0;
+  }
+}

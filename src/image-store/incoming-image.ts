@@ -3,7 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { FileDigests, ParallelDigest } from './hash.js';
 import { ImageReceiver } from './image-receiver.js';
-import { serveNbdExport, type NbdExport, type NbdLog } from './nbd-server.js';
+import { serveNbdExport, type NbdExport, type NbdLog, type NbdSink } from './nbd-server.js';
 import type { OsHashAlgo } from './types.js';
 
 /**
@@ -31,34 +31,94 @@ export async function incomingSocketDirs(): Promise<{ dir: string; pid: number }
 }
 
 /**
+ * An image's data on its way into the store, as the snapshot steps hold it and an export writes it
+ * (an ExportDest): staged into a partial file (IncomingImage), or streamed on to a remote store.
+ */
+export interface ImageSink {
+  /** Where the data lands (for names and messages). */
+  readonly file: string;
+  /** `nbd+unix://…`: what qemu-img writes into (in offset order, zeros skipped). */
+  readonly nbdUri: string;
+  /** The data goes on to the store as it comes, nothing staged: a failed upload needs the export again. */
+  readonly streamed: boolean;
+  /** Set for an export no guest waits for: what the producer's pieces pass first. */
+  readonly holdBack: HoldBack;
+  put(offset: number, data: Buffer | readonly Buffer[]): Promise<void>;
+  /** The producer has finished: resolves once the store has all of the data. */
+  finish(): Promise<void>;
+  /** md5 and the os_hash of the whole image, as it was received. */
+  digests(): Promise<FileDigests>;
+  /**
+   * Gives up on the image. Resolves with what ended it: the store's own failure when the store
+   * failed first (a streamed upload Glance cut or refused: the export then failed because of it),
+   * else `reason`.
+   */
+  abort(reason: unknown): Promise<unknown>;
+}
+
+/**
+ * Where an export no guest waits for holds back (a GuestWaits gate, passed by each piece the NBD
+ * export takes: held, the producer gets no answer and stops), and how long it did in all.
+ */
+export class HoldBack {
+  ms = 0;
+  private gate: (() => Promise<number>) | undefined;
+
+  set(gate: () => Promise<number>): void {
+    this.gate = gate;
+  }
+
+  async pass(): Promise<void> {
+    if (this.gate !== undefined) this.ms += await this.gate();
+  }
+}
+
+/** An NBD export of `sink` on a unix socket in a fresh private folder, and how to stop serving it. */
+export async function serveIncoming(sink: NbdSink, log: NbdLog): Promise<{ nbd: NbdExport; stop: () => Promise<void> }> {
+  const socketDir = await fs.mkdtemp(path.join(os.tmpdir(), `${SOCKET_DIR_PREFIX}${process.pid}-`));
+  try {
+    const nbd = await serveNbdExport(path.join(socketDir, 'image.sock'), sink, log);
+    return {
+      nbd,
+      stop: async () => {
+        await nbd.close().catch(() => undefined);
+        await fs.rm(socketDir, { recursive: true, force: true });
+      },
+    };
+  } catch (err) {
+    await fs.rm(socketDir, { recursive: true, force: true });
+    throw err;
+  }
+}
+
+/**
  * An image's data on its way into the store: written into its partial file as an export produces it
  * (by qemu-img through an NBD export on a unix socket in a private 0700 folder, so that no other
  * user's process can connect first; or by `put` in this process), and hashed behind the writing.
  */
-export class IncomingImage {
-  /** Milliseconds the producer was held back by the gate (holdBack), in all. */
-  heldBackMs = 0;
-  private gate: (() => Promise<number>) | undefined;
+export class IncomingImage implements ImageSink {
+  readonly streamed = false;
 
   private constructor(
     private readonly receiver: ImageReceiver,
     private readonly nbd: NbdExport,
-    private readonly socketDir: string,
+    private readonly stopServing: () => Promise<void>,
+    readonly holdBack: HoldBack,
+    private readonly take: (offset: number, data: Buffer | readonly Buffer[]) => Promise<void>,
   ) {}
 
   static async open(file: string, size: number, osHashAlgo: OsHashAlgo, log: NbdLog, onDigest?: (d: ParallelDigest) => void): Promise<IncomingImage> {
     const receiver = await ImageReceiver.create(file, size, osHashAlgo, onDigest);
-    let socketDir: string | undefined;
-    let image: IncomingImage | undefined;
+    const holdBack = new HoldBack();
     try {
-      socketDir = await fs.mkdtemp(path.join(os.tmpdir(), `${SOCKET_DIR_PREFIX}${process.pid}-`));
-      // Pieces come one at a time (the next request is read once this one is answered).
-      const nbd = await serveNbdExport(path.join(socketDir, 'image.sock'), { size, put: (o, d) => image!.put(o, d) }, log);
-      image = new IncomingImage(receiver, nbd, socketDir);
-      return image;
+      const put = async (o: number, d: Buffer | readonly Buffer[]): Promise<void> => {
+        await holdBack.pass();
+        return receiver.put(o, d);
+      };
+      const { nbd, stop } = await serveIncoming({ size, put }, log);
+      return new IncomingImage(receiver, nbd, stop, holdBack, put);
     } catch (err) {
       await receiver.abort(err instanceof Error ? err : new Error(String(err)));
-      if (socketDir !== undefined) await fs.rm(socketDir, { recursive: true, force: true });
       throw err;
     }
   }
@@ -71,17 +131,8 @@ export class IncomingImage {
     return this.nbd.uri;
   }
 
-  async put(offset: number, data: Buffer | readonly Buffer[]): Promise<void> {
-    if (this.gate !== undefined) this.heldBackMs += await this.gate();
-    return this.receiver.put(offset, data);
-  }
-
-  /**
-   * For an export no guest waits for: each piece passes `gate` first (GuestWaits.gate), which holds it
-   * while another guest of the host waits; held, the producer takes no more data and stops.
-   */
-  holdBack(gate: () => Promise<number>): void {
-    this.gate = gate;
+  put(offset: number, data: Buffer | readonly Buffer[]): Promise<void> {
+    return this.take(offset, data);
   }
 
   /**
@@ -100,13 +151,9 @@ export class IncomingImage {
   }
 
   /** Gives up on the image: no more data is taken, the hashing stops. The partial file is the caller's. */
-  async abort(reason: unknown): Promise<void> {
+  async abort(reason: unknown): Promise<unknown> {
     await this.stopServing();
     await this.receiver.abort(reason instanceof Error ? reason : new Error(String(reason)));
-  }
-
-  private async stopServing(): Promise<void> {
-    await this.nbd.close().catch(() => undefined);
-    await fs.rm(this.socketDir, { recursive: true, force: true });
+    return reason;
   }
 }

@@ -1,6 +1,6 @@
 import type { Hypervisor, BackupJob, PowerState } from '../hypervisor/types.js';
 import type { ImageStoreBackend } from '../image-store/image-store.js';
-import type { IncomingImage } from '../image-store/incoming-image.js';
+import type { ImageSink } from '../image-store/incoming-image.js';
 import type { Logger } from '../log.js';
 import type { WatchedOperation } from '../util/guest-waits.js';
 import type { SuspendWindow } from './downtime.js';
@@ -27,8 +27,8 @@ export interface SnapshotContext {
   onProgress?: (fraction: number) => void;
   /** This operation among the host's (GuestWaits): its background exports hold back while another guest waits. */
   watched?: WatchedOperation;
-  /** The image's data as the store received it from an export (hashed on the way), once exported. */
-  incoming?: IncomingImage;
+  /** The image's data as the store receives it from an export (hashed on the way), staged or streamed. */
+  incoming?: ImageSink;
   /** True from the start of this operation's managed save until the guest is resumed. */
   suspended: boolean;
   /** Guest downtime so far, in ms: the time its vCPUs did not run (or its I/O was held). */
@@ -50,6 +50,12 @@ export interface SnapshotContext {
 /** One step of a strategy, and how to undo it when a later step fails. */
 export interface Step {
   readonly name: string;
+  /**
+   * The step exports into the store from a source that can be read again, no guest waiting for it
+   * (given the guest's power state before the operation): the store may stream it (exportInto's
+   * `background`).
+   */
+  readonly rerunnableExport?: (priorState: PowerState) => boolean;
   run(ctx: SnapshotContext): Promise<void>;
   undo?(ctx: SnapshotContext): Promise<void>;
 }

@@ -131,9 +131,10 @@ export class SnapshotEngine {
     const instance = await hv.info(req.instanceUuid);
     await hv.checkSnapshottable?.(req.instanceUuid, { managedSave: USES_MANAGED_SAVE[strategy] });
     const disk = await hv.diskInfo(req.instanceUuid);
-    await store.ensureSpace(req.imageId, disk.actualSize);
     const snapshotName = `${this.deps.namePrefix}${req.imageId}`;
     const steps = STRATEGY_STEPS[strategy];
+    const streamable = steps.some((s) => s.rerunnableExport?.(instance.state) === true);
+    await store.ensureSpace(req.imageId, disk.actualSize, { streamable });
     // Recorded before anything is touched: from here a crash leaves a record that start-up recovers.
     const op = await this.deps.operations.begin({
       image_id: req.imageId,

@@ -18,7 +18,7 @@ export const markSaving: Step = {
     await ctx.store.markSaving(ctx.imageId);
     ctx.incoming = await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log);
     // No guest waits for the copy (its own is frozen only while the job starts).
-    if (ctx.watched !== undefined) ctx.incoming.holdBack(ctx.watched.gate());
+    if (ctx.watched !== undefined) ctx.incoming.holdBack.set(ctx.watched.gate());
   },
   undo: removePartial,
 };
@@ -58,6 +58,6 @@ export const waitBackup: Step = {
     if (!ctx.backup) return; // exported offline by start-backup
     await ctx.backup.wait(ctx.onProgress);
     await ctx.incoming?.finish();
-    if (ctx.incoming !== undefined) logHeldBack(ctx, ctx.incoming.heldBackMs);
+    if (ctx.incoming !== undefined) logHeldBack(ctx, ctx.incoming.holdBack.ms);
   },
 };

@@ -259,7 +259,11 @@ async function recoverImage(deps: RecoveryDeps, rec: OperationRecord, reason: st
   }
   switch (status) {
     case 'active':
-      return 'active'; // committed before the crash: the operation had completed
+      // Committed before the crash: the operation had completed. Active before its commit (a
+      // streamed upload Glance finished inside the export step, then a later step was cut short),
+      // the snapshot failed: its image goes as any failed snapshot's.
+      if (rec.phase === 'commit') return 'active';
+      break;
     case 'killed':
     case 'deleted':
       return status;

@@ -1,5 +1,6 @@
 import fs from 'node:fs/promises';
 import { errorMessage, GuestLeftPaused, GuestLost, InstanceInvalidState, QmpTimeout } from '../errors.js';
+import { StreamedUploadCut } from '../image-store/errors.js';
 import type { Logger } from '../log.js';
 import { processHoldsDisk, type Hypervisor, type PowerState, type ResumeResult } from '../hypervisor/types.js';
 import type { SnapshotContext, Step } from './context.js';
@@ -190,22 +191,30 @@ export const monitorCreateSnapshot: Step = {
 /**
  * Exports into the store, which writes the data into the partial file as it comes and hashes it
  * behind the writing; the step ends when the data is written (the hashes are awaited by the commit,
- * after the instance is released).
+ * after the instance is released). An export no guest waits for (`background`: its source is read
+ * again as it was) may be streamed by the store straight into the image instead: that step ends when
+ * the store has it all, and when the store reports the upload cut with the image ready for another
+ * (StreamedUploadCut, bounded by the store), the export is run again from its start.
  */
 export async function exportInto(ctx: SnapshotContext, snapshotName: string | undefined, background: boolean): Promise<void> {
   await ctx.store.markSaving(ctx.imageId);
-  // live's first step has made it ready already.
-  const incoming = ctx.incoming ?? (await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log));
-  ctx.incoming = incoming;
-  if (background && ctx.watched !== undefined) incoming.holdBack(ctx.watched.gate());
-  try {
-    await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: incoming, onProgress: ctx.onProgress, background });
-    await incoming.finish();
-    logHeldBack(ctx, incoming.heldBackMs);
-  } catch (err) {
-    await incoming.abort(err);
-    ctx.incoming = undefined;
-    throw err;
+  for (let attempt = 1; ; attempt++) {
+    // live's first step has made it ready already (staged: a backup job cannot be run again).
+    const incoming = ctx.incoming ?? (await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log, { streamable: background, attempt }));
+    ctx.incoming = incoming;
+    if (background && ctx.watched !== undefined) incoming.holdBack.set(ctx.watched.gate());
+    try {
+      await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: incoming, onProgress: ctx.onProgress, background });
+      await incoming.finish();
+      logHeldBack(ctx, incoming.holdBack.ms);
+      return;
+    } catch (err) {
+      // A streamed upload that failed first fails the export too: the store's error says why.
+      const cause = await incoming.abort(err);
+      ctx.incoming = undefined;
+      if (!(cause instanceof StreamedUploadCut)) throw cause;
+      ctx.log.warn({ attempt, err: errorMessage(cause) }, 'streamed upload cut: running the export again into a new upload');
+    }
   }
 }
 
@@ -224,6 +233,7 @@ export async function removePartial(ctx: SnapshotContext): Promise<void> {
 /** Raw export of the active layer of the offline disk (cold: a guest it saved waits for it). */
 export const exportDisk: Step = {
   name: 'export-disk',
+  rerunnableExport: (prior) => !processHoldsDisk(prior),
   run: (ctx) => exportInto(ctx, undefined, !processHoldsDisk(ctx.priorState)),
   undo: removePartial,
 };
@@ -231,6 +241,7 @@ export const exportDisk: Step = {
 /** Raw export of our internal snapshot (read with -U while the guest runs). */
 export const exportSnapshot: Step = {
   name: 'export-snapshot',
+  rerunnableExport: () => true,
   run: (ctx) => exportInto(ctx, ctx.snapshotName, true),
   undo: removePartial,
 };

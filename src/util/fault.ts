@@ -11,6 +11,8 @@ export const FAULT_ENV = 'SNAPSHOT_DRIVER_FAULT';
  * - `step:<name>` and `step:<index>:<name>` (index from 0 in the strategy's list): right before a
  *   step acts, its journal record written;
  * - `commit`: every step done, the image not yet committed;
+ * - `streamed-upload` (Glance): the first run of an export streamed into Glance is about to start its
+ *   PUT, nothing of the export sent yet;
  * - `managed-save:migrating`: the guest's state is being written out (libvirt: the domain is
  *   `paused (saving)`, its save carried on by libvirtd);
  * - `resume:loading` (qemu backend): the new QEMU waits for the saved state, none of it sent yet;

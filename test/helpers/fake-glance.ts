@@ -23,12 +23,18 @@ export class FakeGlance {
   readonly images = new Map<string, FakeImage>();
   readonly data = new Map<string, Buffer>();
   readonly requests: SeenRequest[] = [];
+  /** The status each deleted image had when its DELETE came. */
+  readonly statusAtDelete = new Map<string, string>();
   /** Answer the next PUTs with this status at once, before reading the body (then drained; 413, 409, 503…). */
   earlyAnswer: { status: number; message: string; times: number } | undefined;
   /** Stop reading the next PUT's body after this many bytes (the socket is paused, nothing answered). */
   stopReadingAfter: number | undefined;
   /** Cut the connection of the next PUT after this many bytes (the image goes back to queued). */
   cutAfter: number | undefined;
+  /** How many PUTs in a row cutAfter cuts (default 1). */
+  cutTimes = 1;
+  /** Called with each piece of a PUT's body as it is read (e.g. to look at the host meanwhile). */
+  onPutData: ((imageId: string, bytesSoFar: number) => void) | undefined;
   /** Record this os_hash_value instead of the real one. */
   lieAboutHash = false;
   private readonly server: http.Server;
@@ -130,6 +136,7 @@ export class FakeGlance {
     if (file === undefined) {
       if (req.method === 'GET') return this.json(res, 200, img);
       if (req.method === 'DELETE') {
+        this.statusAtDelete.set(img.id, img.status);
         this.images.delete(img.id);
         this.data.delete(img.id);
         res.writeHead(204).end();
@@ -176,13 +183,17 @@ export class FakeGlance {
     const stopAt = this.stopReadingAfter;
     const cutAt = this.cutAfter;
     this.stopReadingAfter = undefined;
-    this.cutAfter = undefined;
+    if (--this.cutTimes <= 0) {
+      this.cutAfter = undefined;
+      this.cutTimes = 1;
+    }
     try {
       for await (const c of req as AsyncIterable<Buffer>) {
         chunks.push(c);
         md5.update(c);
         sha.update(c);
         n += c.length;
+        this.onPutData?.(img.id, n);
         if (stopAt !== undefined && n >= stopAt) {
           // Reads nothing more and never answers (leaving the loop would drain the body): the
           // client's watchdog has to end it.

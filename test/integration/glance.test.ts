@@ -6,7 +6,7 @@
  * request's token and project in its context.
  */
 import { createHash, randomUUID } from 'node:crypto';
-import { createReadStream } from 'node:fs';
+import { createReadStream, watch } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -168,10 +168,23 @@ describe('Glance image store on a real Glance, driven as nova drives it', () => 
     const imageId = randomUUID();
     await g.createQueued(imageId, 'snapshot of glance-small', NOVA_API);
     const context = ctx('snap');
-    const results = await osloRpc(url, HOST_A, [
-      { name: 'snap', kind: 'call', method: 'snapshot_instance', args: { instance: novaInstance({ uuid: small, display_name: 'glance-small', user_id: USER, project_id: PROJECT }), image_id: imageId }, context, timeout: 120 },
-    ]);
+    // monitor-snapshot's export is streamed into the PUT: nothing may appear under the staging folder.
+    const imagesDir = path.join(envA!.tmpPath, 'images');
+    await fs.mkdir(imagesDir, { recursive: true });
+    const appeared: string[] = [];
+    const watcher = watch(imagesDir, { recursive: true }, (_event, name) => appeared.push(String(name)));
+    let results: Awaited<ReturnType<typeof osloRpc>>;
+    try {
+      results = await osloRpc(url, HOST_A, [
+        { name: 'snap', kind: 'call', method: 'snapshot_instance', args: { instance: novaInstance({ uuid: small, display_name: 'glance-small', user_id: USER, project_id: PROJECT }), image_id: imageId }, context, timeout: 120 },
+      ]);
+    } finally {
+      watcher.close();
+    }
     expect(results.get('snap')).toMatchObject({ ok: true });
+    expect(appeared).toEqual([]);
+    expect(agentA!.find(/streaming the export into Glance \(nothing staged\)/).length).toBe(1);
+    expect(agentA!.find(/streamed image verified in Glance/).length).toBe(1);
     const image = (await g.image(imageId, NOVA_API))!;
     expect(image).toMatchObject({
       status: 'active',
@@ -267,27 +280,28 @@ describe('Glance image store on a real Glance, driven as nova drives it', () => 
     expect(await glance!.image(ids[0]!, NOVA_API)).toBeUndefined();
   });
 
-  it('Glance killed mid-upload: the upload is tried again once Glance is back with the image queued, and ends active; the guest runs on, nothing staged', async () => {
+  it('Glance killed mid-stream: the export is run again into a new upload once Glance is back with the image queued, and ends active; the guest runs on, nothing staged', async () => {
     const g = glance!;
-    // Agent B again, stopping itself (SIGSTOP) at the commit: every step done, the upload not begun.
+    // Agent B again, stopping itself (SIGSTOP) right before its streamed PUT: the export not begun.
     await agentB!.stop(20_000);
-    agentB = await startAgentProcess(confB, { env: { SNAPSHOT_DRIVER_FAULT: 'stop:commit' } });
+    agentB = await startAgentProcess(confB, { env: { SNAPSHOT_DRIVER_FAULT: 'stop:streamed-upload' } });
     const imageId = randomUUID();
     await g.createQueued(imageId, 'killed glance', NOVA_API);
     const pending = call(HOST_B, 'snapshot_instance', { instance: { uuid: other }, image_id: imageId }, ctx('cut'));
-    await waitFor(async () => (await procState(agentB!.pid)) === 'T', 'agent B stopped at its commit');
-    // Glance stops too; the agent goes on: its PUT connects and fills the socket, nothing read.
+    await waitFor(async () => (await procState(agentB!.pid)) === 'T', 'agent B stopped before its streamed upload');
+    // Glance stops too; the agent goes on: its PUT connects and the export fills the socket, nothing read.
     g.signal('SIGSTOP');
     process.kill(agentB!.pid, 'SIGCONT');
-    await waitFor(async () => (await unreadBytes(g.port)) > 0, 'upload data waiting in a stopped Glance');
+    await waitFor(async () => (await unreadBytes(g.port)) > 0, 'streamed data waiting in a stopped Glance');
     await g.kill();
     await g.run();
     const r = await pending;
     // Glance had run none of that PUT (stopped before it came): after its restart the image is still
-    // queued, so the cut upload is tried again, whole, and the image is the disk's.
+    // queued, so the export is run again, whole, into a new PUT, and the image is the disk's.
     expect(r.failure).toBeNull();
     expect(await g.image(imageId, NOVA_API)).toMatchObject({ status: 'active', size: 32 * MiB, os_hash_value: await diskSha512(envB!, other) });
-    expect(agentB!.find(/upload failed .*the image is back in queued/).length).toBeGreaterThan(0);
+    expect(agentB!.find(/streamed upload failed .*the image is back in queued: the export is run again/).length).toBe(1);
+    expect(agentB!.find(/streamed upload cut: running the export again into a new upload/).length).toBe(1);
     expect(await state(envB!, other)).toBe('running');
     expect(await staged(envB!)).toEqual([]);
   });

@@ -12,8 +12,9 @@ import { fakeRecoveryDeps, guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '..
 
 /**
  * Crash recovery of a snapshot that died while uploading to Glance: the operation hangs in its
- * upload (a Glance that stopped reading), and recovery runs as a new agent would (a new store, no
- * token: tokens are never journaled).
+ * upload (a Glance that stopped reading; monitor-snapshot streams the export, so that is inside its
+ * export step), or after it (Glance has the image active, a later step never ends), and recovery
+ * runs as a new agent would (a new store, no token: tokens are never journaled).
  */
 
 let glance: FakeGlance;
@@ -61,15 +62,16 @@ function deps(store: GlanceImageStore): RecoveryDeps {
 }
 
 describe('recovery of an interrupted upload to Glance', () => {
-  it('noauth: the image is deleted in Glance (never left saving), the staged file removed, the guest running', async () => {
+  it('noauth: the image is deleted in Glance (never left saving), nothing staged, the guest running', async () => {
     const { uuid, imageId } = await hungUpload();
     const store = glanceStore('noauth');
     const [rec] = await recoverOperations(deps(store));
-    expect(rec).toMatchObject({ image_id: imageId, stopped_at: 'commit', image: 'killed', guest_now: 'running' });
+    expect(rec).toMatchObject({ image_id: imageId, stopped_at: 'step 4 (export-snapshot)', image: 'killed', guest_now: 'running' });
     expect(rec!.error).toBeUndefined();
     expect(glance.images.has(imageId)).toBe(false);
     expect(await e.operations.list()).toEqual([]);
-    await expect(fs.readdir(store.partialDir)).resolves.toEqual([]);
+    // Streamed: nothing was ever staged (the folder was not even made).
+    await expect(fs.readdir(store.partialDir)).rejects.toMatchObject({ code: 'ENOENT' });
     expect(await e.ownSnapshots(uuid)).toEqual([]);
     const recovery = glance.requests.filter((r) => r.method === 'DELETE');
     expect(recovery).toHaveLength(1);
@@ -84,6 +86,44 @@ describe('recovery of an interrupted upload to Glance', () => {
     expect((await e.operations.list()).map((r) => r.image_id)).toEqual([imageId]);
     expect(glance.images.get(imageId)?.status).toBe('saving');
     expect(await e.ownSnapshots(uuid)).toEqual([]);
+  });
+
+  it('a streamed image Glance made active before a later step was cut short is deleted (the snapshot failed), never kept', async () => {
+    const uuid = randomUUID();
+    const imageId = randomUUID();
+    await guestIn(e, 'running', uuid, { present: false }, 4 * 1024 * 1024);
+    glance.addQueued(imageId);
+    let release!: (err: Error) => void;
+    const stuck = new Promise<never>((_, reject) => (release = reject));
+    stuck.catch(() => undefined);
+    let reached!: () => void;
+    const atDelete = new Promise<void>((resolve) => (reached = resolve));
+    const engine = new SnapshotEngine({
+      hv: e.hv,
+      store: glanceStore('noauth'),
+      lifecycle: e.lifecycle,
+      operations: e.operations,
+      log: silentLogger(),
+      namePrefix: PREFIX,
+      defaultStrategy: 'monitor-snapshot',
+      // The agent "dies" right before delete-snapshot: the export step (and its upload) is done.
+      beforeStep: (step) => {
+        if (step.name !== 'delete-snapshot') return;
+        reached();
+        return stuck;
+      },
+    });
+    hung = engine.take({ requestId: `req-${imageId}`, instanceUuid: uuid, imageId }).catch(() => undefined);
+    await atDelete;
+    expect(glance.images.get(imageId)?.status).toBe('active');
+    const store = glanceStore('noauth');
+    const [rec] = await recoverOperations(deps(store));
+    expect(rec).toMatchObject({ image_id: imageId, stopped_at: 'step 5 (delete-snapshot)', image: 'killed', guest_now: 'running' });
+    expect(glance.images.has(imageId)).toBe(false);
+    expect(await e.ownSnapshots(uuid)).toEqual([]);
+    expect(await e.operations.list()).toEqual([]);
+    await expect(fs.readdir(store.partialDir)).rejects.toMatchObject({ code: 'ENOENT' });
+    release(new Error('the agent that ran it is gone'));
   });
 
   it("the start-up sweep never kills Glance's queued images (nova-api's, for any host)", async () => {

@@ -501,7 +501,7 @@ export class FakeHypervisor implements Hypervisor, InstanceFactory {
         data = await this.offline(inst, () => readInChunks(inst.disk.active, opts.onProgress));
       }
       if (typeof opts.dest === 'string') await writeFile(opts.dest, data);
-      else await opts.dest.put(0, data);
+      else await putAsQemuImg(opts.dest, data, [...(name !== undefined ? ['-U', '-l', `snapshot.name=${name}`] : []), fakeDiskPath(uuid), opts.dest.nbdUri]);
       opts.onProgress?.(1);
     });
   }
@@ -752,6 +752,29 @@ async function agentTimeout(inst: FakeInstance, command: string, timeoutMs: numb
 
 function qemuImgFailure(argv: string[], message: string): QemuImgError {
   return new QemuImgError(`qemu-img ${argv[0]} failed: ${message}`, ['qemu-img', ...argv], message);
+}
+
+/**
+ * Writes `data` into the store's receiver as `qemu-img convert -n --target-is-zero` writes into its
+ * NBD export: in increasing offset order, in EXPORT_CHUNKS pieces, the all-zero ones skipped. A write
+ * the receiver refuses (a streamed upload that failed) fails the export half-way, as qemu-img does.
+ */
+async function putAsQemuImg(dest: ExportDest, data: Buffer, argv: string[]): Promise<void> {
+  const step = Math.max(1, Math.ceil(data.length / EXPORT_CHUNKS));
+  for (let off = 0; off < data.length; off += step) {
+    const piece = data.subarray(off, Math.min(off + step, data.length));
+    if (isZero(piece)) continue;
+    try {
+      await dest.put(off, piece);
+    } catch (err) {
+      throw qemuImgFailure(['convert', '-n', '--target-is-zero', ...argv], `error while writing at byte ${off}: Input/output error (${(err as Error).message})`);
+    }
+  }
+}
+
+function isZero(b: Buffer): boolean {
+  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
+  return true;
 }
 
 /** Copies `src` in a few steps with a turn of the event loop between, reporting progress. */

@@ -1,19 +1,21 @@
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
-import { ImageExists, ImageNotFound, InvalidInstanceId } from '../../errors.js';
+import { errorMessage, ImageExists, ImageNotFound, InvalidInstanceId } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { isErrno } from '../../util/durable-fs.js';
+import { faultPoint } from '../../util/fault.js';
 import { isUuid } from '../../util/uuid.js';
-import { GlanceError, GlanceUploadMismatch, ImageInvalidState } from '../errors.js';
-import { digestFile } from '../hash.js';
-import { IncomingImage, incomingSocketDirs } from '../incoming-image.js';
+import { GlanceError, GlanceUnavailable, GlanceUploadMismatch, ImageInvalidState, StreamedUploadCut } from '../errors.js';
+import { digestFile, type FileDigests } from '../hash.js';
+import { IncomingImage, incomingSocketDirs, type ImageSink } from '../incoming-image.js';
 import type { NbdLog } from '../nbd-server.js';
 import { StorePaths, validateImageId } from '../paths.js';
 import { checkFreeSpace, defaultStatfs, freeBytes, type StatfsFn } from '../space.js';
-import type { CommitOptions, ImageFilter, ImageStoreBackend, StoreLeftovers, StoreRequestAuth } from '../backend.js';
+import type { CommitOptions, ImageFilter, ImageStoreBackend, ReceiveOptions, StoreLeftovers, StoreRequestAuth } from '../backend.js';
 import type { ImageMeta, NewImage, OsHashAlgo, ProgressCallback, VerifyResult } from '../types.js';
 import type { GlanceClient } from './client.js';
 import { MAX_PROPERTY_CHARS, patchOps, snapshotProperties, toImageMeta } from './images.js';
+import { StreamedUpload } from './streamed-upload.js';
 import { uploadImageFile } from './upload.js';
 
 const PATCH_TYPE = 'application/openstack-images-v2.1-json-patch';
@@ -38,13 +40,19 @@ interface Shared {
    * Glance answered 409, or the record was past queued). A failure never deletes those.
    */
   notOurs: Set<string>;
+  /** Images whose streamed upload Glance took whole (active there): commit only verifies them. Bytes sent. */
+  streamed: Map<string, number>;
 }
 
 /**
- * The Glance v2 image store (SPEC §6.1). The export is received into a local staging file (the
- * local store's partial path: the NBD receiver hashes it as it arrives), then commit() streams it
- * to Glance (PUT /v2/images/{id}/file), hashing what it sends, and checks Glance's record of it
- * (active, size, os_hash) against both hashes. The staging file is removed in every outcome.
+ * The Glance v2 image store (SPEC §6.1). An export that can be run again (`receive` with
+ * `streamable`) goes straight into PUT /v2/images/{id}/file as it is made (StreamedUpload, nothing
+ * staged; a cut upload with the image back in queued is StreamedUploadCut: the caller runs the export
+ * again, within `[glance] retries`), and commit() only checks Glance's record of it. Any other export
+ * is received into a local staging file (the local store's partial path: the NBD receiver hashes it
+ * as it arrives), then commit() streams it to Glance. Either way commit checks Glance's record
+ * (active, size, os_hash, checksum) against the receiver's hashes. The staging file is removed in
+ * every outcome.
  * A failed snapshot's image is deleted in Glance (nova's delete_image_on_error), unless the upload
  * Glance took was another's.
  */
@@ -68,7 +76,7 @@ export class GlanceImageStore implements ImageStoreBackend {
     this.reservedSpaceMb = opts.reservedSpaceMb;
     this.statfs = opts.statfs ?? defaultStatfs;
     this.baseLog = opts.log;
-    this.shared = view?.shared ?? { notOurs: new Set() };
+    this.shared = view?.shared ?? { notOurs: new Set(), streamed: new Map() };
     this.auth = view?.auth;
     this.opts = opts;
   }
@@ -142,8 +150,10 @@ export class GlanceImageStore implements ImageStoreBackend {
     }
   }
 
-  async ensureSpace(id: string, bytesNeeded: number): Promise<void> {
+  /** Room to stage the export; a streamed one is staged nowhere. */
+  async ensureSpace(id: string, bytesNeeded: number, opts: { streamable?: boolean } = {}): Promise<void> {
     const cid = canonicalId(id);
+    if (opts.streamable === true) return;
     await checkFreeSpace({ statfs: this.statfs, dir: this.paths.root, reservedSpaceMb: this.reservedSpaceMb, bytesNeeded, what: `image ${cid} (staged before its upload to Glance)` });
   }
 
@@ -161,21 +171,82 @@ export class GlanceImageStore implements ImageStoreBackend {
     return meta;
   }
 
-  async receive(id: string, size: number, log: NbdLog): Promise<IncomingImage> {
+  async receive(id: string, size: number, log: NbdLog, opts: ReceiveOptions = {}): Promise<ImageSink> {
     const cid = canonicalId(id);
     if (!Number.isSafeInteger(size) || size < 0) throw new TypeError(`image size ${size}: expected a byte count >= 0`);
+    if (opts.streamable === true) return this.receiveStreamed(cid, size, log, opts.attempt ?? 1);
     await fs.mkdir(this.paths.partialDir, { recursive: true, mode: 0o750 });
     return IncomingImage.open(this.paths.partial(cid), size, this.osHashAlgo, log);
   }
 
+  /** The upload of one run of the export, to the first API server that answers about the image now. */
+  private async receiveStreamed(cid: string, size: number, nbdLog: NbdLog, attempt: number): Promise<ImageSink> {
+    if (attempt > 1) await this.client.pause(attempt - 1);
+    const answer = await this.client.call('GET', `/v2/images/${cid}`, { auth: this.auth, what: `read image ${cid} in Glance`, ok: [200] });
+    const status = String(parse(answer.body, cid).status);
+    if (status !== 'queued') {
+      this.shared.notOurs.add(cid);
+      throw new ImageInvalidState(`cannot upload image ${cid}: it is ${status} in Glance (expected queued): another upload has it`);
+    }
+    const what = `upload image ${cid} to Glance`;
+    this.log.info({ image_id: cid, glance: answer.server, attempt, bytes: size }, 'streaming the export into Glance (nothing staged)');
+    if (attempt === 1) faultPoint('streamed-upload');
+    return StreamedUpload.open({
+      client: this.client,
+      server: answer.server,
+      imageId: cid,
+      size,
+      osHashAlgo: this.osHashAlgo,
+      auth: this.auth,
+      nbdLog,
+      log: this.log,
+      uploaded: (bytes) => this.shared.streamed.set(cid, bytes),
+      failed: async (end) => {
+        if (end.kind === 'refused') return this.refusedUpload(cid, end.error);
+        const why = end.kind === 'unreached' ? `${answer.server}: ${end.why}` : end.why;
+        let now: string;
+        try {
+          now = (await this.show(cid)).status;
+        } catch (err) {
+          return new GlanceUnavailable(`cannot ${what}: ${why}; the image's status cannot be read (${errorMessage(err)}): not tried again`);
+        }
+        if (now !== 'queued') return new GlanceUnavailable(`cannot ${what}: ${why}; the image is ${now} in Glance, not queued: not tried again`);
+        if (attempt > this.client.retries) return new GlanceUnavailable(`cannot ${what}: ${why} (${attempt} attempts)`);
+        this.log.warn({ image_id: cid, attempt, retries: this.client.retries }, `streamed upload failed (${why}); the image is back in queued: the export is run again`);
+        return new StreamedUploadCut(`cannot ${what}: ${why}; the image is back in queued`);
+      },
+    });
+  }
+
   /**
-   * Uploads the staged data and checks what Glance made of it: active, the size sent, and its hashes
-   * those the receiver computed as the export made the data. The staged file is removed in every outcome.
+   * 409: another upload had already marked the image saving. 410: Glance's answer to the upload that
+   * loses the race to mark it saving (or to an image deleted meanwhile). Either way the image is not
+   * this upload's to delete: deleting it would fail the winner's upload too.
+   */
+  private refusedUpload(cid: string, err: Error): Error {
+    if (err instanceof GlanceError && (err.status === 409 || err.status === 410)) {
+      this.shared.notOurs.add(cid);
+      return new GlanceError(`${err.message} (another upload has the image, or it was deleted: it is left to that)`, err.status, err.glanceMessage);
+    }
+    return err;
+  }
+
+  /**
+   * Uploads the staged data (a streamed image is in Glance already) and checks what Glance made of
+   * it: active, the size sent, and its hashes those the receiver computed as the export made the
+   * data. The staged file is removed in every outcome.
    */
   async commit(id: string, opts: CommitOptions = {}): Promise<ImageMeta> {
     const cid = canonicalId(id);
     const file = this.paths.partial(cid);
+    const streamed = this.shared.streamed.get(cid);
     try {
+      if (streamed !== undefined) {
+        if (opts.digests === undefined) throw new ImageInvalidState(`image ${cid} was streamed to Glance, but its hashes are not known: it cannot be verified`);
+        const image = await this.verifyUploaded(cid, streamed, await opts.digests, opts.virtualSize);
+        this.log.info({ image_id: cid, bytes: streamed }, 'streamed image verified in Glance');
+        return image;
+      }
       let size: number;
       try {
         size = (await fs.stat(file)).size;
@@ -196,33 +267,34 @@ export class GlanceImageStore implements ImageStoreBackend {
         status: async () => (await this.show(cid)).status,
         onProgress: opts.onProgress,
       }).catch((err: unknown) => {
-        // 409: another upload had already marked the image saving. 410: Glance's answer to the upload
-        // that loses the race to mark it saving (or to an image deleted meanwhile). Either way the
-        // image is not this upload's to delete: deleting it would fail the winner's upload too.
-        if (err instanceof GlanceError && (err.status === 409 || err.status === 410)) {
-          this.shared.notOurs.add(cid);
-          throw new GlanceError(`${err.message} (another upload has the image, or it was deleted: it is left to that)`, err.status, err.glanceMessage);
-        }
-        throw err;
+        throw err instanceof Error ? this.refusedUpload(cid, err) : err;
       });
       const seconds = (performance.now() - started) / 1000;
-      const image = await this.show(cid);
-      const problems: string[] = [];
-      if (image.status !== 'active') problems.push(`status ${image.status} (expected active)`);
-      if (image.size !== sent.bytes) problems.push(`size ${image.size} (sent ${sent.bytes})`);
-      if (image.os_hash_algo !== this.osHashAlgo) problems.push(`os_hash_algo ${image.os_hash_algo} (the agent's is ${this.osHashAlgo}: set [image_store] os_hash_algo to Glance's hashing_algorithm)`);
-      else if (image.os_hash_value !== received.osHash) problems.push(`os_hash_value ${image.os_hash_value} (the data exported hashes to ${received.osHash})`);
-      if (image.checksum !== null && image.checksum !== received.md5) problems.push(`checksum ${image.checksum} (received data's md5 is ${received.md5})`);
-      if (problems.length > 0) throw new GlanceUploadMismatch(`image ${cid} in Glance is not the data uploaded: ${problems.join('; ')}`);
+      const image = await this.verifyUploaded(cid, sent.bytes, received, opts.virtualSize);
       this.log.info(
         { image_id: cid, bytes: sent.bytes, attempts: sent.attempts, upload_s: Number(seconds.toFixed(3)), mib_per_s: Number((sent.bytes / 1048576 / Math.max(seconds, 1e-6)).toFixed(1)) },
         'image uploaded to Glance and verified',
       );
-      this.shared.notOurs.delete(cid);
-      return { ...image, virtual_size: image.virtual_size ?? opts.virtualSize ?? image.size };
+      return image;
     } finally {
+      this.shared.streamed.delete(cid);
       await fs.rm(file, { force: true });
     }
+  }
+
+  /** Glance's record of an upload that went through: active, `bytes` long, hashed as `received`. */
+  private async verifyUploaded(cid: string, bytes: number, received: FileDigests, virtualSize: number | undefined): Promise<ImageMeta> {
+    const image = await this.show(cid);
+    const problems: string[] = [];
+    if (received.bytes !== bytes) problems.push(`${bytes} bytes sent, but ${received.bytes} hashed`);
+    if (image.status !== 'active') problems.push(`status ${image.status} (expected active)`);
+    if (image.size !== bytes) problems.push(`size ${image.size} (sent ${bytes})`);
+    if (image.os_hash_algo !== this.osHashAlgo) problems.push(`os_hash_algo ${image.os_hash_algo} (the agent's is ${this.osHashAlgo}: set [image_store] os_hash_algo to Glance's hashing_algorithm)`);
+    else if (image.os_hash_value !== received.osHash) problems.push(`os_hash_value ${image.os_hash_value} (the data exported hashes to ${received.osHash})`);
+    if (image.checksum !== null && image.checksum !== received.md5) problems.push(`checksum ${image.checksum} (received data's md5 is ${received.md5})`);
+    if (problems.length > 0) throw new GlanceUploadMismatch(`image ${cid} in Glance is not the data uploaded: ${problems.join('; ')}`);
+    this.shared.notOurs.delete(cid);
+    return { ...image, virtual_size: image.virtual_size ?? virtualSize ?? image.size };
   }
 
   /**
@@ -232,6 +304,7 @@ export class GlanceImageStore implements ImageStoreBackend {
   async kill(id: string, reason?: string): Promise<void> {
     const cid = canonicalId(id);
     await fs.rm(this.paths.partial(cid), { force: true });
+    this.shared.streamed.delete(cid);
     if (this.shared.notOurs.delete(cid)) {
       this.log.warn({ image_id: cid, reason }, 'image left in Glance: the upload it took was not ours');
       return;

@@ -1,5 +1,5 @@
 import { createReadStream } from 'node:fs';
-import { Transform, type TransformCallback } from 'node:stream';
+import { Transform, type Readable, type TransformCallback } from 'node:stream';
 import type { Logger } from '../../log.js';
 import { GlanceUnavailable } from '../errors.js';
 import type { StoreRequestAuth } from '../backend.js';
@@ -63,7 +63,7 @@ export async function uploadImageFile(o: UploadOptions): Promise<UploadResult> {
   throw new GlanceUnavailable(`cannot ${what}: ${last ?? 'failed'} (${client.retries + 1} attempts)`);
 }
 
-type Sent = { kind: 'done'; bytes: number } | { kind: 'refused'; error: Error } | { kind: 'again'; why: string };
+export type Sent = { kind: 'done'; bytes: number } | { kind: 'refused'; error: Error } | { kind: 'again'; why: string };
 
 /** One attempt: the servers in order, the next one only when one could not be reached. */
 async function putOnce(o: UploadOptions, what: string): Promise<Sent> {
@@ -77,67 +77,106 @@ async function putOnce(o: UploadOptions, what: string): Promise<Sent> {
   return { kind: 'again', why };
 }
 
-async function putTo(server: string, o: UploadOptions, what: string): Promise<Sent | { kind: 'unreached'; why: string }> {
-  const hasher = new Counter(o.size, o.onProgress);
+async function putTo(server: string, o: UploadOptions, what: string): Promise<Sent | Unreached> {
+  const counter = new Counter(o.size, o.onProgress);
   const source = createReadStream(o.file, { highWaterMark: CHUNK });
-  source.on('error', (err) => hasher.destroy(err));
-  const body = source.pipe(hasher);
-  const abort = new AbortController();
+  source.on('error', (err) => counter.destroy(err));
+  const stream = source.pipe(counter);
+  try {
+    return await putBody({ ...o, server, what, abort: new AbortController() }, { stream, sent: () => counter.bytes, waitsForGlance: () => true });
+  } finally {
+    source.destroy();
+    counter.destroy();
+  }
+}
+
+/** The body of one PUT as putBody sends it. */
+export interface UploadBody {
+  readonly stream: Readable;
+  /** Bytes Glance has taken so far. */
+  sent(): number;
+  /**
+   * Data is there for Glance to take, or the whole body was sent (then an answer is awaited): a
+   * body that waits for its producer (a streamed export) does not count against `[glance] timeout`.
+   */
+  waitsForGlance(): boolean;
+}
+
+export type Unreached = { kind: 'unreached'; why: string };
+
+export interface PutBodyOptions {
+  client: GlanceClient;
+  server: string;
+  imageId: string;
+  size: number;
+  auth: StoreRequestAuth | undefined;
+  what: string;
+  /** Aborting it ends the request (the caller gives up). */
+  abort: AbortController;
+}
+
+/**
+ * One PUT /v2/images/{id}/file of `body` to one server: done (every byte of `size` sent and a 2xx),
+ * refused (any other answer below 500: never tried again), again (a cut, a 5xx, no answer, a 2xx
+ * before every byte: may be tried again once the image is back in queued), or unreached (the
+ * server could not be connected to).
+ */
+export async function putBody(o: PutBodyOptions, body: UploadBody): Promise<Sent | Unreached> {
   const timeoutMs = o.client.timeoutMs;
+  const { stream } = body;
   // A server that stops reading stalls the socket, and undici's timeouts do not cover a request's
   // body: no progress (data taken, or an answer once all was sent) for timeoutMs aborts the request.
   let seen = -1;
   let lastProgress = performance.now();
   const watchdog = setInterval(() => {
     const now = performance.now();
-    if (hasher.bytes !== seen) {
-      seen = hasher.bytes;
+    if (body.sent() !== seen || !body.waitsForGlance()) {
+      seen = body.sent();
       lastProgress = now;
       return;
     }
     if (now - lastProgress < timeoutMs) return;
-    const why = hasher.readableEnded
+    const why = stream.readableEnded
       ? `Glance did not answer within ${timeoutMs / 1000} s of the last byte`
-      : `Glance took no data for ${timeoutMs / 1000} s after ${hasher.bytes} of ${o.size} bytes`;
-    abort.abort(new NoAnswer(why, true));
+      : `Glance took no data for ${timeoutMs / 1000} s after ${body.sent()} of ${o.size} bytes`;
+    o.abort.abort(new NoAnswer(why, true));
   }, Math.max(10, timeoutMs / 4));
   watchdog.unref();
   try {
-    const answer = await o.client.put(server, `/v2/images/${o.imageId}/file`, body, {
+    const answer = await o.client.put(o.server, `/v2/images/${o.imageId}/file`, stream, {
       auth: o.auth,
-      what,
+      what: o.what,
       contentType: 'application/octet-stream',
-      signal: abort.signal,
+      signal: o.abort.signal,
     });
     if (answer.status === 204 || answer.status === 201 || answer.status === 200) {
-      if (!hasher.readableEnded || hasher.bytes !== o.size) {
-        return { kind: 'again', why: `Glance answered ${answer.status} after ${hasher.bytes} of ${o.size} bytes` };
+      if (!stream.readableEnded || body.sent() !== o.size) {
+        return { kind: 'again', why: `Glance answered ${answer.status} after ${body.sent()} of ${o.size} bytes` };
       }
-      return { kind: 'done', bytes: hasher.bytes };
+      return { kind: 'done', bytes: body.sent() };
     }
     if (answer.status >= 500) return { kind: 'again', why: `Glance answered ${describeAnswer(answer.status, answer.body)}` };
-    return { kind: 'refused', error: glanceError(what, answer.status, answer.body, o.auth?.authToken?.reveal()) };
+    return { kind: 'refused', error: glanceError(o.what, answer.status, answer.body, o.auth?.authToken?.reveal()) };
   } catch (err) {
     const e = noAnswer(err, timeoutMs);
     if (!e.reached) return { kind: 'unreached', why: e.message };
     return { kind: 'again', why: e.message };
   } finally {
     clearInterval(watchdog);
-    source.destroy();
-    hasher.destroy();
   }
 }
 
 /** Passes the data through, counting it. */
-class Counter extends Transform {
+export class Counter extends Transform {
   bytes = 0;
   private lastReported = 0;
 
   constructor(
     private readonly size: number,
     private readonly onProgress?: (fraction: number) => void,
+    highWaterMark?: number,
   ) {
-    super();
+    super(highWaterMark === undefined ? {} : { writableHighWaterMark: highWaterMark, readableHighWaterMark: highWaterMark });
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
