@@ -27,6 +27,7 @@ const VHOST = `sd-glance-${process.pid}`;
 const HOST_A = `glance-a-${process.pid}`;
 const HOST_B = `glance-b-${process.pid}`;
 const STRATEGY = 'monitor-snapshot';
+const STAGED_STRATEGY = 'live';
 const TOKEN = `gAAAAABtest-token-${randomUUID()}`;
 const PROJECT = 'py-project';
 const USER = 'py-user';
@@ -52,8 +53,8 @@ async function glanceLines(g: GlanceServer, retries: number): Promise<string> {
   return ['[image_store]', 'backend = glance', '[glance]', `api_servers = ${g.url}`, 'auth_strategy = keystone', 'timeout = 20', `retries = ${retries}`, ''].join('\n');
 }
 
-async function agentConfig(env: QemuEnv, host: string, g: GlanceServer): Promise<string> {
-  const conf = await writeAgentConfig(env.tmpPath, { host, transportUrl: url, strategy: STRATEGY });
+async function agentConfig(env: QemuEnv, host: string, g: GlanceServer, strategy: string = STRATEGY): Promise<string> {
+  const conf = await writeAgentConfig(env.tmpPath, { host, transportUrl: url, strategy });
   // A repeated section is merged, later options win (SPEC §7).
   await fs.appendFile(conf, await glanceLines(g, 12));
   return conf;
@@ -144,7 +145,9 @@ beforeAll(async () => {
   await guestWrite(envB.hv, other, 0x3c, MiB, MiB);
   await guestWrite(envA.hv, big, 0x77, 0, MiB);
   glance = await started;
-  confB = await agentConfig(envB, HOST_B, glance);
+  // B takes `live` snapshots: its copy (a backup job, which cannot be run again) is staged, then
+  // uploaded; A's monitor-snapshot exports are streamed.
+  confB = await agentConfig(envB, HOST_B, glance, STAGED_STRATEGY);
   [agentA, agentB] = await Promise.all([startAgentProcess(await agentConfig(envA, HOST_A, glance)), startAgentProcess(confB)]);
   bus = await openBus(url, rabbitOptionsSchema.parse({}), silentLogger());
   tap = await NotificationTap.open(VHOST, `glance-tap-${process.pid}`);
@@ -278,13 +281,21 @@ describe('Glance image store on a real Glance, driven as nova drives it', () => 
     const kept = ((list.json as { images: { id: string; status: string }[] }).images ?? []).map((i) => i.id).sort();
     expect(kept).toEqual([ids[1], ids[2]].sort());
     expect(await glance!.image(ids[0]!, NOVA_API)).toBeUndefined();
+    // live's copies were staged, then uploaded, and never streamed.
+    for (const id of [ids[1]!, ids[2]!]) {
+      expect((await glance!.image(id, NOVA_API))?.os_hash_value).toMatch(/^[0-9a-f]{128}$/);
+      expect(agentB!.find('image uploaded to Glance and verified', { image_id: id }).length).toBe(1);
+    }
+    expect(agentB!.find(/streaming the export into Glance/)).toEqual([]);
+    expect(await staged(envB!)).toEqual([]);
   });
 
   it('Glance killed mid-stream: the export is run again into a new upload once Glance is back with the image queued, and ends active; the guest runs on, nothing staged', async () => {
     const g = glance!;
-    // Agent B again, stopping itself (SIGSTOP) right before its streamed PUT: the export not begun.
+    // Agent B again, with monitor-snapshot, stopping itself (SIGSTOP) right before its streamed PUT:
+    // the export not begun.
     await agentB!.stop(20_000);
-    agentB = await startAgentProcess(confB, { env: { SNAPSHOT_DRIVER_FAULT: 'stop:streamed-upload' } });
+    agentB = await startAgentProcess(await agentConfig(envB!, HOST_B, g), { env: { SNAPSHOT_DRIVER_FAULT: 'stop:streamed-upload' } });
     const imageId = randomUUID();
     await g.createQueued(imageId, 'killed glance', NOVA_API);
     const pending = call(HOST_B, 'snapshot_instance', { instance: { uuid: other }, image_id: imageId }, ctx('cut'));
