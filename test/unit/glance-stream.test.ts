@@ -15,7 +15,8 @@ import { GlanceError, GlanceUnavailable, GlanceUploadMismatch } from '../../src/
 import { GlanceClient } from '../../src/image-store/glance/client.js';
 import { GlanceImageStore } from '../../src/image-store/glance/store.js';
 import type { StatfsFn } from '../../src/image-store/space.js';
-import { SnapshotEngine } from '../../src/snapshot/engine.js';
+import { SnapshotEngine, type SnapshotEngineDeps } from '../../src/snapshot/engine.js';
+import { GuestWaits } from '../../src/util/guest-waits.js';
 import { FakeGlance } from '../helpers/fake-glance.js';
 import { guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
 import { captureLogger, type CapturedLine } from '../helpers/log-capture.js';
@@ -59,10 +60,16 @@ function partialNow(): string[] {
   }
 }
 
-function engineFor(strategy: StrategyName, retries = 2, timeoutMs = 5000, statfs?: StatfsFn): { engine: SnapshotEngine; store: GlanceImageStore } {
+function engineFor(
+  strategy: StrategyName,
+  retries = 2,
+  timeoutMs = 5000,
+  statfs?: StatfsFn,
+  more: Pick<SnapshotEngineDeps, 'guestWaits' | 'beforeStep'> = {},
+): { engine: SnapshotEngine; store: GlanceImageStore } {
   const client = new GlanceClient({ apiServers: [glance.url], timeoutMs, retries, authStrategy: 'noauth', log, backoffMs: () => 0 });
   const store = new GlanceImageStore({ client, stagingPath: staging, reservedSpaceMb: 0, osHashAlgo: 'sha512', log, statfs });
-  const engine = new SnapshotEngine({ hv: e.hv, store, lifecycle: e.lifecycle, operations: e.operations, log, namePrefix: PREFIX, defaultStrategy: strategy });
+  const engine = new SnapshotEngine({ hv: e.hv, store, lifecycle: e.lifecycle, operations: e.operations, log, namePrefix: PREFIX, defaultStrategy: strategy, ...more });
   return { engine, store };
 }
 
@@ -115,6 +122,38 @@ describe('exports streamed into Glance', () => {
     expect(lines.some((l) => l.msg === 'streaming the export into Glance (nothing staged)')).toBe(true);
     expect(lines.some((l) => l.msg === 'streamed image verified in Glance')).toBe(true);
     expect(e.hv.violations).toEqual([]);
+  });
+
+  it('a streamed export sends nothing while another guest of the host is down in its managed save, and goes on once it runs', async () => {
+    const [a, b] = [await guest('running'), await guest('running')];
+    const [aImage, bImage] = [randomUUID(), randomUUID()];
+    glance.addQueued(aImage);
+    glance.addQueued(bImage);
+    let bDown!: () => void;
+    const bIsDown = new Promise<void>((r) => (bDown = r));
+    let letBRun!: () => void;
+    const bMayRun = new Promise<void>((r) => (letBRun = r));
+    const beforeStep = async (step: { name: string }): Promise<void> => {
+      if (step.name !== 'create-snapshot') return;
+      bDown();
+      await bMayRun;
+    };
+    const { engine } = engineFor('monitor-snapshot', 2, 5000, undefined, { guestWaits: new GuestWaits(3_600_000), beforeStep });
+    const bDone = engine.take({ requestId: 'req-b', instanceUuid: b, imageId: bImage, strategy: 'suspend-create-resume-extract' });
+    await bIsDown;
+    let aSettled = false;
+    const aDone = engine.take({ requestId: 'req-a', instanceUuid: a, imageId: aImage }).finally(() => (aSettled = true));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(aSettled).toBe(false);
+    expect(seenWhileUploading).toEqual([]); // no PUT has had any data (B's export has not begun)
+    letBRun();
+    await expect(bDone).resolves.toMatchObject({ status: 'active' });
+    const result = await aDone;
+    const data = glance.data.get(aImage)!;
+    expect(result).toMatchObject({ status: 'active', os_hash_value: digests(data).sha512 });
+    expect(e.hv.wasDiskState(a, data)).toBe(true);
+    expect(lines.filter((l) => l.msg === 'the export held back while other guests of this host waited on their snapshots' && l.request_id === 'req-a')).toHaveLength(1);
+    expect(appeared).toEqual([]);
   });
 
   it("a shut-off guest's export-disk (cold, no guest waits) streams too", async () => {
