@@ -158,3 +158,13 @@ export async function expectSafeFailure(
   await expect(fs.stat(path.join(e.tmp, 'images', imageId))).rejects.toThrow();
   return outcome.err;
 }
+
+/** The SnapshotFailed that `p` rejects with (the test fails if it resolves or rejects otherwise). */
+export async function snapshotFailure(p: Promise<unknown>): Promise<SnapshotFailed> {
+  const err = await p.then(
+    () => undefined,
+    (x: unknown) => x,
+  );
+  expect(err).toBeInstanceOf(SnapshotFailed);
+  return err as SnapshotFailed;
+}

@@ -6,7 +6,7 @@ import { silentLogger } from '../../src/log.js';
 import { recoverOperations, type RecoveryDeps } from '../../src/snapshot/recovery.js';
 import { disposeOfFailedSnapshot } from '../../src/snapshot/steps.js';
 import { STRATEGY_STEPS, USES_MANAGED_SAVE } from '../../src/snapshot/strategies.js';
-import { expectSafeFailure, fakeRecoveryDeps, guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
+import { expectSafeFailure, fakeRecoveryDeps, guestIn, makeFakeEnv, PREFIX, snapshotFailure, type FakeEnv } from '../helpers/fake-env.js';
 
 /**
  * Issue 12 items 1 and 9 on the fake hypervisor:
@@ -38,14 +38,6 @@ function recoveryDeps(e: FakeEnv, strategy: StrategyName, ownerAlive = false): R
   return fakeRecoveryDeps(e, { strategy, agentTimeoutMs: 50, ownerRunning: async () => ownerAlive });
 }
 
-async function failureOf(p: Promise<unknown>): Promise<SnapshotFailed> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(SnapshotFailed);
-  return err as SnapshotFailed;
-}
 
 describe.each(SAVE_STRATEGIES)('%s: a cont that fails', (strategy) => {
   it('once, at the end of the resume (state loaded, guest paused): the guest is unpaused and the snapshot completes', async () => {
@@ -78,7 +70,7 @@ describe.each(SAVE_STRATEGIES)('%s: a cont that fails', (strategy) => {
       }
     };
     const imageId = randomUUID();
-    const err = await failureOf(e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId }));
+    const err = await snapshotFailure(e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId }));
     expect(locked).toBe(true);
     expect(err.message).toMatch(/resume.*Failed to get "write" lock/);
     expect(err.undoErrors.some((u) => u instanceof GuestLeftPaused)).toBe(true);
@@ -129,7 +121,7 @@ describe.each(SAVE_STRATEGIES)('%s: a cont that fails', (strategy) => {
     const c = e.hv.callCount('cont', uuid);
     for (let k = 1; k <= 5; k++) e.hv.injectFault({ op: 'cont', uuid, nth: c + k });
     const imageId = randomUUID();
-    const err = await failureOf(e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId }));
+    const err = await snapshotFailure(e.engine.take({ requestId: 'r', instanceUuid: uuid, imageId }));
     expect(err.undoErrors.some((u) => u instanceof GuestLeftPaused)).toBe(true);
     expect(e.hv.powerState(uuid)).toBe('paused');
     expect(await e.operations.list()).toHaveLength(1);

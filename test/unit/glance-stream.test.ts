@@ -10,7 +10,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { StrategyName } from '../../src/config/schema.js';
-import { InsufficientSpace, SnapshotFailed } from '../../src/errors.js';
+import { InsufficientSpace } from '../../src/errors.js';
 import { GlanceError, GlanceUnavailable, GlanceUploadMismatch } from '../../src/image-store/errors.js';
 import { GlanceClient } from '../../src/image-store/glance/client.js';
 import { GlanceImageStore } from '../../src/image-store/glance/store.js';
@@ -18,7 +18,7 @@ import type { StatfsFn } from '../../src/image-store/space.js';
 import { SnapshotEngine, type SnapshotEngineDeps } from '../../src/snapshot/engine.js';
 import { GuestWaits } from '../../src/util/guest-waits.js';
 import { FakeGlance } from '../helpers/fake-glance.js';
-import { guestIn, makeFakeEnv, PREFIX, type FakeEnv } from '../helpers/fake-env.js';
+import { guestIn, makeFakeEnv, PREFIX, snapshotFailure, type FakeEnv } from '../helpers/fake-env.js';
 import { captureLogger, type CapturedLine } from '../helpers/log-capture.js';
 
 const MiB = 1024 * 1024;
@@ -91,14 +91,6 @@ function puts(): number {
   return glance.requests.filter((r) => r.method === 'PUT').length;
 }
 
-async function failure(p: Promise<unknown>): Promise<SnapshotFailed> {
-  const err = await p.then(
-    () => undefined,
-    (x: unknown) => x,
-  );
-  expect(err).toBeInstanceOf(SnapshotFailed);
-  return err as SnapshotFailed;
-}
 
 describe('exports streamed into Glance', () => {
   it('monitor-snapshot: the export goes straight into the PUT, lands active with its hashes (zero gaps included), nothing ever staged', async () => {
@@ -188,7 +180,7 @@ describe('exports streamed into Glance', () => {
     const imageId = randomUUID();
     glance.addQueued(imageId);
     glance.earlyAnswer = { status: 413, message: 'Image exceeds the storage quota: 1048576 bytes', times: 5 };
-    const err = await failure(engineFor('monitor-snapshot', 3).engine.take({ requestId: 'req-413', instanceUuid: uuid, imageId }));
+    const err = await snapshotFailure(engineFor('monitor-snapshot', 3).engine.take({ requestId: 'req-413', instanceUuid: uuid, imageId }));
     expect(err.message).toMatch(/step 4 \(export-snapshot\) failed: cannot upload image .* to Glance: Glance answered HTTP 413: Image exceeds the storage quota/);
     expect(err.cause).toBeInstanceOf(GlanceError);
     expect(puts()).toBe(1);
@@ -234,7 +226,7 @@ describe('exports streamed into Glance', () => {
     const imageId = randomUUID();
     glance.addQueued(imageId);
     e.hv.injectFault({ op: 'exportDisk', uuid, when: 'after', error: new Error('qemu-img convert failed: Input/output error') });
-    const err = await failure(engineFor('monitor-snapshot', 3).engine.take({ requestId: 'req-own', instanceUuid: uuid, imageId }));
+    const err = await snapshotFailure(engineFor('monitor-snapshot', 3).engine.take({ requestId: 'req-own', instanceUuid: uuid, imageId }));
     expect(err.message).toMatch(/step 4 \(export-snapshot\) failed: qemu-img convert failed: Input\/output error/);
     expect(e.hv.callCount('exportDisk', uuid)).toBe(1);
     expect(puts()).toBe(1);
@@ -250,7 +242,7 @@ describe('exports streamed into Glance', () => {
     glance.addQueued(imageId);
     glance.cutAfter = MiB;
     glance.cutTimes = 5;
-    const err = await failure(engineFor('monitor-snapshot', 1).engine.take({ requestId: 'req-cut2', instanceUuid: uuid, imageId }));
+    const err = await snapshotFailure(engineFor('monitor-snapshot', 1).engine.take({ requestId: 'req-cut2', instanceUuid: uuid, imageId }));
     expect(err.cause).toBeInstanceOf(GlanceUnavailable);
     expect(err.message).toMatch(/step 4 \(export-snapshot\) failed: cannot upload image .* to Glance: .* \(2 attempts\)/);
     expect(puts()).toBe(2);
@@ -264,7 +256,7 @@ describe('exports streamed into Glance', () => {
     const imageId = randomUUID();
     glance.addQueued(imageId);
     glance.earlyAnswer = { status, message: 'Image status transition from saving to saving is not allowed', times: 5 };
-    const err = await failure(engineFor('monitor-snapshot', 3).engine.take({ requestId: `req-${status}`, instanceUuid: uuid, imageId }));
+    const err = await snapshotFailure(engineFor('monitor-snapshot', 3).engine.take({ requestId: `req-${status}`, instanceUuid: uuid, imageId }));
     expect(err.message).toContain(`HTTP ${status}`);
     expect(err.message).toContain('another upload has the image');
     expect(puts()).toBe(1);
@@ -278,7 +270,7 @@ describe('exports streamed into Glance', () => {
     const imageId = randomUUID();
     glance.addQueued(imageId);
     e.hv.injectFault({ op: 'liveSnapshotDelete', uuid });
-    const err = await failure(engineFor('monitor-snapshot').engine.take({ requestId: 'req-late', instanceUuid: uuid, imageId }));
+    const err = await snapshotFailure(engineFor('monitor-snapshot').engine.take({ requestId: 'req-late', instanceUuid: uuid, imageId }));
     expect(err.message).toMatch(/step 5 \(delete-snapshot\) failed/);
     expect(glance.statusAtDelete.get(imageId)).toBe('active');
     expect(puts()).toBe(1);
@@ -292,7 +284,7 @@ describe('exports streamed into Glance', () => {
     const imageId = randomUUID();
     glance.addQueued(imageId);
     glance.lieAboutHash = true;
-    const err = await failure(engineFor('monitor-snapshot').engine.take({ requestId: 'req-lie', instanceUuid: uuid, imageId }));
+    const err = await snapshotFailure(engineFor('monitor-snapshot').engine.take({ requestId: 'req-lie', instanceUuid: uuid, imageId }));
     expect(err.cause).toBeInstanceOf(GlanceUploadMismatch);
     expect(err.message).toMatch(/os_hash_value f{128} \(the data exported hashes to [0-9a-f]{128}\)/);
     expect(glance.images.has(imageId)).toBe(false);

@@ -10,7 +10,7 @@ import type { FakeGuestAgent } from '../../src/hypervisor/fake/fake-hypervisor.j
 import { SnapshotEngine, type SnapshotResult } from '../../src/snapshot/engine.js';
 import { DEFAULT_QUIESCE, quiesceOptions } from '../../src/snapshot/guest-freeze.js';
 import { STRATEGY_STEPS } from '../../src/snapshot/strategies.js';
-import { expectSafeFailure, guestIn, makeFakeEnv, type FakeEnv, type FakeEnvOptions } from '../helpers/fake-env.js';
+import { expectSafeFailure, guestIn, makeFakeEnv, snapshotFailure, type FakeEnv, type FakeEnvOptions } from '../helpers/fake-env.js';
 
 let envs: FakeEnv[] = [];
 afterEach(async () => {
@@ -40,14 +40,6 @@ async function take(e: FakeEnv, uuid: string, imageId = randomUUID()): Promise<S
   return e.engine.take({ requestId: 'req-live', instanceUuid: uuid, imageId });
 }
 
-async function failure(p: Promise<unknown>): Promise<SnapshotFailed> {
-  const err = await p.then(
-    () => undefined,
-    (x: unknown) => x,
-  );
-  expect(err).toBeInstanceOf(SnapshotFailed);
-  return err as SnapshotFailed;
-}
 
 /** The image is the disk as of the live job's start (the fake records it there). */
 async function expectImageIsJobStart(e: FakeEnv, uuid: string, imageId: string) {
@@ -224,7 +216,7 @@ describe('live: quiesce', () => {
   ] as const)('required with %s: GuestAgentError before the guest is touched', async (_name, state, agent) => {
     const { e, uuid, ops } = await liveGuest(state, agent, { quiesce: { mode: 'required', agentTimeoutMs: 10 } });
     const imageId = randomUUID();
-    const err = await failure(take(e, uuid, imageId));
+    const err = await snapshotFailure(take(e, uuid, imageId));
     expect(err.cause).toBeInstanceOf(GuestAgentError);
     expect(err.message).toMatch(/quiesce = required/);
     // Only look-ups and the agent: no stop, no save, no pause, no job, no export.
@@ -275,7 +267,7 @@ describe('monitor-snapshot: the freeze never outlasts max_freeze_seconds either'
     const { e, uuid } = await liveGuest('running', { present: true }, opts('required'));
     deadlineDuring(e, 'liveSnapshotCreate', 60_000);
     const imageId = randomUUID();
-    const err = await failure(take(e, uuid, imageId));
+    const err = await snapshotFailure(take(e, uuid, imageId));
     expect(err.cause).toBeInstanceOf(GuestAgentError);
     expect(err.message).toMatch(/max_freeze_seconds/);
     expect(await e.ownSnapshots(uuid)).toEqual([]);
@@ -313,7 +305,7 @@ describe('live: the freeze never outlasts max_freeze_seconds', () => {
     const { e, uuid } = await liveGuest('running', { present: true }, { quiesce: { mode: 'required', maxFreezeMs: 60_000 } });
     deadlineDuring(e, 'startLiveBackup', 60_000);
     const imageId = randomUUID();
-    const err = await failure(take(e, uuid, imageId));
+    const err = await snapshotFailure(take(e, uuid, imageId));
     expect(err.cause).toBeInstanceOf(GuestAgentError);
     expect(err.message).toMatch(/max_freeze_seconds/);
     expect(e.hv.liveBackups(uuid).map((j) => j.status)).toEqual(['cancelled']);
@@ -333,7 +325,7 @@ describe('live: the freeze never outlasts max_freeze_seconds', () => {
 
   it('a thaw that fails once is retried by the undo; the snapshot fails', async () => {
     const { e, uuid, ops } = await liveGuest('running', { present: true, thawFails: 1 });
-    const err = await failure(take(e, uuid));
+    const err = await snapshotFailure(take(e, uuid));
     expect(err.message).toMatch(/thaw/);
     expect(ops().filter((op) => /Filesystems/.test(op))).toEqual(['freezeFilesystems', 'thawFilesystems', 'thawFilesystems']);
     expect(e.hv.frozen(uuid)).toBe(false);
@@ -346,7 +338,7 @@ describe('live: the freeze never outlasts max_freeze_seconds', () => {
     const LIMIT = 10_000;
     const { e, uuid, ops } = await liveGuest('running', { present: true, thawFails: 2 }, { quiesce: { maxFreezeMs: LIMIT } });
     vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
-    const err = await failure(take(e, uuid));
+    const err = await snapshotFailure(take(e, uuid));
     expect(err.undoErrors.some((u) => u instanceof GuestAgentError)).toBe(true);
     const thawed = onThaw(e);
     vi.advanceTimersByTime(LIMIT - 1);
