@@ -98,25 +98,22 @@ export async function serveIncoming(sink: NbdSink, log: NbdLog): Promise<{ nbd: 
  */
 export class IncomingImage implements ImageSink {
   readonly streamed = false;
+  readonly holdBack = new HoldBack();
 
   private constructor(
     private readonly receiver: ImageReceiver,
     private readonly nbd: NbdExport,
     private readonly stopServing: () => Promise<void>,
-    readonly holdBack: HoldBack,
-    private readonly take: (offset: number, data: Buffer | readonly Buffer[]) => Promise<void>,
   ) {}
 
   static async open(file: string, size: number, osHashAlgo: OsHashAlgo, log: NbdLog, onDigest?: (d: ParallelDigest) => void): Promise<IncomingImage> {
     const receiver = await ImageReceiver.create(file, size, osHashAlgo, onDigest);
-    const holdBack = new HoldBack();
     try {
-      const put = async (o: number, d: Buffer | readonly Buffer[]): Promise<void> => {
-        await holdBack.pass();
-        return receiver.put(o, d);
-      };
-      const { nbd, stop } = await serveIncoming({ size, put }, log);
-      return new IncomingImage(receiver, nbd, stop, holdBack, put);
+      // No client can write before open() returns: it is given the socket's URI only then.
+      let image: IncomingImage | undefined;
+      const { nbd, stop } = await serveIncoming({ size, put: (o, d) => image!.put(o, d) }, log);
+      image = new IncomingImage(receiver, nbd, stop);
+      return image;
     } catch (err) {
       await receiver.abort(err instanceof Error ? err : new Error(String(err)));
       throw err;
@@ -131,8 +128,9 @@ export class IncomingImage implements ImageSink {
     return this.nbd.uri;
   }
 
-  put(offset: number, data: Buffer | readonly Buffer[]): Promise<void> {
-    return this.take(offset, data);
+  async put(offset: number, data: Buffer | readonly Buffer[]): Promise<void> {
+    await this.holdBack.pass();
+    return this.receiver.put(offset, data);
   }
 
   /**

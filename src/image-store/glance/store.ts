@@ -16,7 +16,7 @@ import type { ImageMeta, NewImage, OsHashAlgo, ProgressCallback, VerifyResult } 
 import type { GlanceClient } from './client.js';
 import { MAX_PROPERTY_CHARS, patchOps, snapshotProperties, toImageMeta } from './images.js';
 import { StreamedUpload } from './streamed-upload.js';
-import { uploadImageFile } from './upload.js';
+import { notBackInQueued, uploadImageFile } from './upload.js';
 
 const PATCH_TYPE = 'application/openstack-images-v2.1-json-patch';
 /** Images per page of a list; pages followed at most this many times. */
@@ -210,7 +210,8 @@ export class GlanceImageStore implements ImageStoreBackend {
         } catch (err) {
           return new GlanceUnavailable(`cannot ${what}: ${why}; the image's status cannot be read (${errorMessage(err)}): not tried again`);
         }
-        if (now !== 'queued') return new GlanceUnavailable(`cannot ${what}: ${why}; the image is ${now} in Glance, not queued: not tried again`);
+        const notAgain = notBackInQueued(what, why, now);
+        if (notAgain !== undefined) return notAgain;
         if (attempt > this.client.retries) return new GlanceUnavailable(`cannot ${what}: ${why} (${attempt} attempts)`);
         this.log.warn({ image_id: cid, attempt, retries: this.client.retries }, `streamed upload failed (${why}); the image is back in queued: the export is run again`);
         return new StreamedUploadCut(`cannot ${what}: ${why}; the image is back in queued`);

@@ -48,7 +48,6 @@ export async function uploadImageFile(o: UploadOptions): Promise<UploadResult> {
     if (sent.kind === 'done') return { bytes: sent.bytes, attempts: attempt };
     if (sent.kind === 'refused') throw sent.error;
     last = sent.why;
-    // Only an image back in queued may be uploaded again; Glance restores it after a failed upload.
     let status: string;
     try {
       status = await o.status();
@@ -57,10 +56,19 @@ export async function uploadImageFile(o: UploadOptions): Promise<UploadResult> {
       if (attempt <= client.retries) continue;
       throw err;
     }
-    if (status !== 'queued') throw new GlanceUnavailable(`cannot ${what}: ${sent.why}; the image is ${status} in Glance, not queued: not tried again`);
+    const notAgain = notBackInQueued(what, sent.why, status);
+    if (notAgain !== undefined) throw notAgain;
     o.log.warn({ image_id: o.imageId, attempt, retries: client.retries }, `upload failed (${sent.why}); the image is back in queued`);
   }
   throw new GlanceUnavailable(`cannot ${what}: ${last ?? 'failed'} (${client.retries + 1} attempts)`);
+}
+
+/**
+ * Glance puts an image back in `queued` after an upload that failed: only then may it be uploaded
+ * again. Else the error that ends the upload (`why` it failed), naming the status.
+ */
+export function notBackInQueued(what: string, why: string, status: string): GlanceUnavailable | undefined {
+  return status === 'queued' ? undefined : new GlanceUnavailable(`cannot ${what}: ${why}; the image is ${status} in Glance, not queued: not tried again`);
 }
 
 export type Sent = { kind: 'done'; bytes: number } | { kind: 'refused'; error: Error } | { kind: 'again'; why: string };
