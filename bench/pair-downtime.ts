@@ -53,7 +53,6 @@ async function take(rt: Runtime, g: BenchGuest, r: number) {
   return res;
 }
 
-/** Resolves once the guest has been down and runs again. */
 /**
  * Resolves once the guest has been down and runs again, while its snapshot `taking` is in progress.
  * A snapshot that ends (or fails) first ends the wait: with the time it ran again if it went down,

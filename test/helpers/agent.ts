@@ -9,7 +9,6 @@ import { CLI_ENTRY } from './entry.js';
  * parsed, so that tests can wait for and assert on log lines.
  */
 
-
 /** One parsed stderr line: pino's fields (`msg`, `level`, …), or `{ raw }` for a line that is not JSON. */
 export type LogLine = Record<string, unknown> & { msg?: string; raw?: string };
 

@@ -1,7 +1,6 @@
 import { spawn } from 'node:child_process';
 import { CLI_ENTRY } from './entry.js';
 
-
 export interface CliResult {
   code: number;
   stdout: string;

@@ -9,6 +9,7 @@ import { buildRuntime, type Runtime } from '../../src/service/runtime.js';
 import type { BeforeStep } from '../../src/snapshot/run-steps.js';
 import { assertQemuInstalled, guestFlush, guestWrite, killQemuUnder, writeQemuImgStub } from '../helpers/qemu-guest.js';
 import { captureLogger, type CapturedLine } from '../helpers/log-capture.js';
+import { holdAtStep } from '../helpers/hold-at-step.js';
 import { tempDirsConfig } from '../helpers/temp-config.js';
 
 /** `[hypervisor] background_export_nice` here: not the default, to show that the option is what counts. */
@@ -116,18 +117,11 @@ describe('background exports hold back while another guest waits (real QEMU, rea
     await guestWrite(hv, a, 0x5a, 0, 8 * MiB); // data to export: qemu-img sends no write for zeros
     await guestFlush(hv, a);
     // B (suspend-create-resume-extract) is held down, saved, before its snapshot is made.
-    let bDown!: () => void;
-    const bIsDown = new Promise<void>((r) => (bDown = r));
-    let letBRun!: () => void;
-    const bMayRun = new Promise<void>((r) => (letBRun = r));
-    beforeStep = async (step) => {
-      if (step.name !== 'create-snapshot') return;
-      bDown();
-      await bMayRun;
-    };
+    const bHeld = holdAtStep('create-snapshot');
+    beforeStep = bHeld.hook;
     try {
       const bDone = rt.engine.take({ requestId: 'req-b', instanceUuid: b, imageId: randomUUID(), strategy: 'suspend-create-resume-extract' });
-      await bIsDown;
+      await bHeld.reached;
       expect((await hv.info(b)).state).toBe('saved');
       await fs.rm(pidFile, { force: true });
       const aImage = randomUUID();
@@ -143,7 +137,7 @@ describe('background exports hold back while another guest waits (real QEMU, rea
       expect(aSettled).toBe(false);
       expect((await hv.info(b)).state).toBe('saved');
 
-      letBRun();
+      bHeld.release();
       await expect(bDone).resolves.toMatchObject({ status: 'active' });
       await expect(aDone).resolves.toMatchObject({ status: 'active', strategy: 'monitor-snapshot', downtime_ms: expect.any(Number) });
       const image = await fs.readFile(path.join(rt.config.image_store.path, aImage));
@@ -156,7 +150,7 @@ describe('background exports hold back while another guest waits (real QEMU, rea
       expect(Number(held[0]!.held_back_ms)).toBeGreaterThanOrEqual(900);
       for (const uuid of [a, b]) expect((await hv.info(uuid)).state).toBe('running');
     } finally {
-      letBRun?.();
+      bHeld.release();
       beforeStep = undefined;
     }
   });

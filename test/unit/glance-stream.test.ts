@@ -20,6 +20,7 @@ import { GuestWaits } from '../../src/util/guest-waits.js';
 import { FakeGlance } from '../helpers/fake-glance.js';
 import { guestIn, makeFakeEnv, PREFIX, snapshotFailure, type FakeEnv } from '../helpers/fake-env.js';
 import { captureLogger, type CapturedLine } from '../helpers/log-capture.js';
+import { holdAtStep } from '../helpers/hold-at-step.js';
 
 const MiB = 1024 * 1024;
 
@@ -121,24 +122,16 @@ describe('exports streamed into Glance', () => {
     const [aImage, bImage] = [randomUUID(), randomUUID()];
     glance.addQueued(aImage);
     glance.addQueued(bImage);
-    let bDown!: () => void;
-    const bIsDown = new Promise<void>((r) => (bDown = r));
-    let letBRun!: () => void;
-    const bMayRun = new Promise<void>((r) => (letBRun = r));
-    const beforeStep = async (step: { name: string }): Promise<void> => {
-      if (step.name !== 'create-snapshot') return;
-      bDown();
-      await bMayRun;
-    };
-    const { engine } = engineFor('monitor-snapshot', 2, 5000, undefined, { guestWaits: new GuestWaits(3_600_000), beforeStep });
+    const bHeld = holdAtStep('create-snapshot');
+    const { engine } = engineFor('monitor-snapshot', 2, 5000, undefined, { guestWaits: new GuestWaits(3_600_000), beforeStep: bHeld.hook });
     const bDone = engine.take({ requestId: 'req-b', instanceUuid: b, imageId: bImage, strategy: 'suspend-create-resume-extract' });
-    await bIsDown;
+    await bHeld.reached;
     let aSettled = false;
     const aDone = engine.take({ requestId: 'req-a', instanceUuid: a, imageId: aImage }).finally(() => (aSettled = true));
     await new Promise((r) => setTimeout(r, 300));
     expect(aSettled).toBe(false);
     expect(seenWhileUploading).toEqual([]); // no PUT has had any data (B's export has not begun)
-    letBRun();
+    bHeld.release();
     await expect(bDone).resolves.toMatchObject({ status: 'active' });
     const result = await aDone;
     const data = glance.data.get(aImage)!;

@@ -3,6 +3,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { GuestWaits } from '../../src/util/guest-waits.js';
 import { guestIn, makeFakeEnv, type FakeEnv } from '../helpers/fake-env.js';
 import { captureLogger } from '../helpers/log-capture.js';
+import { holdAtStep } from '../helpers/hold-at-step.js';
 
 const HOUR_MS = 3_600_000;
 
@@ -74,17 +75,10 @@ describe('two snapshots on one host', () => {
     await guestIn(e, 'running', a);
     await guestIn(e, 'running', b);
     // B (suspend-create-resume-extract) is held down, saved, before its snapshot is made.
-    let bDown!: () => void;
-    const bIsDown = new Promise<void>((r) => (bDown = r));
-    let letBRun!: () => void;
-    const bMayRun = new Promise<void>((r) => (letBRun = r));
-    e.beforeStep = async (step) => {
-      if (step.name !== 'create-snapshot') return;
-      bDown();
-      await bMayRun;
-    };
+    const bHeld = holdAtStep('create-snapshot');
+    e.beforeStep = bHeld.hook;
     const bDone = e.engine.take({ requestId: 'req-b', instanceUuid: b, imageId: randomUUID() });
-    await bIsDown;
+    await bHeld.reached;
     expect((await e.hv.info(b)).state).toBe('saved');
 
     const aImage = randomUUID();
@@ -93,7 +87,7 @@ describe('two snapshots on one host', () => {
     expect(e.hv.calls.filter((c) => c.op === 'exportDisk' && c.uuid === a)).toHaveLength(1); // it is exporting
     expect(await e.partialFiles()).toHaveLength(1); // A's, still receiving
 
-    letBRun();
+    bHeld.release();
     await expect(bDone).resolves.toMatchObject({ status: 'active' });
     await expect(aDone).resolves.toMatchObject({ status: 'active', strategy: 'monitor-snapshot' });
     expect((await e.store.verify(aImage)).ok).toBe(true);
