@@ -40,6 +40,11 @@ export interface ReceiveOptions {
    */
   streamable?: boolean;
   /**
+   * No guest waits for the export: a store that stages it may take the data at its hashes' pace
+   * (hashed as it comes, nothing read back) rather than as fast as its disk takes it.
+   */
+  background?: boolean;
+  /**
    * Which run of the export this is (1-based): a streamed upload cut with the image back in queued
    * fails with StreamedUploadCut while `[glance] retries` allows another run, else for good.
    */

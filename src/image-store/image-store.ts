@@ -24,7 +24,7 @@ import {
 
 export * from './types.js';
 export * from './backend.js';
-import type { CommitOptions, ImageFilter, ImageStoreBackend, StoreLeftovers } from './backend.js';
+import type { CommitOptions, ImageFilter, ImageStoreBackend, ReceiveOptions, StoreLeftovers } from './backend.js';
 export { ImageInvalidState, ImageStoreCorrupt } from './errors.js';
 
 const DIR_MODE = 0o750;
@@ -218,12 +218,15 @@ export class ImageStore implements ImageStoreBackend {
    * Receives the raw data of a `saving` image (`size` bytes) into its partial file, hashing it as it
    * is written: the export writes into the IncomingImage; commit then takes its digests.
    */
-  async receive(id: string, size: number, log: NbdLog): Promise<IncomingImage> {
+  async receive(id: string, size: number, log: NbdLog, opts: ReceiveOptions = {}): Promise<IncomingImage> {
     const cid = canonicalId(id);
     const meta = await this.mustRead(cid);
     requireStatus(meta, ['saving'], 'receive data for');
     if (!Number.isSafeInteger(size) || size < 0) throw new TypeError(`image size ${size}: expected a byte count >= 0`);
-    return IncomingImage.open(this.paths.partial(cid), size, storedHashAlgo(meta, this.paths.meta(cid)), log, (d) => void this.hook?.('receive:hashing', cid, d));
+    return IncomingImage.open(this.paths.partial(cid), size, storedHashAlgo(meta, this.paths.meta(cid)), log, {
+      background: opts.background,
+      onDigest: (d) => void this.hook?.('receive:hashing', cid, d),
+    });
   }
 
   /**

@@ -3,6 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { FileDigests, ParallelDigest } from './hash.js';
 import { ImageReceiver } from './image-receiver.js';
+import { PacedReceiver } from './paced-receiver.js';
 import { serveNbdExport, type NbdExport, type NbdLog, type NbdSink } from './nbd-server.js';
 import type { OsHashAlgo } from './types.js';
 
@@ -101,13 +102,24 @@ export class IncomingImage implements ImageSink {
   readonly holdBack = new HoldBack();
 
   private constructor(
-    private readonly receiver: ImageReceiver,
+    private readonly receiver: ImageReceiver | PacedReceiver,
     private readonly nbd: NbdExport,
     private readonly stopServing: () => Promise<void>,
   ) {}
 
-  static async open(file: string, size: number, osHashAlgo: OsHashAlgo, log: NbdLog, onDigest?: (d: ParallelDigest) => void): Promise<IncomingImage> {
-    const receiver = await ImageReceiver.create(file, size, osHashAlgo, onDigest);
+  /**
+   * `background`: no guest waits for the export, so it is paced to the hashes (PacedReceiver: hashed
+   * as it comes, written with O_DIRECT, nothing read back); else it is written ahead of them
+   * (ImageReceiver: a guest kept down for it waits for the disk only).
+   */
+  static async open(
+    file: string,
+    size: number,
+    osHashAlgo: OsHashAlgo,
+    log: NbdLog,
+    opts: { background?: boolean; onDigest?: (d: ParallelDigest) => void } = {},
+  ): Promise<IncomingImage> {
+    const receiver = await (opts.background ? PacedReceiver : ImageReceiver).create(file, size, osHashAlgo, opts.onDigest);
     try {
       // No client can write before open() returns: it is given the socket's URI only then.
       let image: IncomingImage | undefined;

@@ -16,7 +16,7 @@ export const markSaving: Step = {
   name: 'mark-saving',
   async run(ctx) {
     await ctx.store.markSaving(ctx.imageId);
-    ctx.incoming = await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log);
+    ctx.incoming = await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log, { background: true });
     // No guest waits for the copy (its own is frozen only while the job starts).
     if (ctx.watched !== undefined) ctx.incoming.holdBack.set(ctx.watched.gate());
   },

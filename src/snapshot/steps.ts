@@ -200,7 +200,7 @@ export async function exportInto(ctx: SnapshotContext, snapshotName: string | un
   await ctx.store.markSaving(ctx.imageId);
   for (let attempt = 1; ; attempt++) {
     // live's first step has made it ready already (staged: a backup job cannot be run again).
-    const incoming = ctx.incoming ?? (await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log, { streamable: background, attempt }));
+    const incoming = ctx.incoming ?? (await ctx.store.receive(ctx.imageId, ctx.diskSize, ctx.log, { streamable: background, background, attempt }));
     ctx.incoming = incoming;
     if (background && ctx.watched !== undefined) incoming.holdBack.set(ctx.watched.gate());
     try {

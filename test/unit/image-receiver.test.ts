@@ -7,12 +7,14 @@ import { STRATEGIES } from '../../src/config/schema.js';
 import { HashWorkerFailed, SnapshotFailed } from '../../src/errors.js';
 import { INLINE_HASH_MAX_BYTES } from '../../src/image-store/hash.js';
 import { ImageReceiver } from '../../src/image-store/image-receiver.js';
+import { PacedReceiver } from '../../src/image-store/paced-receiver.js';
 import { expectSafeFailure, guestIn, makeFakeEnv, type FakeEnv } from '../helpers/fake-env.js';
 
 /**
- * The store receiving an export (issue 13): pieces in increasing offset order go into the file at
- * once (what is skipped stays a hole) and are hashed behind the writing, holes as zeros; the digests
- * are those of every byte. Out-of-order data is refused; a hash worker that dies fails the export,
+ * The store receiving an export (issue 13): pieces in increasing offset order go into the file (what
+ * is skipped stays a hole) and are hashed, holes as zeros; the digests are those of every byte. Both
+ * receivers: ImageReceiver (written ahead at once, hashed behind from the file) and PacedReceiver
+ * (hashed as it comes, written from the hashes' memory with O_DIRECT). Out-of-order data is refused; a hash worker that dies fails the export,
  * and the snapshot then fails as any failed export does (image killed, nothing partial, guest as before).
  */
 
@@ -31,11 +33,14 @@ afterEach(async () => {
 
 const hex = (algo: string, b: Buffer) => createHash(algo).update(b).digest('hex');
 
-describe('ImageReceiver', () => {
+describe.each([
+  ['ImageReceiver', ImageReceiver],
+  ['PacedReceiver', PacedReceiver],
+] as const)('%s', (_name, Receiver) => {
   it('writes pieces where they go, leaves what was skipped a hole, and hashes every byte', async () => {
     const size = 24 * MiB + 123;
     const file = path.join(tmp.path, 'img');
-    const rx = await ImageReceiver.create(file, size, 'sha512');
+    const rx = await Receiver.create(file, size, 'sha512');
     const whole = Buffer.alloc(size);
     // Contiguous pieces (one extent), a gap, a piece spanning several hash chunks, and one at the end.
     const pieces: [number, Buffer][] = [
@@ -56,6 +61,34 @@ describe('ImageReceiver', () => {
     expect((await stat(file)).blocks * 512).toBeLessThan(14 * MiB);
   });
 
+  it('nothing put: all zeros, all hole', async () => {
+    const rx = await Receiver.create(path.join(tmp.path, 'zero'), 5 * MiB, 'sha256');
+    await rx.close();
+    const zeros = Buffer.alloc(5 * MiB);
+    expect(await rx.digests()).toEqual({ md5: hex('md5', zeros), osHash: hex('sha256', zeros), bytes: 5 * MiB });
+  });
+
+  it('refuses data before what it already has, and data beyond its size; the image is then failed', async () => {
+    const rx = await Receiver.create(path.join(tmp.path, 'img'), 4 * MiB, 'sha512');
+    await rx.put(MiB, randomBytes(KiB));
+    await expect(rx.put(0, randomBytes(KiB))).rejects.toThrow(/out of order: 1024 bytes at 0, before 1049600/);
+    await expect(rx.digests()).rejects.toThrow(/out of order/);
+    const beyond = await Receiver.create(path.join(tmp.path, 'img2'), 4 * MiB, 'sha512');
+    await expect(beyond.put(4 * MiB - 10, randomBytes(11))).rejects.toThrow(/beyond its size/);
+  });
+
+  it('a hash worker that dies: the next piece is refused and the digests reject with HashWorkerFailed', async () => {
+    let killed = false;
+    const rx = await Receiver.create(path.join(tmp.path, 'img'), 64 * MiB, 'sha512', (digest) => {
+      void digest.threads[1]!.terminate().then(() => (killed = true));
+    });
+    await expect(rx.digests()).rejects.toBeInstanceOf(HashWorkerFailed);
+    expect(killed).toBe(true);
+    await expect(rx.put(0, randomBytes(KiB))).rejects.toBeInstanceOf(HashWorkerFailed);
+  });
+});
+
+describe('ImageReceiver', () => {
   it('data far beyond what is hashed after a long hole, and more than the bound ahead of the hashes: it goes on', async () => {
     // The writer waits when it is more than `aheadBytes` ahead of the hashes: a hole before it must
     // count as known (zeros), or writer and hashes would wait for each other.
@@ -71,30 +104,46 @@ describe('ImageReceiver', () => {
     expect(await rx.digests()).toEqual({ md5: hex('md5', whole), osHash: hex('sha512', whole), bytes: size });
   });
 
-  it('nothing put: all zeros, all hole', async () => {
-    const rx = await ImageReceiver.create(path.join(tmp.path, 'zero'), 5 * MiB, 'sha256');
-    await rx.close();
-    const zeros = Buffer.alloc(5 * MiB);
-    expect(await rx.digests()).toEqual({ md5: hex('md5', zeros), osHash: hex('sha256', zeros), bytes: 5 * MiB });
-  });
+});
 
-  it('refuses data before what it already has, and data beyond its size; the image is then failed', async () => {
-    const rx = await ImageReceiver.create(path.join(tmp.path, 'img'), 4 * MiB, 'sha512');
-    await rx.put(MiB, randomBytes(KiB));
-    await expect(rx.put(0, randomBytes(KiB))).rejects.toThrow(/out of order: 1024 bytes at 0, before 1049600/);
-    await expect(rx.digests()).rejects.toThrow(/out of order/);
-    const beyond = await ImageReceiver.create(path.join(tmp.path, 'img2'), 4 * MiB, 'sha512');
-    await expect(beyond.put(4 * MiB - 10, randomBytes(11))).rejects.toThrow(/beyond its size/);
-  });
-
-  it('a hash worker that dies: the next piece is refused and the digests reject with HashWorkerFailed', async () => {
-    let killed = false;
-    const rx = await ImageReceiver.create(path.join(tmp.path, 'img'), 64 * MiB, 'sha512', (digest) => {
-      void digest.threads[1]!.terminate().then(() => (killed = true));
+describe('PacedReceiver', () => {
+  it('pieces at any alignment, many at once, in one image: exact, and the digests those of the file', async () => {
+    // Sector-aligned pieces go to the disk with O_DIRECT from the ring; a piece at an odd offset or
+    // of an odd length, and the slot it shares, through the page cache: the file is one whole either way.
+    const size = 40 * MiB + 512;
+    const file = path.join(tmp.path, 'mixed');
+    const rx = await PacedReceiver.create(file, size, 'sha384');
+    const whole = Buffer.alloc(size);
+    const pieces: [number, Buffer][] = [
+      [0, randomBytes(2 * MiB)],
+      [2 * MiB, randomBytes(2 * MiB)],
+      [6 * MiB + 3, randomBytes(MiB + 5)],
+      [8 * MiB, randomBytes(64 * KiB)],
+      [12 * MiB, randomBytes(9 * MiB)],
+      [size - 512, randomBytes(512)],
+    ];
+    const puts = pieces.map(([at, data]) => {
+      data.copy(whole, at);
+      return rx.put(at, data);
     });
-    await expect(rx.digests()).rejects.toBeInstanceOf(HashWorkerFailed);
-    expect(killed).toBe(true);
-    await expect(rx.put(0, randomBytes(KiB))).rejects.toBeInstanceOf(HashWorkerFailed);
+    await Promise.all(puts);
+    await rx.close();
+    expect(await rx.digests()).toEqual({ md5: hex('md5', whole), osHash: hex('sha384', whole), bytes: size });
+    expect(Buffer.compare(await readFile(file), whole)).toBe(0);
+    expect((await stat(file)).blocks * 512).toBeLessThan(20 * MiB);
+    // The aligned slots (all but the one from 6 MiB + 3 to 7 MiB + 8) went to the disk directly.
+    expect(rx.writtenDirect).toBe(4 * MiB + 64 * KiB + 9 * MiB + 512);
+  });
+
+  it('data after its end, or put after a failure: refused with the cause', async () => {
+    const rx = await PacedReceiver.create(path.join(tmp.path, 'closed'), 2 * MiB, 'sha512');
+    await rx.put(0, randomBytes(MiB));
+    await rx.close();
+    await expect(rx.put(MiB, randomBytes(KiB))).rejects.toThrow(/after its end/);
+    const failed = await PacedReceiver.create(path.join(tmp.path, 'failed'), 2 * MiB, 'sha512');
+    await failed.abort(new Error('export undone'));
+    await expect(failed.put(0, randomBytes(KiB))).rejects.toThrow(/export undone/);
+    await expect(failed.digests()).rejects.toThrow(/export undone/);
   });
 });
 

@@ -176,7 +176,7 @@ export class GlanceImageStore implements ImageStoreBackend {
     if (!Number.isSafeInteger(size) || size < 0) throw new TypeError(`image size ${size}: expected a byte count >= 0`);
     if (opts.streamable === true) return this.receiveStreamed(cid, size, log, opts.attempt ?? 1);
     await fs.mkdir(this.paths.partialDir, { recursive: true, mode: 0o750 });
-    return IncomingImage.open(this.paths.partial(cid), size, this.osHashAlgo, log);
+    return IncomingImage.open(this.paths.partial(cid), size, this.osHashAlgo, log, { background: opts.background });
   }
 
   /** The upload of one run of the export, to the first API server that answers about the image now. */
