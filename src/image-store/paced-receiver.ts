@@ -33,7 +33,12 @@ export class PacedReceiver {
   private closed = false;
   private failure: unknown;
   private receiving: Promise<void> = Promise.resolve();
-  private readonly writes = new Set<Promise<void>>();
+  /**
+   * The slots' writes, one after the other: a store that stalls (frozen, or a slow network
+   * filesystem) then holds one of libuv's few threads, not all of them (the agent's journal, its
+   * other images and its sockets' files need them meanwhile).
+   */
+  private writing: Promise<void> = Promise.resolve();
   private unsynced = 0;
   /** A direct write was refused as unaligned: the device wants more than DIRECT_ALIGN. */
   private directRefused = false;
@@ -152,21 +157,17 @@ export class PacedReceiver {
   /** Writes the current slot out and hands it to the hashes; it is free again once both are done. */
   private flush(): void {
     if (this.slot === undefined || this.filled === 0) return;
-    const write = this.writeOut(this.slot.subarray(0, this.filled), this.slotStart);
-    this.writes.add(write);
-    void write.then(
-      () => this.writes.delete(write),
-      (err: unknown) => {
-        this.writes.delete(write);
-        this.fail(err);
-      },
-    );
+    const data = this.slot.subarray(0, this.filled);
+    const offset = this.slotStart;
+    const write = this.writing.then(() => this.writeOut(data, offset));
+    this.writing = write.catch((err: unknown) => this.fail(err));
     this.digest.push(this.index++, this.filled, write);
     this.slot = undefined;
     this.filled = 0;
   }
 
   private async writeOut(data: Buffer, offset: number): Promise<void> {
+    if (this.failure) throw this.failure;
     if (this.direct !== undefined && !this.directRefused && offset % DIRECT_ALIGN === 0 && data.length % DIRECT_ALIGN === 0) {
       try {
         await writeAll(this.direct, data, offset);
@@ -187,7 +188,7 @@ export class PacedReceiver {
   }
 
   private async settleWrites(): Promise<void> {
-    while (this.writes.size > 0) await Promise.allSettled([...this.writes]);
+    await this.writing;
   }
 
   private fail(err: unknown): void {
