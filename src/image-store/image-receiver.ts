@@ -10,7 +10,7 @@ const MAX_AHEAD_BYTES = 1024 * 1024 * 1024;
  * included, for hundreds of ms; flushed as it comes, they never pile up (what `qemu-img convert -t
  * none` gave when it wrote the file itself), and stay in the page cache, clean, for the hashes.
  */
-const SYNC_EVERY_BYTES = 32 * 1024 * 1024;
+export const SYNC_EVERY_BYTES = 32 * 1024 * 1024;
 
 /** A received byte range, in the file. */
 interface Extent {

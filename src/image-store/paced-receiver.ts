@@ -1,12 +1,11 @@
 import fs, { type FileHandle } from 'node:fs/promises';
 import { constants } from 'node:fs';
 import { ParallelDigest, type FileDigests } from './hash.js';
+import { SYNC_EVERY_BYTES } from './image-receiver.js';
 import type { OsHashAlgo } from './types.js';
 
 /** What O_DIRECT asks of a write's offset and length here (the logical sector). */
 const DIRECT_ALIGN = 512;
-/** Data written through the page cache (no O_DIRECT) between two fdatasyncs: see ImageReceiver. */
-const SYNC_EVERY_BYTES = 32 * 1024 * 1024;
 
 /**
  * An image's raw data, received in increasing offset order (a range skipped is zeros) from an export
@@ -76,11 +75,6 @@ export class PacedReceiver {
       await buffered.close();
       throw err;
     }
-  }
-
-  /** Where the next byte is expected. */
-  get received(): number {
-    return this.position;
   }
 
   /**
@@ -179,6 +173,7 @@ export class PacedReceiver {
         this.directRefused = true;
       }
     }
+    // Through the page cache: fdatasynced as ImageReceiver does, for the same reason.
     await writeAll(this.buffered, data, offset);
     this.unsynced += data.length;
     if (this.unsynced >= SYNC_EVERY_BYTES) {
