@@ -12,6 +12,23 @@ const MAX_AHEAD_BYTES = 1024 * 1024 * 1024;
  */
 export const SYNC_EVERY_BYTES = 32 * 1024 * 1024;
 
+/**
+ * Throws unless a piece of `length` bytes at `offset` may be taken now: nothing failed, not closed,
+ * at or after everything received so far, within the image's size.
+ */
+export function checkPiece(
+  rx: { readonly failure: unknown; readonly closed: boolean; readonly position: number; readonly size: number },
+  offset: number,
+  length: number,
+): void {
+  if (rx.failure) throw rx.failure;
+  if (rx.closed) throw new Error('image data received after its end');
+  if (!Number.isSafeInteger(offset) || offset < rx.position) {
+    throw new RangeError(`image data out of order: ${length} bytes at ${offset}, before ${rx.position} already received`);
+  }
+  if (offset + length > rx.size) throw new RangeError(`image data beyond its size: ${length} bytes at ${offset}, size ${rx.size}`);
+}
+
 /** A received byte range, in the file. */
 interface Extent {
   start: number;
@@ -118,12 +135,7 @@ export class ImageReceiver {
   private async write(offset: number, pieces: Buffer | readonly Buffer[]): Promise<void> {
     const data = Buffer.isBuffer(pieces) ? [pieces] : pieces;
     const length = data.reduce((n, b) => n + b.length, 0);
-    if (this.failure) throw this.failure;
-    if (this.closed) throw new Error('image data received after its end');
-    if (!Number.isSafeInteger(offset) || offset < this.position) {
-      throw new RangeError(`image data out of order: ${length} bytes at ${offset}, before ${this.position} already received`);
-    }
-    if (offset + length > this.size) throw new RangeError(`image data beyond its size: ${length} bytes at ${offset}, size ${this.size}`);
+    checkPiece({ failure: this.failure, closed: this.closed, position: this.position, size: this.size }, offset, length);
     // What was skipped up to here is zeros: the hashes may take it now.
     this.position = offset;
     this.wake?.();

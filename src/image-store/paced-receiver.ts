@@ -1,7 +1,7 @@
 import fs, { type FileHandle } from 'node:fs/promises';
 import { constants } from 'node:fs';
 import { ParallelDigest, type FileDigests } from './hash.js';
-import { SYNC_EVERY_BYTES } from './image-receiver.js';
+import { checkPiece, SYNC_EVERY_BYTES } from './image-receiver.js';
 import type { OsHashAlgo } from './types.js';
 
 /** What O_DIRECT asks of a write's offset and length here (the logical sector). */
@@ -121,12 +121,7 @@ export class PacedReceiver {
 
   private async take(offset: number, data: readonly Buffer[]): Promise<void> {
     const length = data.reduce((n, b) => n + b.length, 0);
-    if (this.failure) throw this.failure;
-    if (this.closed) throw new Error('image data received after its end');
-    if (!Number.isSafeInteger(offset) || offset < this.position) {
-      throw new RangeError(`image data out of order: ${length} bytes at ${offset}, before ${this.position} already received`);
-    }
-    if (offset + length > this.size) throw new RangeError(`image data beyond its size: ${length} bytes at ${offset}, size ${this.size}`);
+    checkPiece({ failure: this.failure, closed: this.closed, position: this.position, size: this.size }, offset, length);
     if (offset > this.position) {
       this.flush();
       this.digest.pushZeros(offset - this.position);
