@@ -134,6 +134,8 @@ export class OperationJournal {
       if (name.startsWith('.') && name.includes('.tmp-')) continue; // not a name writeFileAtomic makes
       if (!name.endsWith('.json')) continue;
       const parsed = await readRecord(file, name);
+      // Listed, then removed before it was read: its operation has ended meanwhile.
+      if (parsed === undefined) continue;
       if (typeof parsed === 'string') {
         this.log.error({ file, reason: parsed }, `unreadable operation journal record moved aside: ${parsed}`);
         await rename(file, `${file}.corrupt`).catch((err: unknown) => {
@@ -190,12 +192,13 @@ function serialize(record: OperationRecord): string {
 const PHASES: readonly string[] = ['setup', 'run', 'undo', 'commit'];
 const STATES: readonly string[] = ['running', 'paused', 'shutoff', 'saved', 'crashed'];
 
-/** The record in `file`, or why it is unusable. */
-async function readRecord(file: string, name: string): Promise<OperationRecord | string> {
+/** The record in `file`, or why it is unusable; undefined once it is gone. */
+async function readRecord(file: string, name: string): Promise<OperationRecord | string | undefined> {
   let v: unknown;
   try {
     v = JSON.parse(await readFile(file, 'utf8'));
   } catch (err) {
+    if (isErrno(err, 'ENOENT')) return undefined;
     return `unreadable: ${errorMessage(err)}`;
   }
   if (typeof v !== 'object' || v === null || Array.isArray(v)) return 'not a JSON object';

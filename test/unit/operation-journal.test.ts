@@ -254,6 +254,17 @@ describe('OperationJournal', () => {
     expect((await j.list()).map((r) => r.image_id).sort()).toEqual([good.image_id, id].sort());
   });
 
+  it('a record listed but gone when it is read (its operation ended meanwhile) is skipped, not moved aside', async () => {
+    const j = await journal();
+    const kept = newOp();
+    await j.begin(kept);
+    // A name in the listing whose file cannot be opened: what an ended operation leaves a listing.
+    const gone = `${randomUUID()}.json`;
+    await fs.symlink(path.join(j.dir, 'removed-meanwhile'), path.join(j.dir, gone));
+    expect((await j.list()).map((r) => r.image_id)).toEqual([kept.image_id]);
+    expect((await fs.readdir(j.dir)).filter((n) => n.endsWith('.corrupt'))).toEqual([]);
+  });
+
   it('a folder where a record should be is moved aside too', async () => {
     const j = await journal();
     const id = randomUUID();
