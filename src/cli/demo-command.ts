@@ -70,6 +70,9 @@ function demoConfig(config: Config, base: string): Config {
   config.hypervisor.shutdown_timeout = 1;
   // The demo guest is made on the spot: the qemu backend's own instance, whatever the config says.
   config.hypervisor.driver = 'qemu';
+  // TCG: the demo's guest is small, and a host's /dev/kvm may be one that cannot run it (a nested
+  // kvm-pvm here hangs a guest at its first instructions, and kvm:tcg would pick it).
+  config.hypervisor.accel = 'tcg';
   // Its agents start one after the other, beside any agent of the host's: they serve no metrics,
   // and the demo prints what they recorded at the end.
   config.metrics.listen = null;
