@@ -86,7 +86,9 @@ export class PacedReceiver {
     const p = this.receiving.then(() =>
       this.take(offset, Buffer.isBuffer(data) ? [data] : data).catch((err: unknown) => {
         this.fail(err);
-        throw err;
+        // The first failure: a put waiting for a slot when an earlier slot's write failed sees the
+        // hashing stopped for it (HashWorkerFailed); the producer must hear the cause (ENOSPC).
+        throw this.failure;
       }),
     );
     this.receiving = p.catch(() => undefined);

@@ -147,6 +147,22 @@ describe('PacedReceiver', () => {
   });
 });
 
+describe('PacedReceiver: the first failure', () => {
+  it('is what every later or waiting put rejects with, never the hashing stopped for it (the NBD client is told ENOSPC, not EIO)', async () => {
+    // Puts beyond the ring's slots wait for one; the failure stops the hash threads meanwhile.
+    const rx = await PacedReceiver.create(path.join(tmp.path, 'full'), 64 * MiB, 'sha512');
+    const full = Object.assign(new Error('no space left on the store'), { code: 'ENOSPC' });
+    const puts = Array.from({ length: 12 }, (_, i) => rx.put(i * 4 * MiB, randomBytes(4 * MiB)).then(() => 'ok', (e: unknown) => e));
+    await new Promise((r) => setImmediate(r));
+    await rx.abort(full);
+    const settled = await Promise.all(puts);
+    const failures = settled.filter((x) => x !== 'ok');
+    expect(failures.length).toBeGreaterThan(0);
+    for (const e of failures) expect(e).toBe(full);
+    await expect(rx.put(60 * MiB, randomBytes(KiB))).rejects.toBe(full);
+  });
+});
+
 describe('a snapshot whose received data cannot be hashed', () => {
   it.each(STRATEGIES.filter((s) => s !== 'live'))('%s: fails as a failed export does, nothing left behind', async (strategy) => {
     const e = await makeFakeEnv({
