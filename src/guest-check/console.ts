@@ -72,14 +72,19 @@ function bucketTopMs(i: number): number {
 
 /**
  * Percentiles of a latency histogram, in ms: each the upper edge of the bucket it falls in (so at
- * most 19% high); undefined for an empty one.
+ * most 19% high); undefined for an empty one. `slowUs`: the exact latencies of the same window's
+ * records over the writer's `writer.slow_ms` (its `WRITER slow` lines): a percentile among them is
+ * exact.
  */
-export function latencyPercentiles(hist: LatencyHistogram): { n: number; p50Ms: number; p99Ms: number } | undefined {
+export function latencyPercentiles(hist: LatencyHistogram, slowUs: readonly number[] = []): { n: number; p50Ms: number; p99Ms: number } | undefined {
   const buckets = [...hist.entries()].filter(([, c]) => c > 0).sort((a, b) => a[0] - b[0]);
   const n = buckets.reduce((sum, [, c]) => sum + c, 0);
   if (n === 0) return undefined;
+  const slowest = [...slowUs].sort((a, b) => b - a);
   const at = (q: number): number => {
     const rank = Math.ceil(q * n);
+    const fromTop = n - rank; // records slower than the one at this rank
+    if (fromTop < slowest.length) return slowest[fromTop]! / 1000;
     let seen = 0;
     for (const [i, c] of buckets) {
       seen += c;
@@ -204,15 +209,20 @@ export interface GuestObserved {
   writerMaxMs: number;
   /** All its write+fsync latencies in the window, by bucket (latencyPercentiles reads it). */
   writerLatency: LatencyHistogram;
+  /** The exact latencies (µs) of those over `writer.slow_ms`. */
+  writerSlowUs: number[];
   writerErrors: string[];
 }
 
 export function observed(events: readonly ConsoleEvent[]): GuestObserved {
-  const out: GuestObserved = { stoppedMs: 0, stops: [], gaps: [], writerMaxMs: 0, writerLatency: new Map(), writerErrors: [] };
+  const out: GuestObserved = { stoppedMs: 0, stops: [], gaps: [], writerMaxMs: 0, writerLatency: new Map(), writerSlowUs: [], writerErrors: [] };
   for (const e of events) {
     if (e.kind === 'probe-stop') out.stops.push(e.ms);
     else if (e.kind === 'probe-gap') out.gaps.push(e.ms);
-    else if (e.kind === 'writer-slow') out.writerMaxMs = Math.max(out.writerMaxMs, e.us / 1000);
+    else if (e.kind === 'writer-slow') {
+      out.writerMaxMs = Math.max(out.writerMaxMs, e.us / 1000);
+      out.writerSlowUs.push(e.us);
+    }
     else if (e.kind === 'writer-progress') {
       out.writerMaxMs = Math.max(out.writerMaxMs, e.maxUs / 1000);
       for (const [i, c] of e.hist) out.writerLatency.set(i, (out.writerLatency.get(i) ?? 0) + c);

@@ -14,6 +14,8 @@ import { tempDirsConfig } from '../helpers/temp-config.js';
 
 /** `[hypervisor] background_export_nice` here: not the default, to show that the option is what counts. */
 const NICE = 7;
+/** `[hypervisor] live_backup_rate_mb` here, likewise. */
+const RATE_MB = 3;
 
 /**
  * Issue 13 goal 4, the mechanism: an export no guest waits for runs qemu-img at
@@ -45,6 +47,7 @@ beforeAll(async () => {
   const config = tempDirsConfig(base, { shutdownTimeoutS: 1 });
   config.hypervisor.qemu_img = stub;
   config.hypervisor.background_export_nice = NICE;
+  config.hypervisor.live_backup_rate_mb = RATE_MB;
   const captured = captureLogger();
   lines = captured.lines;
   rt = buildRuntime(config, captured.log, { beforeStep: (step, i) => beforeStep?.(step, i) });
@@ -62,12 +65,13 @@ async function niceOf(pid: number): Promise<number> {
   return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
 }
 
-/** Runs a snapshot; once its qemu-img convert has started, returns that process's niceness. */
-async function exportNice(uuid: string, strategy: 'cold' | 'suspend-create-resume-extract'): Promise<number> {
+/** Runs a snapshot; once its qemu-img convert has started, returns that process's niceness and arguments. */
+async function exportProcess(uuid: string, strategy: 'cold' | 'suspend-create-resume-extract' | 'live'): Promise<{ nice: number; argv: string[] }> {
   await fs.rm(pidFile, { force: true });
   await fs.rm(goFile, { force: true });
   const taking = rt.engine.take({ requestId: `req-${randomUUID()}`, instanceUuid: uuid, imageId: randomUUID(), strategy });
   let nice: number | undefined;
+  let argv: string[] = [];
   try {
     const deadline = Date.now() + 60_000;
     for (;;) {
@@ -75,6 +79,7 @@ async function exportNice(uuid: string, strategy: 'cold' | 'suspend-create-resum
       const pid = Number(await fs.readFile(pidFile, 'utf8').catch(() => ''));
       if (pid > 0) {
         nice = await niceOf(pid);
+        argv = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
         break;
       }
       if (Date.now() > deadline) throw new Error(`no qemu-img convert started for ${strategy}`);
@@ -84,7 +89,11 @@ async function exportNice(uuid: string, strategy: 'cold' | 'suspend-create-resum
     await fs.writeFile(goFile, '');
     expect(await taking).toMatchObject({ status: 'active', strategy });
   }
-  return nice;
+  return { nice, argv };
+}
+
+async function exportNice(uuid: string, strategy: 'cold' | 'suspend-create-resume-extract'): Promise<number> {
+  return (await exportProcess(uuid, strategy)).nice;
 }
 
 describe('export priority (real QEMU, real qemu-img)', () => {
@@ -101,6 +110,20 @@ describe('export priority (real QEMU, real qemu-img)', () => {
 
     expect(await exportNice(uuid, 'cold')).toBe(ownNice);
     expect(await exportNice(uuid, 'suspend-create-resume-extract')).toBe(Math.max(ownNice, NICE));
+    expect((await hv.info(uuid)).state).toBe('running');
+  });
+});
+
+describe("live's copy (real QEMU, real qemu-img)", () => {
+  it('is rate limited by [hypervisor] live_backup_rate_mb, at background_export_nice', async () => {
+    const hv = rt.qemu!;
+    const uuid = randomUUID();
+    await hv.createInstance({ uuid, name: 'rate', memoryMb: 64, vcpus: 1, machine: 'pc', diskSizeBytes: 16 * MiB });
+    await rt.lifecycle.start(uuid);
+    const { nice, argv } = await exportProcess(uuid, 'live');
+    expect(argv[argv.indexOf('-r') + 1]).toBe(String(RATE_MB * MiB));
+    expect(argv).toContain('convert');
+    expect(nice).toBe(Math.max(await niceOf(process.pid), NICE));
     expect((await hv.info(uuid)).state).toBe('running');
   });
 });

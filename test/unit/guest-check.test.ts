@@ -93,6 +93,7 @@ describe('guest console', () => {
       gaps: [61],
       writerMaxMs: 480,
       writerLatency: new Map([[40, 30], [44, 18], [45, 1]]),
+      writerSlowUs: [480_000],
       writerErrors: ['write rec-000002.log: Input/output error'],
     });
     // Bucket 40 holds 1024 µs up to 1218 µs; 44: 2048–2435 µs; 45: 2435–2896 µs.
@@ -101,6 +102,10 @@ describe('guest console', () => {
     expect(p.p50Ms).toBeCloseTo(2 ** (41 / 4) / 1000, 6);
     expect(p.p99Ms).toBeCloseTo(2 ** (46 / 4) / 1000, 6);
     expect(latencyPercentiles(new Map())).toBeUndefined();
+    // With the exact latencies of the slowest records, a percentile among them is exact.
+    const hist = new Map([[40, 98], [47, 1], [60, 1]]); // 100 records
+    expect(latencyPercentiles(hist, [3300, 40_000])).toEqual({ n: 100, p50Ms: 2 ** (41 / 4) / 1000, p99Ms: 3.3 });
+    expect(latencyPercentiles(hist, [40_000])!.p99Ms).toBeCloseTo(2 ** (48 / 4) / 1000, 6); // rank 99 is not among them: its bucket
     expect(parseConsoleLine('INITRAMFS error: /dev/vda did not appear')).toEqual({ kind: 'boot-error', text: '/dev/vda did not appear' });
   });
 

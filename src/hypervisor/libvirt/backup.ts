@@ -42,6 +42,8 @@ export interface PullBackupContext {
   virsh: Virsh;
   qemuImg: QemuImg;
   log: Logger;
+  /** Copy rate limit in bytes/s (qemu-img convert -r); unset or 0: unlimited. */
+  speed?: number;
 }
 
 export async function startPullBackup(ctx: PullBackupContext, domain: DomainXml, target: ExportDest | string): Promise<BackupJob> {
@@ -88,7 +90,12 @@ class PullBackupJob implements BackupJob {
   async wait(onProgress?: (fraction: number) => void): Promise<void> {
     const uri = `nbd+unix:///${encodeURIComponent(this.domain.rootDisk.target)}?socket=${this.socket}`;
     // The guest runs all along.
-    this.copying ??= this.ctx.qemuImg.convertNbdToRaw(uri, this.dest, { onProgress, signal: this.abort.signal, background: true });
+    this.copying ??= this.ctx.qemuImg.convertNbdToRaw(uri, this.dest, {
+      onProgress,
+      signal: this.abort.signal,
+      rateLimit: this.ctx.speed || undefined,
+      background: true,
+    });
     try {
       await this.copying;
     } finally {

@@ -35,6 +35,8 @@ export interface LibvirtHypervisorOptions {
   jobTimeoutMs: number;
   /** How long a graceful stop waits for the guest to power off before destroying it. */
   shutdownTimeoutMs: number;
+  /** Copy rate limit of live backups in bytes/s (qemu-img convert -r); unset or 0: unlimited. */
+  liveBackupSpeed?: number;
   log: Logger;
 }
 
@@ -276,7 +278,7 @@ export class LibvirtHypervisor implements Hypervisor {
 
   async startLiveBackup(uuid: string, dest: ExportDest | string): Promise<BackupJob> {
     const d = await this.domains.requireActive(uuid, 'start a live backup');
-    return startPullBackup({ virsh: this.virsh, qemuImg: this.qemuImg, log: this.log }, d.xml, dest);
+    return startPullBackup({ virsh: this.virsh, qemuImg: this.qemuImg, log: this.log, speed: this.opts.liveBackupSpeed }, d.xml, dest);
   }
 
   // ---- guest agent ----------------------------------------------------------------------------
@@ -319,6 +321,7 @@ export function fromConfig(config: Config, log: Logger): LibvirtHypervisor {
     commandTimeoutMs: config.hypervisor.qmp_timeout * 1000,
     jobTimeoutMs: config.hypervisor.job_timeout * 1000,
     shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,
+    liveBackupSpeed: config.hypervisor.live_backup_rate_mb * 2 ** 20,
     log,
   });
 }

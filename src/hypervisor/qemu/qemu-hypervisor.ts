@@ -231,6 +231,7 @@ export function fromConfig(config: Config, log: Logger): QemuHypervisor {
     shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,
     jobTimeoutMs: config.hypervisor.job_timeout * 1000,
     liveBackupCbwTimeoutS: config.hypervisor.backup_cbw_timeout,
+    liveBackupSpeed: config.hypervisor.live_backup_rate_mb * 2 ** 20,
     qmpTimeoutMs: config.hypervisor.qmp_timeout * 1000,
     log,
   });
