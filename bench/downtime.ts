@@ -91,6 +91,7 @@ const fillMb = values['ram-fill'] === 'random' ? Math.floor((ramMb * 3) / 4) : 0
  * what the host's own noise is.
  */
 const PROBE_GAP_MS = Number(values['probe-gap-ms']);
+if (!(PROBE_GAP_MS > 0)) throw new Error('--probe-gap-ms: a number of ms above 0');
 /**
  * The writer prints the exact latency of every record slower than this (`writer.slow_ms`): the p99s
  * are exact above it, not a bucket's edge (up to 19% high, which is all of the margin of a 2× goal).
@@ -100,7 +101,6 @@ const WRITER_SLOW_MS = 4;
 /** `[hypervisor] live_backup_rate_mb` of the agent under test (0: unlimited). */
 const LIVE_RATE_MB = Number(values['live-rate-mb']);
 if (!(LIVE_RATE_MB >= 0)) throw new Error('--live-rate-mb: MiB/s, 0 (unlimited) or more');
-if (!(PROBE_GAP_MS > 0)) throw new Error('--probe-gap-ms: a number of ms above 0');
 const MiB = 2 ** 20;
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;

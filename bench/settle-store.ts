@@ -1,7 +1,7 @@
 /**
  * Deleting a multi-GiB image on a filesystem mounted with `discard` (ext4 here) sends the device a
- * discard of every freed extent at the journal's next commit, up to 5 s later: the guest's fsyncs
- * meanwhile wait behind it. A bench that deletes the previous run's image must let that happen
+ * discard of every freed extent when the journal next commits (at once here: the guest's fsyncs
+ * commit it), about 100 ms of 1 GiB of discards that the guest's fsyncs wait behind. A bench that deletes the previous run's image must let that happen
  * outside the next window it measures, or the deletion is charged to the next snapshot (as it was:
  * two 50–80 ms fsyncs about 3 s after each run).
  */
