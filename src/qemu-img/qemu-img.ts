@@ -109,6 +109,16 @@ export const DEFAULT_QEMU_IMG_BOUNDS: QemuImgBounds = { quickMs: 120_000, snapsh
 
 type BoundKind = 'quick' | 'snapshot' | 'export';
 
+/**
+ * The bound of a copy of at most `sizeBytes` of data at `rateLimit` bytes/s: `exportMs`, or what the
+ * limit alone needs with a quarter more when that is longer (a rate limit the operator set must
+ * never be what kills a copy that keeps to it).
+ */
+export function rateLimitedBoundMs(exportMs: number, rateLimit: number | undefined, sizeBytes: number | undefined): number {
+  if (rateLimit === undefined || !(rateLimit > 0) || sizeBytes === undefined) return exportMs;
+  return Math.max(exportMs, Math.ceil((sizeBytes / rateLimit) * 1250));
+}
+
 /** qemu-img as `[hypervisor]` configures it: its program and its bounds. */
 export function qemuImgFromConfig(h: { qemu_img: string; qemu_img_timeout: number; job_timeout: number; export_timeout: number; background_export_nice: number }): QemuImg {
   return new QemuImg(
@@ -135,20 +145,20 @@ export class QemuImg {
   }
 
   /** runProgram with the bound of `kind`. */
-  private runBounded(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, nice?: number) {
+  private runBounded(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, nice?: number, exportMs = this.bounds.exportMs) {
     const [timeoutMs, timeoutOption] =
       kind === 'quick'
         ? [this.bounds.quickMs, QEMU_IMG_TIMEOUT_OPTION]
         : kind === 'snapshot'
           ? [this.bounds.snapshotMs, JOB_TIMEOUT_OPTION]
-          : [this.bounds.exportMs, EXPORT_TIMEOUT_OPTION];
+          : [exportMs, exportMs === this.bounds.exportMs ? EXPORT_TIMEOUT_OPTION : `${EXPORT_TIMEOUT_OPTION}, lengthened to what the copy's rate limit needs`];
     return runProgram(this.binary, args, { onStdout, signal, timeoutMs, timeoutOption, killGraceMs: this.bounds.killGraceMs, nice });
   }
 
-  private async run(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, nice?: number): Promise<string> {
+  private async run(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, nice?: number, exportMs?: number): Promise<string> {
     let res;
     try {
-      res = await this.runBounded(kind, args, onStdout, signal, nice);
+      res = await this.runBounded(kind, args, onStdout, signal, nice, exportMs);
     } catch (err) {
       if (err instanceof ProgramTimeout) throw err;
       throw new QemuImgError(`cannot run ${this.binary}: ${(err as Error).message}`, args, '', { cause: err });
@@ -237,7 +247,8 @@ export class QemuImg {
    * Copies what an NBD server exports (e.g. libvirt's pull backup, `nbd+unix:///vda?socket=…`) into a
    * sparse raw file, or into the image store's NBD receiver: the export's holes are asked for (block
    * status), not read. `signal` stops it.
-   * `rateLimit`: bytes/s of data copied (-r; holes cost nothing). `targetExists`: write into `dest`
+   * `rateLimit`: bytes/s of data copied (-r; holes cost nothing); with `sizeBytes` (the export's
+   * size), the copy's bound is what that needs when export_timeout is shorter. `targetExists`: write into `dest`
    * as it is, a file of the export's size reading as zeros (-n --target-is-zero: holes stay holes).
    *
    * One request at a time (-m 1, not qemu-img's 8): the server is a running guest's own QEMU, whose
@@ -247,7 +258,7 @@ export class QemuImg {
   async convertNbdToRaw(
     uri: string,
     dest: string | { nbdUri: string },
-    opts: { onProgress?: (fraction: number) => void; signal?: AbortSignal; rateLimit?: number; targetExists?: boolean; background?: boolean } = {},
+    opts: { onProgress?: (fraction: number) => void; signal?: AbortSignal; rateLimit?: number; sizeBytes?: number; targetExists?: boolean; background?: boolean } = {},
   ): Promise<void> {
     const args = ['convert', '-m', '1', '-f', 'raw', '-O', 'raw'];
     if (opts.targetExists || typeof dest !== 'string') args.push('-n', '--target-is-zero');
@@ -255,7 +266,8 @@ export class QemuImg {
     if (opts.onProgress) args.push('-p');
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), uri, dest);
     else args.push(uri, dest.nbdUri);
-    await this.run('export', args, progressParser(opts.onProgress), opts.signal, this.niceFor(opts.background));
+    const boundMs = rateLimitedBoundMs(this.bounds.exportMs, opts.rateLimit, opts.sizeBytes);
+    await this.run('export', args, progressParser(opts.onProgress), opts.signal, this.niceFor(opts.background), boundMs);
   }
 
   /** `qemu-img check --output=json -f qcow2`. Exit codes 2/3 (errors/leaks) are results, not failures. */

@@ -35,7 +35,7 @@ async function copyOptions(speed: number | undefined): Promise<{ uri: string; op
       },
     } as unknown as QemuImg;
     const domain = { name: 'd', uuid: '6a1b0c52-50a4-4a42-9d6c-0fd0d11c1d2f', rootDisk: { path: '/var/lib/d/disk.qcow2', target: 'vda' }, otherDisks: [] };
-    const job = await startPullBackup({ virsh, qemuImg, log: silentLogger(), speed }, domain, path.join(tmp.path, 'img.raw'));
+    const job = await startPullBackup({ virsh, qemuImg, log: silentLogger(), speed }, domain, 4 * 2 ** 30, path.join(tmp.path, 'img.raw'));
     await job.wait();
     if (seen === undefined) throw new Error('the job never started its copy');
     return { ...seen, virsh: calls };
@@ -45,10 +45,11 @@ async function copyOptions(speed: number | undefined): Promise<{ uri: string; op
 }
 
 describe('libvirt pull backup: the copy', () => {
-  it('is rate limited when a speed is set, at the background priority, and the job is ended after it', async () => {
+  it("is rate limited when a speed is set, bounded for the disk's size, at the background priority, and the job is ended after it", async () => {
     const { uri, opts, virsh } = await copyOptions(100 * 2 ** 20);
     expect(uri).toMatch(/^nbd\+unix:\/\/\/vda\?socket=.*img\.raw\.nbd$/);
-    expect(opts).toMatchObject({ rateLimit: 100 * 2 ** 20, background: true });
+    // With the disk's size: the copy's bound is at least what the limit needs (rateLimitedBoundMs).
+    expect(opts).toMatchObject({ rateLimit: 100 * 2 ** 20, sizeBytes: 4 * 2 ** 30, background: true });
     expect(virsh.map((a) => a[0])).toEqual(['backup-begin', 'domjobabort']);
   });
 

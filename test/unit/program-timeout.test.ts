@@ -3,7 +3,7 @@ import path from 'node:path';
 import { dir, type DirectoryResult } from 'tmp-promise';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ProgramTimeout } from '../../src/errors.js';
-import { QemuImg } from '../../src/qemu-img/qemu-img.js';
+import { QemuImg, rateLimitedBoundMs } from '../../src/qemu-img/qemu-img.js';
 import { runProgram } from '../../src/util/exec.js';
 
 /**
@@ -112,6 +112,19 @@ describe('QemuImg bounds', () => {
     await expect(img.convertNbdToRaw('nbd+unix:///x?socket=/nonexistent', path.join(tmp.path, 'out.raw'))).rejects.toThrow(
       /qemu-img convert did not finish within 150 ms \(\[hypervisor\] export_timeout\)/,
     );
+  });
+
+  it("a rate-limited copy is bounded by what its limit needs for the export's size when export_timeout is shorter", async () => {
+    expect(rateLimitedBoundMs(150, undefined, 1 << 30)).toBe(150);
+    expect(rateLimitedBoundMs(150, 1 << 20, undefined)).toBe(150);
+    expect(rateLimitedBoundMs(3_600_000, 100 * 2 ** 20, 1 << 30)).toBe(3_600_000);
+    // 1 TiB at 100 MiB/s: 10486 s, and a quarter more.
+    expect(rateLimitedBoundMs(3_600_000, 100 * 2 ** 20, 2 ** 40)).toBe(13_107_200);
+    const img = new QemuImg(await hangingQemuImg(), { exportMs: 150, killGraceMs: 100 });
+    // 256 KiB at 1 MiB/s: 250 ms, and a quarter more.
+    await expect(
+      img.convertNbdToRaw('nbd+unix:///x?socket=/nonexistent', path.join(tmp.path, 'out.raw'), { rateLimit: 1 << 20, sizeBytes: 256 << 10 }),
+    ).rejects.toThrow(/qemu-img convert did not finish within 313 ms \(\[hypervisor\] export_timeout, lengthened to what the copy's rate limit needs\)/);
   });
 
   it('info, check and create are bounded by [hypervisor] qemu_img_timeout', async () => {

@@ -46,7 +46,8 @@ export interface PullBackupContext {
   speed?: number;
 }
 
-export async function startPullBackup(ctx: PullBackupContext, domain: DomainXml, target: ExportDest | string): Promise<BackupJob> {
+/** `virtualSize`: the root disk's, the most the copy can carry. */
+export async function startPullBackup(ctx: PullBackupContext, domain: DomainXml, virtualSize: number, target: ExportDest | string): Promise<BackupJob> {
   const dest = exportFile(target);
   const socket = `${dest}.nbd`;
   if (Buffer.byteLength(socket) >= UNIX_SOCKET_PATH_MAX) {
@@ -69,7 +70,7 @@ export async function startPullBackup(ctx: PullBackupContext, domain: DomainXml,
   }
   const startedAt = Date.now();
   log.info({ start_pause_ms: Math.round(startPauseMs), socket }, 'live backup started (libvirt pull backup)');
-  return new PullBackupJob(ctx, domain, socket, target, startedAt, startPauseMs, log);
+  return new PullBackupJob(ctx, domain, socket, target, virtualSize, startedAt, startPauseMs, log);
 }
 
 class PullBackupJob implements BackupJob {
@@ -82,6 +83,7 @@ class PullBackupJob implements BackupJob {
     private readonly domain: DomainXml,
     private readonly socket: string,
     private readonly dest: ExportDest | string,
+    private readonly virtualSize: number,
     readonly startedAt: number,
     readonly startPauseMs: number,
     private readonly log: Logger,
@@ -94,6 +96,7 @@ class PullBackupJob implements BackupJob {
       onProgress,
       signal: this.abort.signal,
       rateLimit: this.ctx.speed || undefined,
+      sizeBytes: this.virtualSize,
       background: true,
     });
     try {

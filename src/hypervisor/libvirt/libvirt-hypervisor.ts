@@ -278,7 +278,8 @@ export class LibvirtHypervisor implements Hypervisor {
 
   async startLiveBackup(uuid: string, dest: ExportDest | string): Promise<BackupJob> {
     const d = await this.domains.requireActive(uuid, 'start a live backup');
-    return startPullBackup({ virsh: this.virsh, qemuImg: this.qemuImg, log: this.log, speed: this.opts.liveBackupSpeed }, d.xml, dest);
+    const { virtualSize } = await this.qemuImg.info(d.xml.rootDisk.path, { forceShare: true });
+    return startPullBackup({ virsh: this.virsh, qemuImg: this.qemuImg, log: this.log, speed: this.opts.liveBackupSpeed }, d.xml, virtualSize, dest);
   }
 
   // ---- guest agent ----------------------------------------------------------------------------

@@ -193,7 +193,7 @@ export async function startLiveBackup(ctx: LiveBackupContext, dest: ExportDest |
     throw err;
   }
   ctx.log.info({ fleecing: f.id, start_pause_ms: round(started.startPauseMs), cbw_timeout_s: cbwTimeoutS }, 'live backup started (fleecing)');
-  return new QemuBackupJob(ctx, f, dest, started.startedAt, started.startPauseMs, cbwTimeoutS);
+  return new QemuBackupJob(ctx, f, dest, virtualSize, started.startedAt, started.startPauseMs, cbwTimeoutS);
 }
 
 async function setUp(qmp: QmpClient, ctx: LiveBackupContext, f: Fleecing, cbwTimeoutS: number): Promise<{ startedAt: number; startPauseMs: number }> {
@@ -246,6 +246,8 @@ export class QemuBackupJob implements BackupJob {
     /** What the backup made in the guest's QEMU and the instance's folder. */
     readonly fleecing: Fleecing,
     readonly dest: ExportDest | string,
+    /** The disk's virtual size: the most the copy can carry. */
+    readonly virtualSize: number,
     readonly startedAt: number,
     readonly startPauseMs: number,
     readonly cbwTimeoutS: number,
@@ -277,6 +279,7 @@ export class QemuBackupJob implements BackupJob {
       onProgress: report,
       signal: this.abort.signal,
       rateLimit: this.ctx.speed || undefined,
+      sizeBytes: this.virtualSize,
       targetExists: true,
       // The guest runs all along.
       background: true,
