@@ -263,7 +263,13 @@ describe('Glance image store on a real Glance, driven as nova drives it', () => 
 
   it('backup_instance rotation lists and deletes the instance\'s backups in Glance', async () => {
     const ids = [randomUUID(), randomUUID(), randomUUID()];
-    for (const [i, id] of ids.entries()) await glance!.createQueued(id, `daily backup ${i}`, NOVA_API);
+    // Glance's created_at and updated_at have one-second precision, and these backups of a small disk
+    // take less: each image is created in a second of its own, so that the oldest is known (with
+    // equal times the order falls to the ids, as in nova, and the test would hold by chance).
+    for (const [i, id] of ids.entries()) {
+      if (i > 0) await new Promise((r) => setTimeout(r, 1000 - (Date.now() % 1000) + 20));
+      await glance!.createQueued(id, `daily backup ${i}`, NOVA_API);
+    }
     const results = await osloRpc(
       url,
       HOST_B,
