@@ -19,9 +19,9 @@
  *
  * Usage: npm run bench:downtime [-- --driver qemu|libvirt|both --runs N --ram-mb M --data-mb D
  *        --disk-mb S --quiesce off|auto|required --ram-fill random|zero --probe-gap-ms G
- *        --strategies s1,s2 --unprotected --store same|memory|throttled:<MiB/s> --live-rate-mb R]
+ *        --strategies s1,s2 --unprotected --store same|memory|throttled:<MiB/s> --export-rate-mb R]
  *
- * `--live-rate-mb`: `[hypervisor] live_backup_rate_mb` (default: its default; 0: unlimited).
+ * `--export-rate-mb`: `[hypervisor] running_export_rate_mb` (default: its default; 0: unlimited).
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -30,7 +30,7 @@ import { parseArgs } from 'node:util';
 import { buildRuntime } from '../src/service/runtime.js';
 import { benchConfig } from './bench-config.js';
 import { deleteAndSettle } from './settle-store.js';
-import { DEFAULT_LIVE_BACKUP_RATE_MB, QUIESCE_MODES, STRATEGIES, type QuiesceMode, type StrategyName } from '../src/config/schema.js';
+import { DEFAULT_RUNNING_EXPORT_RATE_MB, QUIESCE_MODES, STRATEGIES, type QuiesceMode, type StrategyName } from '../src/config/schema.js';
 import { DISK_NODE } from '../src/hypervisor/qemu/launch.js';
 import { GuestConsole, latencyPercentiles, type GuestObserved, type LatencyHistogram } from '../src/guest-check/console.js';
 import { testGuestDomainXml } from '../src/guest-check/domain-xml.js';
@@ -57,7 +57,7 @@ const { values } = parseArgs({
     strategies: { type: 'string', default: STRATEGIES.join(',') },
     unprotected: { type: 'boolean', default: false },
     store: { type: 'string', default: 'same' },
-    'live-rate-mb': { type: 'string', default: String(DEFAULT_LIVE_BACKUP_RATE_MB) },
+    'export-rate-mb': { type: 'string', default: String(DEFAULT_RUNNING_EXPORT_RATE_MB) },
   },
 });
 const runs = Number(values.runs);
@@ -98,9 +98,9 @@ if (!(PROBE_GAP_MS > 0)) throw new Error('--probe-gap-ms: a number of ms above 0
  * Not lower: each console line costs the guest a trap per byte under TCG.
  */
 const WRITER_SLOW_MS = 4;
-/** `[hypervisor] live_backup_rate_mb` of the agent under test (0: unlimited). */
-const LIVE_RATE_MB = Number(values['live-rate-mb']);
-if (!(LIVE_RATE_MB >= 0)) throw new Error('--live-rate-mb: MiB/s, 0 (unlimited) or more');
+/** `[hypervisor] running_export_rate_mb` of the agent under test (0: unlimited). */
+const EXPORT_RATE_MB = Number(values['export-rate-mb']);
+if (!(EXPORT_RATE_MB >= 0)) throw new Error('--export-rate-mb: MiB/s, 0 (unlimited) or more');
 const MiB = 2 ** 20;
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
@@ -175,7 +175,7 @@ async function libvirtGuest(base: string, guest: GuestImage, cmdline: string): P
 async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<Map<Row, Figures>> {
   const { base, config } = await benchConfig(`sdd-${driver}-`, quiesce);
   config.hypervisor.driver = driver;
-  config.hypervisor.live_backup_rate_mb = LIVE_RATE_MB;
+  config.hypervisor.running_export_rate_mb = EXPORT_RATE_MB;
   let store: ThrottledStore | undefined;
   if (throttleMiBps !== undefined) {
     store = await throttledStore(path.join(base, 'throttled-store'), { bytesPerSecond: throttleMiBps * MiB, sizeBytes: (dataMb + 1024) * MiB });
@@ -198,7 +198,7 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
     console.log(
       `${driver}: guest Linux ${guest.kernelVersion}, ${ramMb} MiB RAM (${fillMb} MiB of it random bytes), ` +
         `${diskMb} MiB qcow2 (ext4 root + ${dataMb} MiB of data; ${Math.round(disk.actualSize / MiB)} MiB on the host), writer running; quiesce=${quiesce}; ` +
-        `live copy ${LIVE_RATE_MB > 0 ? `at most ${LIVE_RATE_MB} MiB/s` : 'unlimited'}; TCG`,
+        `copies of the running guest's disk ${EXPORT_RATE_MB > 0 ? `at most ${EXPORT_RATE_MB} MiB/s` : 'unlimited'}; TCG`,
     );
     const figures = new Map<Row, Figures>();
     for (let r = 0; r < runs; r++) {

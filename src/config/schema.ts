@@ -31,12 +31,13 @@ export const HYPERVISOR_DRIVERS = ['qemu', 'libvirt'] as const;
 export type HypervisorDriver = (typeof HYPERVISOR_DRIVERS)[number];
 
 /**
- * `[hypervisor] live_backup_rate_mb` default (MiB/s of data; holes cost nothing). `live`'s copy is
- * served by the running guest's own QEMU, in the loop that also serves the guest's disk: on the
- * 2-core bench host the guest's fsync p99 was 2.5–5.7× idle unlimited (~250 MiB/s), 2–2.8× at
- * 100 MiB/s, no worse than idle at 10 MiB/s (`npm run bench:downtime -- --strategies live`).
+ * `[hypervisor] running_export_rate_mb` default (MiB/s of data; holes cost nothing): the limit of a
+ * copy no one waits for of a running guest's disk. Unlimited, the guest's fsync p99 during it was
+ * 2.5–5.7× idle with `live` (its own QEMU serves the copy) and 2.8–4.4× with `monitor-snapshot`
+ * (qemu-img beside it, the hashes) on the 2-core bench host; at 100 MiB/s, 2–2.8× and 1.1–1.8×
+ * (`npm run bench:downtime -- --strategies live,monitor-snapshot --export-rate-mb R`).
  */
-export const DEFAULT_LIVE_BACKUP_RATE_MB = 100;
+export const DEFAULT_RUNNING_EXPORT_RATE_MB = 100;
 
 /** Guest-agent filesystem freeze before a strategy's point in time (SPEC §3). */
 export const QUIESCE_MODES = ['off', 'auto', 'required'] as const;
@@ -164,7 +165,7 @@ export const schema = z
         background_export_yield_seconds: int(0, 3600).default(120),
         wait_soft_reboot_seconds: int(0, 86_400).default(120),
         backup_cbw_timeout: int(1, 4_294_967_295).default(5),
-        live_backup_rate_mb: num(0).default(DEFAULT_LIVE_BACKUP_RATE_MB),
+        running_export_rate_mb: num(0).default(DEFAULT_RUNNING_EXPORT_RATE_MB),
       })
       .strict()
       .prefault({}),

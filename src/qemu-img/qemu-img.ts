@@ -39,6 +39,10 @@ export interface ConvertOptions {
   onProgress?: (fraction: number) => void;
   /** Nothing waits for this copy but its snapshot (the guest runs, or is shut off): at the background niceness. */
   background?: boolean;
+  /** Bytes/s of data copied (-r; holes cost nothing); unset or 0: unlimited. */
+  rateLimit?: number;
+  /** The image's virtual size: with rateLimit, the copy's bound is what that needs when export_timeout is shorter. */
+  sizeBytes?: number;
 }
 
 /**
@@ -237,10 +241,12 @@ export class QemuImg {
     const args = ['convert', '-f', 'qcow2', '-O', 'raw'];
     if (opts.forceShare) args.push('-U');
     if (opts.snapshotName !== undefined) args.push('-l', `snapshot.name=${escapeOptValue(opts.snapshotName)}`);
+    if (opts.rateLimit !== undefined && opts.rateLimit > 0) args.push('-r', String(Math.max(1, Math.floor(opts.rateLimit))));
     if (opts.onProgress) args.push('-p');
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), src, dest);
     else args.push('-n', '--target-is-zero', src, dest.nbdUri);
-    await this.run('export', args, progressParser(opts.onProgress), undefined, this.niceFor(opts.background));
+    const boundMs = rateLimitedBoundMs(this.bounds.exportMs, opts.rateLimit, opts.sizeBytes);
+    await this.run('export', args, progressParser(opts.onProgress), undefined, this.niceFor(opts.background), boundMs);
   }
 
   /**

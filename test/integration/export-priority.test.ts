@@ -14,7 +14,7 @@ import { tempDirsConfig } from '../helpers/temp-config.js';
 
 /** `[hypervisor] background_export_nice` here: not the default, to show that the option is what counts. */
 const NICE = 7;
-/** `[hypervisor] live_backup_rate_mb` here, likewise. */
+/** `[hypervisor] running_export_rate_mb` here, likewise. */
 const RATE_MB = 3;
 
 /**
@@ -47,7 +47,7 @@ beforeAll(async () => {
   const config = tempDirsConfig(base, { shutdownTimeoutS: 1 });
   config.hypervisor.qemu_img = stub;
   config.hypervisor.background_export_nice = NICE;
-  config.hypervisor.live_backup_rate_mb = RATE_MB;
+  config.hypervisor.running_export_rate_mb = RATE_MB;
   const captured = captureLogger();
   lines = captured.lines;
   rt = buildRuntime(config, captured.log, { beforeStep: (step, i) => beforeStep?.(step, i) });
@@ -66,7 +66,7 @@ async function niceOf(pid: number): Promise<number> {
 }
 
 /** Runs a snapshot; once its qemu-img convert has started, returns that process's niceness and arguments. */
-async function exportProcess(uuid: string, strategy: 'cold' | 'suspend-create-resume-extract' | 'live'): Promise<{ nice: number; argv: string[] }> {
+async function exportProcess(uuid: string, strategy: 'cold' | 'suspend-create-resume-extract' | 'live' | 'monitor-snapshot'): Promise<{ nice: number; argv: string[] }> {
   await fs.rm(pidFile, { force: true });
   await fs.rm(goFile, { force: true });
   const taking = rt.engine.take({ requestId: `req-${randomUUID()}`, instanceUuid: uuid, imageId: randomUUID(), strategy });
@@ -114,17 +114,24 @@ describe('export priority (real QEMU, real qemu-img)', () => {
   });
 });
 
-describe("live's copy (real QEMU, real qemu-img)", () => {
-  it('is rate limited by [hypervisor] live_backup_rate_mb, at background_export_nice', async () => {
+describe("copies of a running guest's disk (real QEMU, real qemu-img)", () => {
+  /** The -r argument of a qemu-img convert's arguments (undefined: none). */
+  const rateOf = (argv: string[]) => (argv.includes('-r') ? argv[argv.indexOf('-r') + 1] : undefined);
+
+  it('live, monitor-snapshot and a managed-save strategy once the guest runs: held to [hypervisor] running_export_rate_mb; cold, which keeps the guest saved, and a shut-off guest: not', async () => {
     const hv = rt.qemu!;
     const uuid = randomUUID();
     await hv.createInstance({ uuid, name: 'rate', memoryMb: 64, vcpus: 1, machine: 'pc', diskSizeBytes: 16 * MiB });
     await rt.lifecycle.start(uuid);
-    const { nice, argv } = await exportProcess(uuid, 'live');
-    expect(argv[argv.indexOf('-r') + 1]).toBe(String(RATE_MB * MiB));
-    expect(argv).toContain('convert');
-    expect(nice).toBe(Math.max(await niceOf(process.pid), NICE));
+    for (const strategy of ['live', 'monitor-snapshot', 'suspend-create-resume-extract'] as const) {
+      const { argv } = await exportProcess(uuid, strategy);
+      expect(argv).toContain('convert');
+      expect(rateOf(argv), strategy).toBe(String(RATE_MB * MiB));
+    }
+    expect(rateOf((await exportProcess(uuid, 'cold')).argv)).toBeUndefined();
     expect((await hv.info(uuid)).state).toBe('running');
+    await rt.lifecycle.stop(uuid, false);
+    expect(rateOf((await exportProcess(uuid, 'monitor-snapshot')).argv)).toBeUndefined();
   });
 });
 

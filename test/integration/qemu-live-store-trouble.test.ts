@@ -252,7 +252,7 @@ describe('live: the guest never waits for the image store (real Linux guest, wri
 
     // The copy rate-limited, as an operator would (and so that the copy after the thaw does not take
     // the host's CPUs from the guest: what is measured here is waiting for the store).
-    const limited = new QemuHypervisor({ ...hvOptions, liveBackupSpeed: COPY_SPEED });
+    const limited = new QemuHypervisor({ ...hvOptions, runningExportSpeed: COPY_SPEED });
 
     let fleece = '';
     let partial = '';

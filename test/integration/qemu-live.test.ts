@@ -175,7 +175,7 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
     figures.saveResumeDowntimeMs = resumed.vcpusResumedAt! - saved.vcpusStoppedAt!;
     figures.savedStateBytes = saved.bytes!;
 
-    const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
+    const slow = env.newHypervisor({ runningExportSpeed: CRAWL });
     const watch = await watchQmpEvents(slow, uuid);
     const dest = path.join(env.tmpPath, 'live.raw');
     const before = Date.now();
@@ -250,7 +250,7 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
   });
 
   it('cancel stops the copy: guest running, everything torn down, the target left to the caller', async () => {
-    const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
+    const slow = env.newHypervisor({ runningExportSpeed: CRAWL });
     const dest = path.join(env.tmpPath, 'cancelled.raw');
     const job = await slow.startLiveBackup(uuid, dest);
     expect(await nodeNames(hv, uuid)).toEqual(expect.arrayContaining([job.fleecing.imageNode, job.fleecing.cbwNode, job.fleecing.accessNode]));
@@ -278,7 +278,7 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
   });
 
   it('an export ended by someone else fails wait() with the cause and is cleaned up; the next backup has the later writes', async () => {
-    const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
+    const slow = env.newHypervisor({ runningExportSpeed: CRAWL });
     const dest = path.join(env.tmpPath, 'interrupted.raw');
     const job = await slow.startLiveBackup(uuid, dest);
     const waiting = job.wait().catch((e: unknown) => e);
@@ -371,7 +371,7 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
   );
 
   it('recovery after a dead agent: its copy is killed, the fleecing undone, the device back on the disk node', async () => {
-    const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
+    const slow = env.newHypervisor({ runningExportSpeed: CRAWL });
     const dest = path.join(env.tmpPath, 'orphan.raw');
     const job = await slow.startLiveBackup(uuid, dest);
     // The copy runs; its agent is taken for dead: another hypervisor object settles what it left.
@@ -393,7 +393,7 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
   });
 
   it('a second backup while one is under way is refused (InstanceBusy) and leaves the first alone', async () => {
-    const slow = env.newHypervisor({ liveBackupSpeed: CRAWL });
+    const slow = env.newHypervisor({ runningExportSpeed: CRAWL });
     const first = await slow.startLiveBackup(uuid, path.join(env.tmpPath, 'first.raw'));
     const err = await hv.startLiveBackup(uuid, path.join(env.tmpPath, 'second.raw')).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(InstanceBusy);
@@ -474,7 +474,7 @@ describe('live backup (fleecing + pull), guest agent and downtime against real Q
 
     const dest = path.join(env.tmpPath, 'on-base.raw');
     // 1 MiB/s: the 10 MiB of data take seconds.
-    const slow = env.newHypervisor({ liveBackupSpeed: MiB });
+    const slow = env.newHypervisor({ runningExportSpeed: MiB });
     const job = await slow.startLiveBackup(child, dest);
     let finished = false;
     const waiting = job.wait().finally(() => (finished = true));

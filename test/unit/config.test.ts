@@ -177,12 +177,12 @@ describe('loadConfig', () => {
     expect(config.image_store).toEqual(defaultConfig().image_store);
   });
 
-  it("[hypervisor] live_backup_rate_mb: 100 MiB/s unless set; 0 (unlimited) or more", async () => {
-    expect(defaultConfig().hypervisor.live_backup_rate_mb).toBe(100);
-    expect((await loadConfig([await file('r0.conf', ['[hypervisor]', 'live_backup_rate_mb = 0'])])).hypervisor.live_backup_rate_mb).toBe(0);
-    const f = await file('r.conf', ['[hypervisor]', 'live_backup_rate_mb = -5']);
+  it("[hypervisor] running_export_rate_mb: 100 MiB/s unless set; 0 (unlimited) or more", async () => {
+    expect(defaultConfig().hypervisor.running_export_rate_mb).toBe(100);
+    expect((await loadConfig([await file('r0.conf', ['[hypervisor]', 'running_export_rate_mb = 0'])])).hypervisor.running_export_rate_mb).toBe(0);
+    const f = await file('r.conf', ['[hypervisor]', 'running_export_rate_mb = -5']);
     const err = await configError(() => loadConfig([f]));
-    expect(err.message.startsWith(`[hypervisor] live_backup_rate_mb = "-5" in ${f}:2: expected`)).toBe(true);
+    expect(err.message.startsWith(`[hypervisor] running_export_rate_mb = "-5" in ${f}:2: expected`)).toBe(true);
   });
 
   it('names a missing file and the reason', async () => {

@@ -8,7 +8,7 @@ import type { QemuImg } from '../../src/qemu-img/qemu-img.js';
 
 /**
  * libvirt's `live` copy: the pull job's NBD export read by `qemu-img convert`, at the rate limit
- * `[hypervisor] live_backup_rate_mb` gives (real runs: libvirt-live-store.test.ts and the strategy
+ * `[hypervisor] running_export_rate_mb` gives (real runs: libvirt-live-store.test.ts and the strategy
  * matrix; here only what reaches qemu-img, on fakes).
  */
 

@@ -35,8 +35,12 @@ export interface LibvirtHypervisorOptions {
   jobTimeoutMs: number;
   /** How long a graceful stop waits for the guest to power off before destroying it. */
   shutdownTimeoutMs: number;
-  /** Copy rate limit of live backups in bytes/s (qemu-img convert -r); unset or 0: unlimited. */
-  liveBackupSpeed?: number;
+  /**
+   * Rate limit (bytes/s; qemu-img convert -r) of a copy no one waits for of a running or paused
+   * domain's disk: live's copy, and the export of an internal snapshot while it runs; unset or 0:
+   * unlimited.
+   */
+  runningExportSpeed?: number;
   log: Logger;
 }
 
@@ -268,18 +272,22 @@ export class LibvirtHypervisor implements Hypervisor {
     }
     // An internal snapshot's clusters are never rewritten while it exists: safe to read with -U.
     const d = await this.domains.probeWithXml(uuid);
+    const active = d.state === 'running' || d.state === 'paused';
+    const speed = this.opts.runningExportSpeed;
+    const limited = active && opts.background === true && speed !== undefined && speed > 0;
     await this.qemuImg.convertToRaw(d.xml.rootDisk.path, opts.dest, {
       snapshotName: opts.snapshotName,
-      forceShare: d.state === 'running' || d.state === 'paused',
+      forceShare: active,
       onProgress: opts.onProgress,
       background: opts.background,
+      ...(limited ? { rateLimit: speed, sizeBytes: (await this.qemuImg.info(d.xml.rootDisk.path, { forceShare: true })).virtualSize } : {}),
     });
   }
 
   async startLiveBackup(uuid: string, dest: ExportDest | string): Promise<BackupJob> {
     const d = await this.domains.requireActive(uuid, 'start a live backup');
     const { virtualSize } = await this.qemuImg.info(d.xml.rootDisk.path, { forceShare: true });
-    return startPullBackup({ virsh: this.virsh, qemuImg: this.qemuImg, log: this.log, speed: this.opts.liveBackupSpeed }, d.xml, virtualSize, dest);
+    return startPullBackup({ virsh: this.virsh, qemuImg: this.qemuImg, log: this.log, speed: this.opts.runningExportSpeed }, d.xml, virtualSize, dest);
   }
 
   // ---- guest agent ----------------------------------------------------------------------------
@@ -322,7 +330,7 @@ export function fromConfig(config: Config, log: Logger): LibvirtHypervisor {
     commandTimeoutMs: config.hypervisor.qmp_timeout * 1000,
     jobTimeoutMs: config.hypervisor.job_timeout * 1000,
     shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,
-    liveBackupSpeed: config.hypervisor.live_backup_rate_mb * 2 ** 20,
+    runningExportSpeed: config.hypervisor.running_export_rate_mb * 2 ** 20,
     log,
   });
 }

@@ -53,7 +53,11 @@ export async function liveSnapshotDelete(g: QemuGuests, uuid: string, name: stri
   await g.withQmp(p.layout, (qmp) => qmp.execute('blockdev-snapshot-delete-internal-sync', { device: DISK_NODE, name }, { timeoutMs: jobTimeoutMs }));
 }
 
-export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOptions): Promise<void> {
+/**
+ * `runningSpeed`: the rate limit (bytes/s) of a copy no one waits for of a running or paused guest's
+ * disk (`[hypervisor] running_export_rate_mb`): the guest's own I/O shares the host with it.
+ */
+export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOptions, runningSpeed?: number): Promise<void> {
   if (opts.snapshotName === undefined) {
     const { layout } = await g.requireNoProcess(uuid, 'export the active layer of the disk');
     await g.qemuImg.convertToRaw(layout.disk, opts.dest, { onProgress: opts.onProgress, background: opts.background });
@@ -61,11 +65,13 @@ export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOption
   }
   // An internal snapshot's clusters are never rewritten while it exists: safe to read with -U.
   const p = await g.probeProcess(uuid);
+  const limited = p.pid !== undefined && opts.background === true && runningSpeed !== undefined && runningSpeed > 0;
   await g.qemuImg.convertToRaw(p.layout.disk, opts.dest, {
     snapshotName: opts.snapshotName,
     forceShare: p.pid !== undefined,
     onProgress: opts.onProgress,
     background: opts.background,
+    ...(limited ? { rateLimit: runningSpeed, sizeBytes: (await g.qemuImg.info(p.layout.disk, { forceShare: true })).virtualSize } : {}),
   });
 }
 

@@ -41,8 +41,12 @@ export interface QemuHypervisorOptions extends QemuGuestsOptions {
   jobTimeoutMs?: number;
   /** Test hook: sees the connection a managed save's stream arrives on, before it is read (saves.SaveOptions). */
   beforeReadingSaveStream?: saves.SaveOptions['beforeReadingSaveStream'];
-  /** Copy rate limit of live backups in bytes/s (qemu-img convert -r); unset or 0: unlimited. */
-  liveBackupSpeed?: number;
+  /**
+   * Rate limit (bytes/s; qemu-img convert -r) of a copy no one waits for of a running or paused
+   * guest's disk: live's copy, and the export of an internal snapshot while the guest runs; unset or
+   * 0: unlimited.
+   */
+  runningExportSpeed?: number;
   /**
    * copy-before-write `cbw-timeout` of live backups (whole seconds): a guest write whose copy into
    * the local fleece image takes longer breaks the backup instead of waiting on. Default 5.
@@ -172,13 +176,13 @@ export class QemuHypervisor implements Hypervisor, InstanceFactory {
   }
 
   exportDisk(uuid: string, opts: ExportOptions): Promise<void> {
-    return disk.exportDisk(this.guests, uuid, opts);
+    return disk.exportDisk(this.guests, uuid, opts, this.opts.runningExportSpeed);
   }
 
   async startLiveBackup(uuid: string, dest: ExportDest | string): Promise<QemuBackupJob> {
     await this.requireActiveDisk(uuid, 'start a live backup');
     return disk.startLiveBackup(this.guests, uuid, dest, {
-      speed: this.opts.liveBackupSpeed,
+      speed: this.opts.runningExportSpeed,
       cbwTimeoutS: this.opts.liveBackupCbwTimeoutS,
       beforeStartCommand: this.opts.liveBackupBeforeStartCommand,
     });
@@ -231,7 +235,7 @@ export function fromConfig(config: Config, log: Logger): QemuHypervisor {
     shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,
     jobTimeoutMs: config.hypervisor.job_timeout * 1000,
     liveBackupCbwTimeoutS: config.hypervisor.backup_cbw_timeout,
-    liveBackupSpeed: config.hypervisor.live_backup_rate_mb * 2 ** 20,
+    runningExportSpeed: config.hypervisor.running_export_rate_mb * 2 ** 20,
     qmpTimeoutMs: config.hypervisor.qmp_timeout * 1000,
     log,
   });
