@@ -39,10 +39,11 @@ export interface ConvertOptions {
   onProgress?: (fraction: number) => void;
   /** Nothing waits for this copy but its snapshot (the guest runs, or is shut off): at the background niceness. */
   background?: boolean;
-  /** Bytes/s of data copied (-r; holes cost nothing); unset or 0: unlimited. */
+  /**
+   * Bytes/s of data copied (-r; holes cost nothing); unset or 0: unlimited. The copy's bound is then
+   * what the limit needs for the image's virtual size when export_timeout is shorter.
+   */
   rateLimit?: number;
-  /** The image's virtual size: with rateLimit, the copy's bound is what that needs when export_timeout is shorter. */
-  sizeBytes?: number;
 }
 
 /**
@@ -121,6 +122,11 @@ type BoundKind = 'quick' | 'snapshot' | 'export';
 export function rateLimitedBoundMs(exportMs: number, rateLimit: number | undefined, sizeBytes: number | undefined): number {
   if (rateLimit === undefined || !(rateLimit > 0) || sizeBytes === undefined) return exportMs;
   return Math.max(exportMs, Math.ceil((sizeBytes / rateLimit) * 1250));
+}
+
+/** `-r <bytes/s>` of a rate limit, none for unset or 0. */
+function rateArgs(rateLimit: number | undefined): string[] {
+  return rateLimit !== undefined && rateLimit > 0 ? ['-r', String(Math.max(1, Math.floor(rateLimit)))] : [];
 }
 
 /** qemu-img as `[hypervisor]` configures it: its program and its bounds. */
@@ -241,11 +247,12 @@ export class QemuImg {
     const args = ['convert', '-f', 'qcow2', '-O', 'raw'];
     if (opts.forceShare) args.push('-U');
     if (opts.snapshotName !== undefined) args.push('-l', `snapshot.name=${escapeOptValue(opts.snapshotName)}`);
-    if (opts.rateLimit !== undefined && opts.rateLimit > 0) args.push('-r', String(Math.max(1, Math.floor(opts.rateLimit))));
+    args.push(...rateArgs(opts.rateLimit));
     if (opts.onProgress) args.push('-p');
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), src, dest);
     else args.push('-n', '--target-is-zero', src, dest.nbdUri);
-    const boundMs = rateLimitedBoundMs(this.bounds.exportMs, opts.rateLimit, opts.sizeBytes);
+    const sizeBytes = opts.rateLimit ? (await this.info(src, { forceShare: opts.forceShare })).virtualSize : undefined;
+    const boundMs = rateLimitedBoundMs(this.bounds.exportMs, opts.rateLimit, sizeBytes);
     await this.run('export', args, progressParser(opts.onProgress), undefined, this.niceFor(opts.background), boundMs);
   }
 
@@ -268,7 +275,7 @@ export class QemuImg {
   ): Promise<void> {
     const args = ['convert', '-m', '1', '-f', 'raw', '-O', 'raw'];
     if (opts.targetExists || typeof dest !== 'string') args.push('-n', '--target-is-zero');
-    if (opts.rateLimit !== undefined && opts.rateLimit > 0) args.push('-r', String(Math.max(1, Math.floor(opts.rateLimit))));
+    args.push(...rateArgs(opts.rateLimit));
     if (opts.onProgress) args.push('-p');
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), uri, dest);
     else args.push(uri, dest.nbdUri);

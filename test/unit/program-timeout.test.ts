@@ -127,6 +127,18 @@ describe('QemuImg bounds', () => {
     ).rejects.toThrow(/qemu-img convert did not finish within 313 ms \(\[hypervisor\] export_timeout, lengthened to what the copy's rate limit needs\)/);
   });
 
+  it("a rate-limited export of an image is bounded by what its limit needs for the image's virtual size", async () => {
+    // info answers (256 KiB virtual), convert never ends.
+    const stub = await script(
+      'qemu-img',
+      'if [ "$1" = info ]; then echo \'{"virtual-size": 262144, "actual-size": 0, "format": "qcow2"}\'; exit 0; fi\nexec sleep 100000',
+    );
+    const img = new QemuImg(stub, { exportMs: 150, killGraceMs: 100 });
+    await expect(img.convertToRaw('/x.qcow2', path.join(tmp.path, 'out.raw'), { forceShare: true, snapshotName: 's', rateLimit: 1 << 20 })).rejects.toThrow(
+      /qemu-img convert did not finish within 313 ms \(\[hypervisor\] export_timeout, lengthened to what the copy's rate limit needs\)/,
+    );
+  });
+
   it('info, check and create are bounded by [hypervisor] qemu_img_timeout', async () => {
     const img = new QemuImg(await hangingQemuImg(), { quickMs: 120, killGraceMs: 100 });
     for (const call of [

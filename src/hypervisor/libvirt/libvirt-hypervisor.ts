@@ -280,7 +280,7 @@ export class LibvirtHypervisor implements Hypervisor {
       forceShare: active,
       onProgress: opts.onProgress,
       background: opts.background,
-      ...(limited ? { rateLimit: speed, sizeBytes: (await this.qemuImg.info(d.xml.rootDisk.path, { forceShare: true })).virtualSize } : {}),
+      rateLimit: limited ? speed : undefined,
     });
   }
 

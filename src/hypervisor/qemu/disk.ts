@@ -71,7 +71,7 @@ export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOption
     forceShare: p.pid !== undefined,
     onProgress: opts.onProgress,
     background: opts.background,
-    ...(limited ? { rateLimit: runningSpeed, sizeBytes: (await g.qemuImg.info(p.layout.disk, { forceShare: true })).virtualSize } : {}),
+    rateLimit: limited ? runningSpeed : undefined,
   });
 }
 
