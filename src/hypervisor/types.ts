@@ -128,6 +128,8 @@ export interface ExportOptions {
    * guests and to other snapshots' saves and restores.
    */
   background?: boolean;
+  /** The disk's virtual size as the operation read it: bounds a rate-limited copy (qemu-img.ts rateLimitedBoundMs). */
+  virtualSize?: number;
 }
 
 /**

@@ -39,11 +39,10 @@ export interface ConvertOptions {
   onProgress?: (fraction: number) => void;
   /** Nothing waits for this copy but its snapshot (the guest runs, or is shut off): at the background niceness. */
   background?: boolean;
-  /**
-   * Bytes/s of data copied (-r; holes cost nothing); unset or 0: unlimited. The copy's bound is then
-   * what the limit needs for the image's virtual size when export_timeout is shorter.
-   */
+  /** Bytes/s of data copied (-r; holes cost nothing); unset or 0: unlimited. */
   rateLimit?: number;
+  /** The image's virtual size: with rateLimit, the copy's bound is what that needs when export_timeout is shorter. */
+  sizeBytes?: number;
 }
 
 /**
@@ -251,8 +250,7 @@ export class QemuImg {
     if (opts.onProgress) args.push('-p');
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), src, dest);
     else args.push('-n', '--target-is-zero', src, dest.nbdUri);
-    const sizeBytes = opts.rateLimit ? (await this.info(src, { forceShare: opts.forceShare })).virtualSize : undefined;
-    const boundMs = rateLimitedBoundMs(this.bounds.exportMs, opts.rateLimit, sizeBytes);
+    const boundMs = rateLimitedBoundMs(this.bounds.exportMs, opts.rateLimit, opts.sizeBytes);
     await this.run('export', args, progressParser(opts.onProgress), undefined, this.niceFor(opts.background), boundMs);
   }
 

@@ -205,7 +205,7 @@ export async function exportInto(ctx: SnapshotContext, snapshotName: string | un
     ctx.incoming = incoming;
     if (background && ctx.watched !== undefined) incoming.holdBack.set(ctx.watched.gate());
     try {
-      await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: incoming, onProgress: ctx.onProgress, background });
+      await ctx.hv.exportDisk(ctx.uuid, { snapshotName, dest: incoming, onProgress: ctx.onProgress, background, virtualSize: ctx.diskSize });
       await incoming.finish();
       logHeldBack(ctx, incoming.holdBack.ms);
       return;

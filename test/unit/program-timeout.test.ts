@@ -128,13 +128,10 @@ describe('QemuImg bounds', () => {
   });
 
   it("a rate-limited export of an image is bounded by what its limit needs for the image's virtual size", async () => {
-    // info answers (256 KiB virtual), convert never ends.
-    const stub = await script(
-      'qemu-img',
-      'if [ "$1" = info ]; then echo \'{"virtual-size": 262144, "actual-size": 0, "format": "qcow2"}\'; exit 0; fi\nexec sleep 100000',
-    );
-    const img = new QemuImg(stub, { exportMs: 150, killGraceMs: 100 });
-    await expect(img.convertToRaw('/x.qcow2', path.join(tmp.path, 'out.raw'), { forceShare: true, snapshotName: 's', rateLimit: 1 << 20 })).rejects.toThrow(
+    const img = new QemuImg(await hangingQemuImg(), { exportMs: 150, killGraceMs: 100 });
+    // 256 KiB at 1 MiB/s: 250 ms, and a quarter more.
+    const opts = { forceShare: true, snapshotName: 's', rateLimit: 1 << 20, sizeBytes: 256 << 10 };
+    await expect(img.convertToRaw('/x.qcow2', path.join(tmp.path, 'out.raw'), opts)).rejects.toThrow(
       /qemu-img convert did not finish within 313 ms \(\[hypervisor\] export_timeout, lengthened to what the copy's rate limit needs\)/,
     );
   });

@@ -281,6 +281,7 @@ export class LibvirtHypervisor implements Hypervisor {
       onProgress: opts.onProgress,
       background: opts.background,
       rateLimit: limited ? speed : undefined,
+      sizeBytes: opts.virtualSize,
     });
   }
 

@@ -72,6 +72,7 @@ export async function exportDisk(g: QemuGuests, uuid: string, opts: ExportOption
     onProgress: opts.onProgress,
     background: opts.background,
     rateLimit: limited ? runningSpeed : undefined,
+    sizeBytes: opts.virtualSize,
   });
 }
 
