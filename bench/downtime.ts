@@ -19,9 +19,11 @@
  *
  * Usage: npm run bench:downtime [-- --driver qemu|libvirt|both --runs N --ram-mb M --data-mb D
  *        --disk-mb S --quiesce off|auto|required --ram-fill random|zero --probe-gap-ms G
- *        --strategies s1,s2 --unprotected --store same|memory|throttled:<MiB/s> --export-rate-mb R]
+ *        --strategies s1,s2 --unprotected --store same|memory|throttled:<MiB/s> --export-rate-mb R
+ *        --background-cpus LIST]
  *
  * `--export-rate-mb`: `[hypervisor] running_export_rate_mb` (default: its default; 0: unlimited).
+ * `--background-cpus`: `[hypervisor] background_export_cpus` (default: none, any CPU).
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -43,6 +45,7 @@ import { throttledStore, type ThrottledStore } from './throttled-store.js';
 import { bareSaveRestore } from './bare-save-restore.js';
 import { qemuGuest, writeDiskData, type BenchGuest } from './bench-guest.js';
 import { USES_MANAGED_SAVE } from '../src/snapshot/strategies.js';
+import { cpuList } from '../src/config/values.js';
 
 const { values } = parseArgs({
   options: {
@@ -58,6 +61,7 @@ const { values } = parseArgs({
     unprotected: { type: 'boolean', default: false },
     store: { type: 'string', default: 'same' },
     'export-rate-mb': { type: 'string', default: String(DEFAULT_RUNNING_EXPORT_RATE_MB) },
+    'background-cpus': { type: 'string', default: '' },
   },
 });
 const runs = Number(values.runs);
@@ -101,6 +105,8 @@ const WRITER_SLOW_MS = 4;
 /** `[hypervisor] running_export_rate_mb` of the agent under test (0: unlimited). */
 const EXPORT_RATE_MB = Number(values['export-rate-mb']);
 if (!(EXPORT_RATE_MB >= 0)) throw new Error('--export-rate-mb: MiB/s, 0 (unlimited) or more');
+/** `[hypervisor] background_export_cpus` of the agent under test ('': any CPU). */
+const BACKGROUND_CPUS = cpuList().parse(values['background-cpus']);
 const MiB = 2 ** 20;
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
@@ -176,6 +182,7 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
   const { base, config } = await benchConfig(`sdd-${driver}-`, quiesce);
   config.hypervisor.driver = driver;
   config.hypervisor.running_export_rate_mb = EXPORT_RATE_MB;
+  config.hypervisor.background_export_cpus = BACKGROUND_CPUS;
   let store: ThrottledStore | undefined;
   if (throttleMiBps !== undefined) {
     store = await throttledStore(path.join(base, 'throttled-store'), { bytesPerSecond: throttleMiBps * MiB, sizeBytes: (dataMb + 1024) * MiB });
@@ -198,7 +205,8 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
     console.log(
       `${driver}: guest Linux ${guest.kernelVersion}, ${ramMb} MiB RAM (${fillMb} MiB of it random bytes), ` +
         `${diskMb} MiB qcow2 (ext4 root + ${dataMb} MiB of data; ${Math.round(disk.actualSize / MiB)} MiB on the host), writer running; quiesce=${quiesce}; ` +
-        `copies of the running guest's disk ${EXPORT_RATE_MB > 0 ? `at most ${EXPORT_RATE_MB} MiB/s` : 'unlimited'}; TCG`,
+        `copies of the running guest's disk ${EXPORT_RATE_MB > 0 ? `at most ${EXPORT_RATE_MB} MiB/s` : 'unlimited'}` +
+        `${BACKGROUND_CPUS ? `, on CPUs ${BACKGROUND_CPUS}` : ''}; TCG`,
     );
     const figures = new Map<Row, Figures>();
     for (let r = 0; r < runs; r++) {

@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { LISTEN_FORM, parseListenAddress, type ListenAddress } from './listen-address.js';
 import { rabbitOptionsSchema } from './rabbit-options.js';
 import { redactTransportUrl, transportUrlProblem } from './transport-url.js';
-import { bool, int, nonEmpty, num, positiveNum } from './values.js';
+import { bool, cpuList, int, nonEmpty, num, positiveNum } from './values.js';
 
 export { rabbitOptionsSchema, type RabbitOptions } from './rabbit-options.js';
 export type { ListenAddress } from './listen-address.js';
@@ -162,6 +162,7 @@ export const schema = z
         qemu_img_timeout: num(1).default(120),
         export_timeout: num(1).default(3600),
         background_export_nice: int(0, 19).default(10),
+        background_export_cpus: cpuList().default(''),
         background_export_yield_seconds: int(0, 3600).default(120),
         wait_soft_reboot_seconds: int(0, 86_400).default(120),
         backup_cbw_timeout: int(1, 4_294_967_295).default(5),

@@ -37,9 +37,17 @@ const { createHash } = require('node:crypto');
 const { readlinkSync } = require('node:fs');
 const { setPriority } = require('node:os');
 // Background work: below the agent's own thread and the guests' QEMU (nice is per thread on Linux).
+let tid;
 try {
-  setPriority(Number(readlinkSync('/proc/thread-self').split('/').pop()), workerData.nice);
+  tid = readlinkSync('/proc/thread-self').split('/').pop();
+  setPriority(Number(tid), workerData.nice);
 } catch {}
+// Background hashing on the CPUs the operator set aside for it (affinity is per thread on Linux).
+// Messages queue until this returns: no chunk is hashed before the thread is pinned.
+if (workerData.cpus !== undefined) {
+  const r = tid === undefined ? { status: -1, stderr: 'this thread has no /proc/thread-self' } : require('node:child_process').spawnSync('taskset', ['-p', '-c', workerData.cpus, tid], { timeout: 10000, encoding: 'utf8' });
+  if (r.status !== 0) parentPort.postMessage({ pinFailed: (r.error ? r.error.message : '') || String(r.stderr).trim() || 'taskset exit code ' + r.status });
+}
 const zeros = new Uint8Array(1 << 20);
 let hash;
 let ring;
@@ -62,14 +70,18 @@ parentPort.on('message', (m) => {
 
 /**
  * Idle hash threads, kept for the next digest (starting one costs tens of ms; an agent hashes an
- * image per snapshot). Unreferenced while idle: they never keep the process alive.
+ * image per snapshot), by the CPUs they are pinned to ('' for none). Unreferenced while idle: they
+ * never keep the process alive.
  */
-const idleWorkers: Worker[] = [];
+const idleWorkers = new Map<string, Worker[]>();
 const MAX_IDLE_WORKERS = 4;
+const pinnedTo = new WeakMap<Worker, string>();
 
-function takeWorker(): Worker {
+function takeWorker(cpus: string | undefined): Worker {
+  const key = cpus ?? '';
   // No inherited flags (a loader, --input-type=module): the source is plain CommonJS.
-  const w = idleWorkers.pop() ?? new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { nice: HASH_NICE } });
+  const w = idleWorkers.get(key)?.pop() ?? new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { nice: HASH_NICE, cpus } });
+  pinnedTo.set(w, key);
   w.ref();
   return w;
 }
@@ -78,20 +90,23 @@ function giveBack(w: Worker): void {
   w.removeAllListeners('message');
   w.removeAllListeners('error');
   w.removeAllListeners('exit');
-  if (idleWorkers.length >= MAX_IDLE_WORKERS) {
+  const key = pinnedTo.get(w) ?? '';
+  const idle = idleWorkers.get(key) ?? [];
+  idleWorkers.set(key, idle);
+  if (idle.length >= MAX_IDLE_WORKERS) {
     void w.terminate();
     return;
   }
   w.unref();
   // An idle thread that ends is simply not reused.
   w.once('exit', () => {
-    const at = idleWorkers.indexOf(w);
-    if (at >= 0) idleWorkers.splice(at, 1);
+    const at = idle.indexOf(w);
+    if (at >= 0) idle.splice(at, 1);
   });
-  idleWorkers.push(w);
+  idle.push(w);
 }
 
-type FromWorker = { done: number } | { digest: string };
+type FromWorker = { done: number } | { digest: string } | { pinFailed: string };
 
 const WASM_PAGE_BYTES = 64 * 1024;
 
@@ -128,12 +143,16 @@ export class ParallelDigest {
   private closed = false;
 
   /** A digest of `bytes` bytes (when known): inline up to INLINE_HASH_MAX_BYTES, else on threads. */
-  static forSize(algos: readonly string[], bytes: number | undefined, opts: { chunkBytes?: number } = {}): ParallelDigest {
+  static forSize(algos: readonly string[], bytes: number | undefined, opts: { chunkBytes?: number; cpus?: string } = {}): ParallelDigest {
     const inline = bytes !== undefined && bytes <= INLINE_HASH_MAX_BYTES;
     return new ParallelDigest(algos, { ...opts, inline });
   }
 
-  constructor(algos: readonly string[], opts: { chunkBytes?: number; inline?: boolean } = {}) {
+  /**
+   * `cpus`: a CPU list (taskset's form, `[hypervisor] background_export_cpus`) the hash threads are
+   * pinned to; a thread that cannot be pinned fails the digest.
+   */
+  constructor(algos: readonly string[], opts: { chunkBytes?: number; inline?: boolean; cpus?: string } = {}) {
     this.chunkBytes = opts.chunkBytes ?? (opts.inline ? INLINE_HASH_MAX_BYTES / RING_SLOTS : HASH_CHUNK_BYTES);
     this.ring = alignedRing(this.chunkBytes * RING_SLOTS, !opts.inline);
     this.failed = new Promise<never>((_, reject) => {
@@ -146,11 +165,13 @@ export class ParallelDigest {
     this.failed.catch(() => undefined);
     this.inline = opts.inline ? algos.map((algo) => createHash(algo)) : undefined;
     this.workers = opts.inline ? [] : algos.map((algo, i) => {
-      const w = takeWorker();
+      const w = takeWorker(opts.cpus);
       w.postMessage({ start: { algo, ring: this.ring } });
       w.on('message', (m: FromWorker) => {
         if ('done' in m) this.release(m.done);
-        else {
+        else if ('pinFailed' in m) {
+          this.fail(new HashWorkerFailed(`cannot pin the ${algo} hash thread to CPUs ${opts.cpus} ([hypervisor] background_export_cpus): ${m.pinFailed}`));
+        } else {
           this.digests[i] = m.digest;
           if (this.digests.filter((d) => d !== undefined).length === this.workers.length) this.finished?.();
         }

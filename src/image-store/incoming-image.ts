@@ -110,16 +110,19 @@ export class IncomingImage implements ImageSink {
   /**
    * `background`: no guest waits for the export, so it is paced to the hashes (PacedReceiver: hashed
    * as it comes, written with O_DIRECT, nothing read back); else it is written ahead of them
-   * (ImageReceiver: a guest kept down for it waits for the disk only).
+   * (ImageReceiver: a guest kept down for it waits for the disk only). `backgroundCpus`: the CPU list
+   * a background export's hash threads are pinned to.
    */
   static async open(
     file: string,
     size: number,
     osHashAlgo: OsHashAlgo,
     log: NbdLog,
-    opts: { background?: boolean; onDigest?: (d: ParallelDigest) => void } = {},
+    opts: { background?: boolean; onDigest?: (d: ParallelDigest) => void; backgroundCpus?: string } = {},
   ): Promise<IncomingImage> {
-    const receiver = await (opts.background ? PacedReceiver : ImageReceiver).create(file, size, osHashAlgo, opts.onDigest);
+    const receiver = opts.background
+      ? await PacedReceiver.create(file, size, osHashAlgo, opts.onDigest, opts.backgroundCpus)
+      : await ImageReceiver.create(file, size, osHashAlgo, opts.onDigest);
     try {
       // No client can write before open() returns: it is given the socket's URI only then.
       let image: IncomingImage | undefined;

@@ -60,14 +60,17 @@ export class PacedReceiver {
     this.hashing.catch(() => undefined);
   }
 
-  /** Creates (or empties) `file`, `size` bytes of holes, mode 0600, and receives into it. */
-  static async create(file: string, size: number, osHashAlgo: OsHashAlgo, onDigest?: (d: ParallelDigest) => void): Promise<PacedReceiver> {
+  /**
+   * Creates (or empties) `file`, `size` bytes of holes, mode 0600, and receives into it. `cpus`: the
+   * CPU list its hash threads are pinned to (`[hypervisor] background_export_cpus`).
+   */
+  static async create(file: string, size: number, osHashAlgo: OsHashAlgo, onDigest?: (d: ParallelDigest) => void, cpus?: string): Promise<PacedReceiver> {
     const buffered = await fs.open(file, 'w+', 0o600);
     let direct: FileHandle | undefined;
     try {
       await buffered.truncate(size);
       direct = await fs.open(file, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
-      const digest = ParallelDigest.forSize(['md5', osHashAlgo], size);
+      const digest = ParallelDigest.forSize(['md5', osHashAlgo], size, { cpus });
       onDigest?.(digest);
       return new PacedReceiver(buffered, direct, file, size, digest);
     } catch (err) {

@@ -129,11 +129,19 @@ function rateArgs(rateLimit: number | undefined): string[] {
 }
 
 /** qemu-img as `[hypervisor]` configures it: its program and its bounds. */
-export function qemuImgFromConfig(h: { qemu_img: string; qemu_img_timeout: number; job_timeout: number; export_timeout: number; background_export_nice: number }): QemuImg {
+export function qemuImgFromConfig(h: {
+  qemu_img: string;
+  qemu_img_timeout: number;
+  job_timeout: number;
+  export_timeout: number;
+  background_export_nice: number;
+  background_export_cpus: string;
+}): QemuImg {
   return new QemuImg(
     h.qemu_img,
     { quickMs: h.qemu_img_timeout * 1000, snapshotMs: h.job_timeout * 1000, exportMs: h.export_timeout * 1000 },
     h.background_export_nice,
+    h.background_export_cpus || undefined,
   );
 }
 
@@ -145,32 +153,37 @@ export class QemuImg {
     bounds: Partial<QemuImgBounds> = {},
     /** Niceness of a background copy (ConvertOptions.background); 0: none. */
     readonly backgroundNice = BACKGROUND_NICE,
+    /** The CPU list (taskset -c) a background copy runs on; undefined: any. */
+    readonly backgroundCpus?: string,
   ) {
     this.bounds = { ...DEFAULT_QEMU_IMG_BOUNDS, ...bounds };
   }
 
-  private niceFor(background: boolean | undefined): number | undefined {
-    return background && this.backgroundNice > 0 ? this.backgroundNice : undefined;
-  }
-
-  /** runProgram with the bound of `kind`. */
-  private runBounded(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, nice?: number, exportMs = this.bounds.exportMs) {
+  /**
+   * runProgram with the bound of `kind`. A background copy with backgroundCpus runs as
+   * `taskset -c <cpus> qemu-img …`: taskset sets the affinity and executes qemu-img in its own
+   * process, so every thread qemu-img starts has it.
+   */
+  private runBounded(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, background?: boolean, exportMs = this.bounds.exportMs) {
     const [timeoutMs, timeoutOption] =
       kind === 'quick'
         ? [this.bounds.quickMs, QEMU_IMG_TIMEOUT_OPTION]
         : kind === 'snapshot'
           ? [this.bounds.snapshotMs, JOB_TIMEOUT_OPTION]
           : [exportMs, exportMs === this.bounds.exportMs ? EXPORT_TIMEOUT_OPTION : `${EXPORT_TIMEOUT_OPTION}, lengthened to what the copy's rate limit needs`];
-    return runProgram(this.binary, args, { onStdout, signal, timeoutMs, timeoutOption, killGraceMs: this.bounds.killGraceMs, nice });
+    const nice = background && this.backgroundNice > 0 ? this.backgroundNice : undefined;
+    const [file, argv] = background && this.backgroundCpus !== undefined ? ['taskset', ['-c', this.backgroundCpus, this.binary, ...args]] : [this.binary, args];
+    return runProgram(file, argv, { onStdout, signal, timeoutMs, timeoutOption, killGraceMs: this.bounds.killGraceMs, nice });
   }
 
-  private async run(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, nice?: number, exportMs?: number): Promise<string> {
+  private async run(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, background?: boolean, exportMs?: number): Promise<string> {
     let res;
     try {
-      res = await this.runBounded(kind, args, onStdout, signal, nice, exportMs);
+      res = await this.runBounded(kind, args, onStdout, signal, background, exportMs);
     } catch (err) {
       if (err instanceof ProgramTimeout) throw err;
-      throw new QemuImgError(`cannot run ${this.binary}: ${(err as Error).message}`, args, '', { cause: err });
+      const how = background && this.backgroundCpus !== undefined ? ` under taskset -c ${this.backgroundCpus}` : '';
+      throw new QemuImgError(`cannot run ${this.binary}${how}: ${(err as Error).message}`, args, '', { cause: err });
     }
     if (signal?.aborted) throw new QemuImgError(`qemu-img ${args[0]} was cancelled`, args, res.stderr);
     if (res.code !== 0) {
@@ -251,7 +264,7 @@ export class QemuImg {
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), src, dest);
     else args.push('-n', '--target-is-zero', src, dest.nbdUri);
     const boundMs = rateLimitedBoundMs(this.bounds.exportMs, opts.rateLimit, opts.sizeBytes);
-    await this.run('export', args, progressParser(opts.onProgress), undefined, this.niceFor(opts.background), boundMs);
+    await this.run('export', args, progressParser(opts.onProgress), undefined, opts.background, boundMs);
   }
 
   /**
@@ -278,7 +291,7 @@ export class QemuImg {
     if (typeof dest === 'string') args.push(...(await directTargetArgs(dest)), uri, dest);
     else args.push(uri, dest.nbdUri);
     const boundMs = rateLimitedBoundMs(this.bounds.exportMs, opts.rateLimit, opts.sizeBytes);
-    await this.run('export', args, progressParser(opts.onProgress), opts.signal, this.niceFor(opts.background), boundMs);
+    await this.run('export', args, progressParser(opts.onProgress), opts.signal, opts.background, boundMs);
   }
 
   /** `qemu-img check --output=json -f qcow2`. Exit codes 2/3 (errors/leaks) are results, not failures. */

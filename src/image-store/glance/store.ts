@@ -31,6 +31,8 @@ export interface GlanceStoreOptions {
   osHashAlgo: OsHashAlgo;
   log: Logger;
   statfs?: StatfsFn;
+  /** `[hypervisor] background_export_cpus`: the CPU list the hash threads of a staged background export run on. */
+  backgroundCpus?: string;
 }
 
 /** What every view of one store shares (forRequest makes views). */
@@ -60,6 +62,7 @@ export class GlanceImageStore implements ImageStoreBackend {
   readonly backend = 'glance';
   readonly maxPropertyChars = MAX_PROPERTY_CHARS;
   readonly osHashAlgo: OsHashAlgo;
+  private readonly backgroundCpus: string | undefined;
   readonly paths: StorePaths;
   private readonly client: GlanceClient;
   private readonly reservedSpaceMb: number;
@@ -73,6 +76,7 @@ export class GlanceImageStore implements ImageStoreBackend {
     this.client = opts.client;
     this.paths = new StorePaths(opts.stagingPath);
     this.osHashAlgo = opts.osHashAlgo;
+    this.backgroundCpus = opts.backgroundCpus;
     this.reservedSpaceMb = opts.reservedSpaceMb;
     this.statfs = opts.statfs ?? defaultStatfs;
     this.baseLog = opts.log;
@@ -176,7 +180,7 @@ export class GlanceImageStore implements ImageStoreBackend {
     if (!Number.isSafeInteger(size) || size < 0) throw new TypeError(`image size ${size}: expected a byte count >= 0`);
     if (opts.streamable === true) return this.receiveStreamed(cid, size, log, opts.attempt ?? 1);
     await fs.mkdir(this.paths.partialDir, { recursive: true, mode: 0o750 });
-    return IncomingImage.open(this.paths.partial(cid), size, this.osHashAlgo, log, { background: opts.background });
+    return IncomingImage.open(this.paths.partial(cid), size, this.osHashAlgo, log, { background: opts.background, backgroundCpus: this.backgroundCpus });
   }
 
   /** The upload of one run of the export, to the first API server that answers about the image now. */
@@ -197,6 +201,7 @@ export class GlanceImageStore implements ImageStoreBackend {
       imageId: cid,
       size,
       osHashAlgo: this.osHashAlgo,
+      cpus: this.backgroundCpus,
       auth: this.auth,
       nbdLog,
       log: this.log,

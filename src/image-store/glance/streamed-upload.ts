@@ -27,6 +27,8 @@ export interface StreamedUploadOptions {
   imageId: string;
   size: number;
   osHashAlgo: OsHashAlgo;
+  /** The CPU list the hash threads are pinned to (`[hypervisor] background_export_cpus`): nothing waits for a streamed export. */
+  cpus?: string;
   auth: StoreRequestAuth | undefined;
   nbdLog: NbdLog;
   log: Logger;
@@ -62,7 +64,7 @@ export class StreamedUpload implements ImageSink {
 
   private constructor(private readonly o: StreamedUploadOptions) {
     this.file = `${o.server}/v2/images/${o.imageId}/file`;
-    this.hasher = new PassingDigest(ParallelDigest.forSize(['md5', o.osHashAlgo], o.size));
+    this.hasher = new PassingDigest(ParallelDigest.forSize(['md5', o.osHashAlgo], o.size, { cpus: o.cpus }));
     this.hashes = new Promise<FileDigests>((resolve, reject) => (this.settleHashes = { resolve, reject }));
     this.hashes.catch(() => undefined);
     this.body = new Counter(o.size, undefined, BODY_BUFFER_BYTES);

@@ -1,0 +1,103 @@
+import { createHash } from 'node:crypto';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { dir, type DirectoryResult } from 'tmp-promise';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { HashWorkerFailed } from '../../src/errors.js';
+import { ParallelDigest } from '../../src/image-store/hash.js';
+import { QemuImg } from '../../src/qemu-img/qemu-img.js';
+
+/**
+ * `[hypervisor] background_export_cpus`: a copy no guest waits for runs its qemu-img and its hash
+ * threads on the CPUs the operator set aside, and nothing else is pinned. Real taskset, real
+ * threads: each one's affinity is read back from /proc.
+ */
+
+let tmp: DirectoryResult;
+
+beforeEach(async () => {
+  tmp = await dir({ unsafeCleanup: true });
+});
+
+afterEach(async () => {
+  await tmp.cleanup();
+});
+
+/** The CPU this test pins to, and the host's whole list (a pin must differ from it to be seen). */
+function hostCpus(): { pin: string; all: string } {
+  const n = os.cpus().length;
+  if (n < 2) throw new Error(`these tests pin to one CPU of several; this host has ${n}`);
+  return { pin: String(n - 1), all: `0-${n - 1}` };
+}
+
+async function allowedCpus(statusFile: string): Promise<string | undefined> {
+  const text = await fs.readFile(statusFile, 'utf8').catch(() => undefined);
+  return text?.match(/^Cpus_allowed_list:\s*(\S+)$/m)?.[1];
+}
+
+/** This process's threads whose affinity is exactly `cpus`. */
+async function threadsPinnedTo(cpus: string): Promise<number> {
+  let n = 0;
+  for (const tid of await fs.readdir('/proc/self/task')) {
+    if ((await allowedCpus(`/proc/self/task/${tid}/status`)) === cpus) n++;
+  }
+  return n;
+}
+
+describe('background_export_cpus', () => {
+  it('runs a background qemu-img under taskset on those CPUs, and any other qemu-img where it likes', async () => {
+    const { pin, all } = hostCpus();
+    expect(await allowedCpus('/proc/self/status')).toBe(all);
+    // A qemu-img that writes its own affinity into its destination (the last argument).
+    const stub = path.join(tmp.path, 'qemu-img');
+    await fs.writeFile(stub, '#!/bin/sh\nfor a; do last=$a; done\ngrep Cpus_allowed_list /proc/self/status > "$last"\n', { mode: 0o755 });
+    const src = path.join(tmp.path, 'disk.qcow2');
+    await fs.writeFile(src, '');
+    const img = new QemuImg(stub, {}, 10, pin);
+
+    const background = path.join(tmp.path, 'bg.raw');
+    await img.convertToRaw(src, background, { background: true });
+    expect(await allowedCpus(background)).toBe(pin);
+
+    const foreground = path.join(tmp.path, 'fg.raw');
+    await img.convertToRaw(src, foreground);
+    expect(await allowedCpus(foreground)).toBe(all);
+
+    const unpinned = path.join(tmp.path, 'any.raw');
+    await new QemuImg(stub, {}, 10).convertToRaw(src, unpinned, { background: true });
+    expect(await allowedCpus(unpinned)).toBe(all);
+  });
+
+  it("pins a background digest's hash threads, and its digests are right", async () => {
+    const { pin } = hostCpus();
+    const before = await threadsPinnedTo(pin);
+    const digest = new ParallelDigest(['md5', 'sha512'], { cpus: pin });
+    const data = Buffer.alloc(3 * 1024 * 1024, 7);
+    const slot = await digest.slot(0);
+    data.copy(slot);
+    digest.push(0, data.length);
+    digest.pushZeros(1000);
+    const [md5, sha512] = await digest.end();
+    const whole = Buffer.concat([data, Buffer.alloc(1000)]);
+    expect(md5).toBe(createHash('md5').update(whole).digest('hex'));
+    expect(sha512).toBe(createHash('sha512').update(whole).digest('hex'));
+    // Both threads wait in the idle pool, still pinned (a later background digest takes them).
+    expect((await threadsPinnedTo(pin)) - before).toBe(2);
+  });
+
+  it('fails a digest whose threads cannot be pinned, naming the option and the CPUs', async () => {
+    const digest = new ParallelDigest(['md5', 'sha512'], { cpus: '4095' });
+    const slot = await digest.slot(0);
+    slot.fill(1, 0, 4096);
+    let err: unknown;
+    try {
+      digest.push(0, 4096);
+      await digest.end();
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(HashWorkerFailed);
+    expect((err as Error).message).toMatch(/^cannot pin the (md5|sha512) hash thread to CPUs 4095 \(\[hypervisor\] background_export_cpus\): .+/);
+  });
+});
