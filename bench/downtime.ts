@@ -20,10 +20,11 @@
  * Usage: npm run bench:downtime [-- --driver qemu|libvirt|both --runs N --ram-mb M --data-mb D
  *        --disk-mb S --quiesce off|auto|required --ram-fill random|zero --probe-gap-ms G
  *        --strategies s1,s2 --unprotected --store same|memory|throttled:<MiB/s> --export-rate-mb R
- *        --background-cpus LIST]
+ *        --agent-cpus LIST]
  *
  * `--export-rate-mb`: `[hypervisor] running_export_rate_mb` (default: its default; 0: unlimited).
- * `--background-cpus`: `[hypervisor] background_export_cpus` (default: none, any CPU).
+ * `--agent-cpus`: `[DEFAULT] agent_cpus` (default: none): this process (the agent) is pinned there as
+ * `snapshot-driver` pins itself, before the guest starts; the guest's QEMU must get every CPU.
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -46,6 +47,7 @@ import { bareSaveRestore } from './bare-save-restore.js';
 import { qemuGuest, writeDiskData, type BenchGuest } from './bench-guest.js';
 import { USES_MANAGED_SAVE } from '../src/snapshot/strategies.js';
 import { cpuList } from '../src/config/values.js';
+import { onlineCpus, pinProcess } from '../src/util/affinity.js';
 
 const { values } = parseArgs({
   options: {
@@ -61,7 +63,7 @@ const { values } = parseArgs({
     unprotected: { type: 'boolean', default: false },
     store: { type: 'string', default: 'same' },
     'export-rate-mb': { type: 'string', default: String(DEFAULT_RUNNING_EXPORT_RATE_MB) },
-    'background-cpus': { type: 'string', default: '' },
+    'agent-cpus': { type: 'string', default: '' },
   },
 });
 const runs = Number(values.runs);
@@ -105,8 +107,8 @@ const WRITER_SLOW_MS = 4;
 /** `[hypervisor] running_export_rate_mb` of the agent under test (0: unlimited). */
 const EXPORT_RATE_MB = Number(values['export-rate-mb']);
 if (!(EXPORT_RATE_MB >= 0)) throw new Error('--export-rate-mb: MiB/s, 0 (unlimited) or more');
-/** `[hypervisor] background_export_cpus` of the agent under test ('': any CPU). */
-const BACKGROUND_CPUS = cpuList().parse(values['background-cpus']);
+/** `[DEFAULT] agent_cpus` of the agent under test ('': any CPU). */
+const AGENT_CPUS = cpuList().parse(values['agent-cpus']);
 const MiB = 2 ** 20;
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
@@ -146,6 +148,14 @@ function addObserved(f: Figures, seen: GuestObserved): void {
   f.writerSlowUs.push(...seen.writerSlowUs);
 }
 
+/** The guest QEMU's CPU affinity (qemu driver): with --agent-cpus it must still be every online CPU. */
+async function qemuCpus(pidFile: string): Promise<string> {
+  const pid = (await fs.readFile(pidFile, 'utf8')).trim();
+  const list = (await fs.readFile(`/proc/${pid}/status`, 'utf8')).match(/^Cpus_allowed_list:\s*(\S+)$/m)?.[1];
+  if (list !== onlineCpus()) throw new Error(`the guest's QEMU runs on CPUs ${list}, not on every online CPU (${onlineCpus()})`);
+  return list;
+}
+
 async function virsh(...args: string[]): Promise<string> {
   const res = await runProgram('virsh', ['-q', '-c', 'qemu:///system', ...args], { timeoutMs: 600_000 });
   if (res.code !== 0) throw new Error(`virsh ${args[0]} failed: ${res.stderr.trim()}`);
@@ -182,7 +192,8 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
   const { base, config } = await benchConfig(`sdd-${driver}-`, quiesce);
   config.hypervisor.driver = driver;
   config.hypervisor.running_export_rate_mb = EXPORT_RATE_MB;
-  config.hypervisor.background_export_cpus = BACKGROUND_CPUS;
+  config.DEFAULT.agent_cpus = AGENT_CPUS;
+  if (AGENT_CPUS) await pinProcess(process.pid, AGENT_CPUS);
   let store: ThrottledStore | undefined;
   if (throttleMiBps !== undefined) {
     store = await throttledStore(path.join(base, 'throttled-store'), { bytesPerSecond: throttleMiBps * MiB, sizeBytes: (dataMb + 1024) * MiB });
@@ -206,7 +217,7 @@ async function measure(driver: 'qemu' | 'libvirt', guest: GuestImage): Promise<M
       `${driver}: guest Linux ${guest.kernelVersion}, ${ramMb} MiB RAM (${fillMb} MiB of it random bytes), ` +
         `${diskMb} MiB qcow2 (ext4 root + ${dataMb} MiB of data; ${Math.round(disk.actualSize / MiB)} MiB on the host), writer running; quiesce=${quiesce}; ` +
         `copies of the running guest's disk ${EXPORT_RATE_MB > 0 ? `at most ${EXPORT_RATE_MB} MiB/s` : 'unlimited'}` +
-        `${BACKGROUND_CPUS ? `, on CPUs ${BACKGROUND_CPUS}` : ''}; TCG`,
+        `${AGENT_CPUS ? `; the agent on CPUs ${AGENT_CPUS}, the guest's QEMU on ${driver === 'qemu' ? await qemuCpus(path.join(config.DEFAULT.instances_path, g.uuid, 'qemu.pid')) : "libvirtd's choice"}` : ''}; TCG`,
     );
     const figures = new Map<Row, Figures>();
     for (let r = 0; r < runs; r++) {

@@ -2,6 +2,7 @@
 import { Command, CommanderError } from 'commander';
 import { loadConfig } from '../config/load.js';
 import { buildRuntime, type RuntimeFactory } from '../service/runtime.js';
+import { pinProcess } from '../util/affinity.js';
 import { errorMessage, SnapshotDriverError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { registerCleanupCommand } from './cleanup-command.js';
@@ -26,6 +27,8 @@ export function buildProgram(): Command {
     const files = program.opts<{ configFile: string[] }>().configFile;
     const config = await loadConfig(files);
     const log = createLogger({ level: config.DEFAULT.debug ? 'debug' : undefined });
+    // Before any thread the runtime starts: each inherits its creator's affinity.
+    if (config.DEFAULT.agent_cpus) await pinProcess(process.pid, config.DEFAULT.agent_cpus);
     return buildRuntime(config, log);
   };
 

@@ -119,6 +119,7 @@ export const schema = z
         instances_path: nonEmpty.default('/var/lib/snapshot-driver/instances'),
         state_path: nonEmpty.default('/var/lib/snapshot-driver'),
         max_concurrent_snapshots: int(1, 1000).default(5),
+        agent_cpus: cpuList().default(''),
         debug: bool.default(false),
         transport_url: transportUrl.default('memory://'),
         control_exchange: z
@@ -162,7 +163,6 @@ export const schema = z
         qemu_img_timeout: num(1).default(120),
         export_timeout: num(1).default(3600),
         background_export_nice: int(0, 19).default(10),
-        background_export_cpus: cpuList().default(''),
         background_export_yield_seconds: int(0, 3600).default(120),
         wait_soft_reboot_seconds: int(0, 86_400).default(120),
         backup_cbw_timeout: int(1, 4_294_967_295).default(5),

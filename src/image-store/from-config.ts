@@ -10,7 +10,7 @@ export function imageStoreFromConfig(config: Config, log: Logger): ImageStoreBac
   const opts = {
     reservedSpaceMb: config.image_store.reserved_space_mb,
     osHashAlgo: config.image_store.os_hash_algo,
-    backgroundCpus: config.hypervisor.background_export_cpus || undefined,
+    agentCpus: config.DEFAULT.agent_cpus || undefined,
   };
   if (config.image_store.backend === 'local') return new ImageStore({ path: config.image_store.path, ...opts });
   const client = new GlanceClient({

@@ -149,7 +149,7 @@ export class ParallelDigest {
   }
 
   /**
-   * `cpus`: a CPU list (taskset's form, `[hypervisor] background_export_cpus`) the hash threads are
+   * `cpus`: a CPU list (taskset's form, `[DEFAULT] agent_cpus`) the hash threads are
    * pinned to; a thread that cannot be pinned fails the digest.
    */
   constructor(algos: readonly string[], opts: { chunkBytes?: number; inline?: boolean; cpus?: string } = {}) {
@@ -170,7 +170,7 @@ export class ParallelDigest {
       w.on('message', (m: FromWorker) => {
         if ('done' in m) this.release(m.done);
         else if ('pinFailed' in m) {
-          this.fail(new HashWorkerFailed(`cannot pin the ${algo} hash thread to CPUs ${opts.cpus} ([hypervisor] background_export_cpus): ${m.pinFailed}`));
+          this.fail(new HashWorkerFailed(`cannot pin the ${algo} hash thread to CPUs ${opts.cpus} ([DEFAULT] agent_cpus): ${m.pinFailed}`));
         } else {
           this.digests[i] = m.digest;
           if (this.digests.filter((d) => d !== undefined).length === this.workers.length) this.finished?.();

@@ -63,8 +63,9 @@ export class ImageReceiver {
     osHashAlgo: OsHashAlgo,
     onDigest?: (d: ParallelDigest) => void,
     private readonly aheadBytes = MAX_AHEAD_BYTES,
+    cpus?: string,
   ) {
-    const digest = ParallelDigest.forSize(['md5', osHashAlgo], size);
+    const digest = ParallelDigest.forSize(['md5', osHashAlgo], size, { cpus });
     onDigest?.(digest);
     this.hashing = this.follow(digest);
     this.hashing.catch(() => undefined);
@@ -76,7 +77,8 @@ export class ImageReceiver {
     size: number,
     osHashAlgo: OsHashAlgo,
     onDigest?: (d: ParallelDigest) => void,
-    opts: { aheadBytes?: number } = {},
+    /** `cpus`: the CPU list its hash threads are pinned to. */
+    opts: { aheadBytes?: number; cpus?: string } = {},
   ): Promise<ImageReceiver> {
     const fh = await fs.open(file, 'w+', 0o600);
     try {
@@ -85,7 +87,7 @@ export class ImageReceiver {
       await fh.close();
       throw err;
     }
-    return new ImageReceiver(fh, file, size, osHashAlgo, onDigest, opts.aheadBytes);
+    return new ImageReceiver(fh, file, size, osHashAlgo, onDigest, opts.aheadBytes, opts.cpus);
   }
 
   /** Where the next byte is expected. */

@@ -53,8 +53,8 @@ export interface ImageStoreOptions {
    * process ever opens (the unit tests' fake environments) may leave it out.
    */
   lockAcrossProcesses?: boolean;
-  /** `[hypervisor] background_export_cpus`: the CPU list the hash threads of a background export run on. */
-  backgroundCpus?: string;
+  /** `[DEFAULT] agent_cpus`: the CPU list the hash threads of a background export run on (IncomingImage.open). */
+  agentCpus?: string;
 }
 
 /**
@@ -81,7 +81,7 @@ export class ImageStore implements ImageStoreBackend {
   readonly maxPropertyChars = Number.POSITIVE_INFINITY;
   readonly paths: StorePaths;
   readonly osHashAlgo: OsHashAlgo;
-  private readonly backgroundCpus: string | undefined;
+  private readonly agentCpus: string | undefined;
   readonly reservedSpaceMb: number;
   private readonly statfs: StatfsFn;
   private readonly now: () => Date;
@@ -98,7 +98,7 @@ export class ImageStore implements ImageStoreBackend {
     }
     this.paths = new StorePaths(opts.path);
     this.osHashAlgo = opts.osHashAlgo;
-    this.backgroundCpus = opts.backgroundCpus;
+    this.agentCpus = opts.agentCpus;
     this.reservedSpaceMb = opts.reservedSpaceMb;
     this.statfs = opts.statfs ?? defaultStatfs;
     this.now = opts.now ?? (() => new Date());
@@ -229,7 +229,7 @@ export class ImageStore implements ImageStoreBackend {
     if (!Number.isSafeInteger(size) || size < 0) throw new TypeError(`image size ${size}: expected a byte count >= 0`);
     return IncomingImage.open(this.paths.partial(cid), size, storedHashAlgo(meta, this.paths.meta(cid)), log, {
       background: opts.background,
-      backgroundCpus: this.backgroundCpus,
+      agentCpus: this.agentCpus,
       onDigest: (d) => void this.hook?.('receive:hashing', cid, d),
     });
   }

@@ -4,6 +4,7 @@ import path from 'node:path';
 import type { FileDigests, ParallelDigest } from './hash.js';
 import { ImageReceiver } from './image-receiver.js';
 import { PacedReceiver } from './paced-receiver.js';
+import { onlineCpus } from '../util/affinity.js';
 import { serveNbdExport, type NbdExport, type NbdLog, type NbdSink } from './nbd-server.js';
 import type { OsHashAlgo } from './types.js';
 
@@ -110,19 +111,19 @@ export class IncomingImage implements ImageSink {
   /**
    * `background`: no guest waits for the export, so it is paced to the hashes (PacedReceiver: hashed
    * as it comes, written with O_DIRECT, nothing read back); else it is written ahead of them
-   * (ImageReceiver: a guest kept down for it waits for the disk only). `backgroundCpus`: the CPU list
-   * a background export's hash threads are pinned to.
+   * (ImageReceiver: a guest kept down for it waits for the disk only). `agentCpus` (`[DEFAULT]
+   * agent_cpus`): a background export's hash threads are pinned to it, another's to every online CPU.
    */
   static async open(
     file: string,
     size: number,
     osHashAlgo: OsHashAlgo,
     log: NbdLog,
-    opts: { background?: boolean; onDigest?: (d: ParallelDigest) => void; backgroundCpus?: string } = {},
+    opts: { background?: boolean; onDigest?: (d: ParallelDigest) => void; agentCpus?: string } = {},
   ): Promise<IncomingImage> {
     const receiver = opts.background
-      ? await PacedReceiver.create(file, size, osHashAlgo, opts.onDigest, opts.backgroundCpus)
-      : await ImageReceiver.create(file, size, osHashAlgo, opts.onDigest);
+      ? await PacedReceiver.create(file, size, osHashAlgo, opts.onDigest, opts.agentCpus)
+      : await ImageReceiver.create(file, size, osHashAlgo, opts.onDigest, { cpus: opts.agentCpus === undefined ? undefined : onlineCpus() });
     try {
       // No client can write before open() returns: it is given the socket's URI only then.
       let image: IncomingImage | undefined;

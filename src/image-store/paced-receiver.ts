@@ -62,7 +62,7 @@ export class PacedReceiver {
 
   /**
    * Creates (or empties) `file`, `size` bytes of holes, mode 0600, and receives into it. `cpus`: the
-   * CPU list its hash threads are pinned to (`[hypervisor] background_export_cpus`).
+   * CPU list its hash threads are pinned to (`[DEFAULT] agent_cpus`).
    */
   static async create(file: string, size: number, osHashAlgo: OsHashAlgo, onDigest?: (d: ParallelDigest) => void, cpus?: string): Promise<PacedReceiver> {
     const buffered = await fs.open(file, 'w+', 0o600);

@@ -2,6 +2,7 @@ import { constants } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { ProgramTimeout, QemuImgError } from '../errors.js';
 import { runProgram } from '../util/exec.js';
+import { onCpus, onlineCpus } from '../util/affinity.js';
 
 /**
  * A thin wrapper over the qemu-img program. The format of a guest-written disk is never probed:
@@ -135,13 +136,12 @@ export function qemuImgFromConfig(h: {
   job_timeout: number;
   export_timeout: number;
   background_export_nice: number;
-  background_export_cpus: string;
-}): QemuImg {
+}, agentCpus = ''): QemuImg {
   return new QemuImg(
     h.qemu_img,
     { quickMs: h.qemu_img_timeout * 1000, snapshotMs: h.job_timeout * 1000, exportMs: h.export_timeout * 1000 },
     h.background_export_nice,
-    h.background_export_cpus || undefined,
+    agentCpus || undefined,
   );
 }
 
@@ -153,16 +153,20 @@ export class QemuImg {
     bounds: Partial<QemuImgBounds> = {},
     /** Niceness of a background copy (ConvertOptions.background); 0: none. */
     readonly backgroundNice = BACKGROUND_NICE,
-    /** The CPU list (taskset -c) a background copy runs on; undefined: any. */
-    readonly backgroundCpus?: string,
+    /**
+     * `[DEFAULT] agent_cpus` (a CPU list): a background copy runs there, everything else on every
+     * online CPU (the agent itself may be pinned to agent_cpus: its children would inherit that).
+     * Undefined: no affinity is set.
+     */
+    readonly agentCpus?: string,
   ) {
     this.bounds = { ...DEFAULT_QEMU_IMG_BOUNDS, ...bounds };
   }
 
   /**
-   * runProgram with the bound of `kind`. A background copy with backgroundCpus runs as
-   * `taskset -c <cpus> qemu-img …`: taskset sets the affinity and executes qemu-img in its own
-   * process, so every thread qemu-img starts has it.
+   * runProgram with the bound of `kind`. With agentCpus it runs as `taskset -c <cpus> qemu-img …`:
+   * taskset sets the affinity and executes qemu-img in its own process, so every thread qemu-img
+   * starts has it.
    */
   private runBounded(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, background?: boolean, exportMs = this.bounds.exportMs) {
     const [timeoutMs, timeoutOption] =
@@ -172,8 +176,13 @@ export class QemuImg {
           ? [this.bounds.snapshotMs, JOB_TIMEOUT_OPTION]
           : [exportMs, exportMs === this.bounds.exportMs ? EXPORT_TIMEOUT_OPTION : `${EXPORT_TIMEOUT_OPTION}, lengthened to what the copy's rate limit needs`];
     const nice = background && this.backgroundNice > 0 ? this.backgroundNice : undefined;
-    const [file, argv] = background && this.backgroundCpus !== undefined ? ['taskset', ['-c', this.backgroundCpus, this.binary, ...args]] : [this.binary, args];
+    const [file, argv] = onCpus(this.binary, args, this.cpusFor(background));
     return runProgram(file, argv, { onStdout, signal, timeoutMs, timeoutOption, killGraceMs: this.bounds.killGraceMs, nice });
+  }
+
+  private cpusFor(background: boolean | undefined): string | undefined {
+    if (this.agentCpus === undefined) return undefined;
+    return background ? this.agentCpus : onlineCpus();
   }
 
   private async run(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, background?: boolean, exportMs?: number): Promise<string> {
@@ -182,7 +191,8 @@ export class QemuImg {
       res = await this.runBounded(kind, args, onStdout, signal, background, exportMs);
     } catch (err) {
       if (err instanceof ProgramTimeout) throw err;
-      const how = background && this.backgroundCpus !== undefined ? ` under taskset -c ${this.backgroundCpus}` : '';
+      const cpus = this.cpusFor(background);
+      const how = cpus !== undefined ? ` under taskset -c ${cpus}` : '';
       throw new QemuImgError(`cannot run ${this.binary}${how}: ${(err as Error).message}`, args, '', { cause: err });
     }
     if (signal?.aborted) throw new QemuImgError(`qemu-img ${args[0]} was cancelled`, args, res.stderr);

@@ -53,7 +53,7 @@ export interface Runtime {
  * the other); else the runtime has none until metricsOf() makes them.
  */
 export function buildRuntime(config: Config, log: Logger, opts: { beforeStep?: BeforeStep; metrics?: AgentMetrics } = {}): Runtime {
-  const qemuImg = qemuImgFromConfig(config.hypervisor);
+  const qemuImg = qemuImgFromConfig(config.hypervisor, config.DEFAULT.agent_cpus);
   const { hv, qemu } = hypervisorFromConfig(config, log);
   const store = imageStoreFromConfig(config, log);
   const pending = new PendingSnapshots(path.join(config.DEFAULT.state_path, 'pending'));

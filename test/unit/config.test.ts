@@ -186,20 +186,20 @@ describe('loadConfig', () => {
     expect(err.message.startsWith(`[hypervisor] running_export_rate_mb = "-5" in ${f}:2: expected`)).toBe(true);
   });
 
-  it('[hypervisor] background_export_cpus: none unless set; a CPU list of this host, each problem named', async () => {
-    expect(defaultConfig().hypervisor.background_export_cpus).toBe('');
+  it('[DEFAULT] agent_cpus: none unless set; a CPU list of this host, each problem named', async () => {
+    expect(defaultConfig().DEFAULT.agent_cpus).toBe('');
     const last = os.cpus().length - 1;
-    const ok = await file('c0.conf', ['[hypervisor]', `background_export_cpus = 0-${last},0`]);
-    expect((await loadConfig([ok])).hypervisor.background_export_cpus).toBe(`0-${last},0`);
+    const ok = await file('c0.conf', ['[DEFAULT]', `agent_cpus = 0-${last},0`]);
+    expect((await loadConfig([ok])).DEFAULT.agent_cpus).toBe(`0-${last},0`);
     const cases: [string, string][] = [
       ['two', 'a CPU list such as 3 or 2-3,6 (taskset -c), or nothing'],
       ['1-0', '1-0 runs backwards'],
       [String(last + 1), `CPU ${last + 1} is not on this host (it has CPUs 0-${last})`],
     ];
     for (const [value, problem] of cases) {
-      const f = await file(`c-${value}.conf`, ['[hypervisor]', `background_export_cpus = ${value}`]);
+      const f = await file(`c-${value}.conf`, ['[DEFAULT]', `agent_cpus = ${value}`]);
       const err = await configError(() => loadConfig([f]));
-      expect(err.message).toContain(`[hypervisor] background_export_cpus = "${value}" in ${f}:2: `);
+      expect(err.message).toContain(`[DEFAULT] agent_cpus = "${value}" in ${f}:2: `);
       expect(err.message).toContain(problem);
     }
   });

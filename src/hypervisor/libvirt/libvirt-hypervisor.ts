@@ -327,7 +327,7 @@ export function fromConfig(config: Config, log: Logger): LibvirtHypervisor {
   return new LibvirtHypervisor({
     virsh: config.hypervisor.virsh,
     uri: config.hypervisor.libvirt_uri,
-    qemuImg: qemuImgFromConfig(config.hypervisor),
+    qemuImg: qemuImgFromConfig(config.hypervisor, config.DEFAULT.agent_cpus),
     commandTimeoutMs: config.hypervisor.qmp_timeout * 1000,
     jobTimeoutMs: config.hypervisor.job_timeout * 1000,
     shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,

@@ -11,6 +11,7 @@ import {
 import type { Logger } from '../../log.js';
 import type { QemuImg } from '../../qemu-img/qemu-img.js';
 import { pathExists } from '../../util/durable-fs.js';
+import { onCpus, onlineCpus } from '../../util/affinity.js';
 import { isUuid } from '../../util/uuid.js';
 import type { PowerState } from '../types.js';
 import { launchDaemonized, qemuArgv } from './launch.js';
@@ -28,6 +29,11 @@ import { QmpSessions } from './qmp-sessions.js';
 export interface QemuGuestsOptions {
   instancesPath: string;
   qemuBinary: string;
+  /**
+   * `[DEFAULT] agent_cpus`: the agent may be pinned there, and a guest's QEMU it starts would inherit
+   * that; with it set, QEMU is started on every online CPU instead.
+   */
+  agentCpus?: string;
   qemuImg: QemuImg;
   /** `-machine accel=`: "kvm", "tcg" or a fallback list such as "kvm:tcg". */
   accel: string;
@@ -175,7 +181,8 @@ export class QemuGuests {
     await removeFiles(layout.staleRuntimeFiles);
     const argv = [...qemuArgv(record, layout, this.opts.accel, boot), ...extraArgs];
     this.log.debug({ instance_uuid: layout.uuid, argv }, 'launching QEMU');
-    await launchDaemonized(this.opts.qemuBinary, argv, layout.qemuLog, `QEMU of instance ${layout.uuid}`, this.qmpTimeoutMs, inherit);
+    const [file, args] = onCpus(this.opts.qemuBinary, argv, this.opts.agentCpus === undefined ? undefined : onlineCpus());
+    await launchDaemonized(file, args, layout.qemuLog, `QEMU of instance ${layout.uuid}`, this.qmpTimeoutMs, inherit);
     const pid = await findGuestProcess(layout.pidFile, layout.uuid);
     if (pid === undefined) {
       const out = (await fs.readFile(layout.qemuLog, 'utf8').catch(() => '')).trim();

@@ -230,7 +230,8 @@ export function fromConfig(config: Config, log: Logger): QemuHypervisor {
   return new QemuHypervisor({
     instancesPath: config.DEFAULT.instances_path,
     qemuBinary: config.hypervisor.qemu_binary,
-    qemuImg: qemuImgFromConfig(config.hypervisor),
+    agentCpus: config.DEFAULT.agent_cpus || undefined,
+    qemuImg: qemuImgFromConfig(config.hypervisor, config.DEFAULT.agent_cpus),
     accel: config.hypervisor.accel,
     shutdownTimeoutMs: config.hypervisor.shutdown_timeout * 1000,
     jobTimeoutMs: config.hypervisor.job_timeout * 1000,

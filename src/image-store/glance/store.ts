@@ -31,8 +31,8 @@ export interface GlanceStoreOptions {
   osHashAlgo: OsHashAlgo;
   log: Logger;
   statfs?: StatfsFn;
-  /** `[hypervisor] background_export_cpus`: the CPU list the hash threads of a staged background export run on. */
-  backgroundCpus?: string;
+  /** `[DEFAULT] agent_cpus`: the CPU list the hash threads of a background export run on (IncomingImage.open). */
+  agentCpus?: string;
 }
 
 /** What every view of one store shares (forRequest makes views). */
@@ -62,7 +62,7 @@ export class GlanceImageStore implements ImageStoreBackend {
   readonly backend = 'glance';
   readonly maxPropertyChars = MAX_PROPERTY_CHARS;
   readonly osHashAlgo: OsHashAlgo;
-  private readonly backgroundCpus: string | undefined;
+  private readonly agentCpus: string | undefined;
   readonly paths: StorePaths;
   private readonly client: GlanceClient;
   private readonly reservedSpaceMb: number;
@@ -76,7 +76,7 @@ export class GlanceImageStore implements ImageStoreBackend {
     this.client = opts.client;
     this.paths = new StorePaths(opts.stagingPath);
     this.osHashAlgo = opts.osHashAlgo;
-    this.backgroundCpus = opts.backgroundCpus;
+    this.agentCpus = opts.agentCpus;
     this.reservedSpaceMb = opts.reservedSpaceMb;
     this.statfs = opts.statfs ?? defaultStatfs;
     this.baseLog = opts.log;
@@ -180,7 +180,7 @@ export class GlanceImageStore implements ImageStoreBackend {
     if (!Number.isSafeInteger(size) || size < 0) throw new TypeError(`image size ${size}: expected a byte count >= 0`);
     if (opts.streamable === true) return this.receiveStreamed(cid, size, log, opts.attempt ?? 1);
     await fs.mkdir(this.paths.partialDir, { recursive: true, mode: 0o750 });
-    return IncomingImage.open(this.paths.partial(cid), size, this.osHashAlgo, log, { background: opts.background, backgroundCpus: this.backgroundCpus });
+    return IncomingImage.open(this.paths.partial(cid), size, this.osHashAlgo, log, { background: opts.background, agentCpus: this.agentCpus });
   }
 
   /** The upload of one run of the export, to the first API server that answers about the image now. */
@@ -201,7 +201,7 @@ export class GlanceImageStore implements ImageStoreBackend {
       imageId: cid,
       size,
       osHashAlgo: this.osHashAlgo,
-      cpus: this.backgroundCpus,
+      cpus: this.agentCpus,
       auth: this.auth,
       nbdLog,
       log: this.log,

@@ -27,7 +27,7 @@ export interface StreamedUploadOptions {
   imageId: string;
   size: number;
   osHashAlgo: OsHashAlgo;
-  /** The CPU list the hash threads are pinned to (`[hypervisor] background_export_cpus`): nothing waits for a streamed export. */
+  /** The CPU list the hash threads are pinned to (`[DEFAULT] agent_cpus`): nothing waits for a streamed export. */
   cpus?: string;
   auth: StoreRequestAuth | undefined;
   nbdLog: NbdLog;

@@ -1,18 +1,25 @@
+import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { promisify } from 'node:util';
 import { dir, type DirectoryResult } from 'tmp-promise';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { HashWorkerFailed } from '../../src/errors.js';
 import { ParallelDigest } from '../../src/image-store/hash.js';
-import { QemuImg } from '../../src/qemu-img/qemu-img.js';
+import { onlineCpus } from '../../src/util/affinity.js';
 
 /**
- * `[hypervisor] background_export_cpus`: a copy no guest waits for runs its qemu-img and its hash
- * threads on the CPUs the operator set aside, and nothing else is pinned. Real taskset, real
- * threads: each one's affinity is read back from /proc.
+ * `[DEFAULT] agent_cpus`: the agent runs on the CPUs the operator set aside for the host, with the
+ * copies no guest waits for (their qemu-img and hash threads); a qemu-img a guest waits for runs on
+ * every online CPU although the agent is pinned. Real taskset, real threads: each one's affinity is
+ * read back from /proc.
  */
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const src = (file: string) => JSON.stringify(pathToFileURL(path.join(ROOT, 'src', file)).href);
 
 let tmp: DirectoryResult;
 
@@ -45,28 +52,37 @@ async function threadsPinnedTo(cpus: string): Promise<number> {
   return n;
 }
 
-describe('background_export_cpus', () => {
-  it('runs a background qemu-img under taskset on those CPUs, and any other qemu-img where it likes', async () => {
+describe('[DEFAULT] agent_cpus', () => {
+  it('pins the agent; its background qemu-img runs on those CPUs, any other on every online CPU', async () => {
     const { pin, all } = hostCpus();
-    expect(await allowedCpus('/proc/self/status')).toBe(all);
+    expect(onlineCpus()).toBe(all);
     // A qemu-img that writes its own affinity into its destination (the last argument).
     const stub = path.join(tmp.path, 'qemu-img');
     await fs.writeFile(stub, '#!/bin/sh\nfor a; do last=$a; done\ngrep Cpus_allowed_list /proc/self/status > "$last"\n', { mode: 0o755 });
-    const src = path.join(tmp.path, 'disk.qcow2');
-    await fs.writeFile(src, '');
-    const img = new QemuImg(stub, {}, 10, pin);
+    const disk = path.join(tmp.path, 'disk.qcow2');
+    await fs.writeFile(disk, '');
+    const out = (name: string) => JSON.stringify(path.join(tmp.path, name));
+    // The agent, in a process of its own: pinned as `snapshot-driver` pins itself.
+    const script = [
+      `const { pinProcess } = await import(${src('util/affinity.ts')});`,
+      `const { QemuImg } = await import(${src('qemu-img/qemu-img.ts')});`,
+      `await pinProcess(process.pid, ${JSON.stringify(pin)});`,
+      `const img = new QemuImg(${JSON.stringify(stub)}, {}, 10, ${JSON.stringify(pin)});`,
+      `await img.convertToRaw(${JSON.stringify(disk)}, ${out('bg.raw')}, { background: true });`,
+      `await img.convertToRaw(${JSON.stringify(disk)}, ${out('fg.raw')});`,
+      `await new QemuImg(${JSON.stringify(stub)}, {}, 10).convertToRaw(${JSON.stringify(disk)}, ${out('inherited.raw')});`,
+    ].join('\n');
+    await promisify(execFile)(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT, timeout: 60_000 });
+    expect(await allowedCpus(path.join(tmp.path, 'bg.raw'))).toBe(pin);
+    expect(await allowedCpus(path.join(tmp.path, 'fg.raw'))).toBe(all);
+    // Without agent_cpus nothing is set: a child has the agent's own affinity.
+    expect(await allowedCpus(path.join(tmp.path, 'inherited.raw'))).toBe(pin);
+  });
 
-    const background = path.join(tmp.path, 'bg.raw');
-    await img.convertToRaw(src, background, { background: true });
-    expect(await allowedCpus(background)).toBe(pin);
-
-    const foreground = path.join(tmp.path, 'fg.raw');
-    await img.convertToRaw(src, foreground);
-    expect(await allowedCpus(foreground)).toBe(all);
-
-    const unpinned = path.join(tmp.path, 'any.raw');
-    await new QemuImg(stub, {}, 10).convertToRaw(src, unpinned, { background: true });
-    expect(await allowedCpus(unpinned)).toBe(all);
+  it('pinProcess names the option and what taskset said', async () => {
+    const { pinProcess } = await import('../../src/util/affinity.js');
+    await expect(pinProcess(process.pid, '4095')).rejects.toThrow(/^cannot run the agent on CPUs 4095 \(\[DEFAULT\] agent_cpus\): taskset: .+/);
+    expect(await allowedCpus('/proc/self/status')).toBe(hostCpus().all);
   });
 
   it("pins a background digest's hash threads, and its digests are right", async () => {
@@ -98,6 +114,6 @@ describe('background_export_cpus', () => {
       err = e;
     }
     expect(err).toBeInstanceOf(HashWorkerFailed);
-    expect((err as Error).message).toMatch(/^cannot pin the (md5|sha512) hash thread to CPUs 4095 \(\[hypervisor\] background_export_cpus\): .+/);
+    expect((err as Error).message).toMatch(/^cannot pin the (md5|sha512) hash thread to CPUs 4095 \(\[DEFAULT\] agent_cpus\): .+/);
   });
 });
