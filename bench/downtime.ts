@@ -100,7 +100,7 @@ const PROBE_GAP_MS = Number(values['probe-gap-ms']);
 if (!(PROBE_GAP_MS > 0)) throw new Error('--probe-gap-ms: a number of ms above 0');
 /**
  * The writer prints the exact latency of every record slower than this (`writer.slow_ms`): the p99s
- * are exact above it, not a bucket's edge (up to 19% high, which is all of the margin of a 2× goal).
+ * are exact above it, not a bucket's edge (up to 4.4% high).
  * Not lower: each console line costs the guest a trap per byte under TCG.
  */
 const WRITER_SLOW_MS = 4;
@@ -307,7 +307,7 @@ function printDriver(driver: string, figures: Map<Row, Figures>): void {
   console.log(
     `\n${driver}: ${runs} runs each, medians; guest_saw_ms: the vCPU stops the probe inside the guest measured; gap_ms: the longest stall ` +
       `of its clock over ${PROBE_GAP_MS} ms (0: none); writer: its write+fsync latencies over the whole window (the snapshot and 3 s after), ` +
-      `p50/p99 over all runs (exact above ${WRITER_SLOW_MS} ms, else to within 19%), max the median of each run's longest; p99 vs idle: against the same guest doing nothing, same run; ` +
+      `p50/p99 over all runs (exact above ${WRITER_SLOW_MS} ms, else to within 4.4%), max the median of each run's longest; p99 vs idle: against the same guest doing nothing, same run; ` +
       `vs bare: downtime against bare QEMU's save+restore of the same guest, same run, per managed save (double-suspend has two); ` +
       `store: ${storeInMemory ? 'in memory (tmpfs: no disk I/O beside the guest)' : throttleMiBps === undefined ? "on the guest disk's filesystem" : `throttled to ${throttleMiBps} MiB/s`}`,
   );

@@ -92,7 +92,7 @@ static uint64_t get_u64(const uint8_t *p) {
 /* One console line, one write(). */
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...) {
-  char buf[512];
+  char buf[4096];
   va_list ap;
   va_start(ap, fmt);
   int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
@@ -259,15 +259,22 @@ static int open_and_check(unsigned idx, unsigned *valid, uint32_t *last_boot) {
 }
 
 /*
- * Write+fsync latencies since the last report, as a histogram with 4 buckets per octave: bucket i
- * holds latencies of 2^(i/4) us up to 2^((i+1)/4) us (bucket 0 also 0 us), so percentiles of any
- * window can be read from the per-second lines to within 19%.
+ * Write+fsync latencies since the last report, as a histogram with 16 buckets per octave: bucket i
+ * holds latencies of 2^(i/16) us up to 2^((i+1)/16) us (bucket 0 also 0 us), so percentiles of any
+ * window can be read from the per-second lines to within 4.4%.
  */
-#define HIST_BUCKETS 112 /* up to 2^28 us: 268 s */
+#define HIST_PER_OCTAVE 16
+#define HIST_BUCKETS (28 * HIST_PER_OCTAVE) /* up to 2^28 us: 268 s */
+
+static double bucket_floor(unsigned b) { return pow(2.0, (double)b / HIST_PER_OCTAVE); }
 
 static unsigned hist_bucket(uint64_t us) {
-  unsigned b = 0;
-  while (b + 1 < HIST_BUCKETS && (double)us >= pow(2.0, (double)(b + 1) / 4.0)) b++;
+  if (us < 1) return 0;
+  double guess = floor(log2((double)us) * HIST_PER_OCTAVE);
+  unsigned b = guess < 0 ? 0 : guess >= HIST_BUCKETS ? HIST_BUCKETS - 1 : (unsigned)guess;
+  /* log2's rounding may put a latency at a bucket's edge one off: settle it on the edges themselves. */
+  while (b > 0 && (double)us < bucket_floor(b)) b--;
+  while (b + 1 < HIST_BUCKETS && (double)us >= bucket_floor(b + 1)) b++;
   return b;
 }
 

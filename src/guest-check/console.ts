@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
  *   WRITER start boot=B seq=S files=N     the writer started; S is the next record it writes
  *   WRITER seq=S n=N max_us=U hist=H      once a second: S fsynced; N records since the last line;
  *                                         H their write+fsync latencies (i:count, bucket i holding
- *                                         2^(i/4) µs up to 2^((i+1)/4) µs)
+ *                                         2^(i/16) µs up to 2^((i+1)/16) µs)
  *   WRITER slow seq=S us=U                one write+fsync took longer than writer.slow_ms
  *   WRITER error TEXT                     a write or fsync failed (the writer goes on)
  *   PROBE start mode=uie|poll
@@ -52,7 +52,10 @@ const PATTERNS: ReadonlyArray<[RegExp, (m: RegExpExecArray) => ConsoleReport]> =
   [/^INITRAMFS error: (.*)$/, (m) => ({ kind: 'boot-error', text: m[1]! })],
 ];
 
-/** Write+fsync latency counts by bucket: bucket i holds 2^(i/4) µs up to 2^((i+1)/4) µs. */
+/** Buckets per octave of the writer's histogram (guest/writer.c HIST_PER_OCTAVE). */
+export const HIST_PER_OCTAVE = 16;
+
+/** Write+fsync latency counts by bucket: bucket i holds 2^(i/16) µs up to 2^((i+1)/16) µs. */
 export type LatencyHistogram = Map<number, number>;
 
 function parseHistogram(text: string): LatencyHistogram {
@@ -67,12 +70,12 @@ function parseHistogram(text: string): LatencyHistogram {
 
 /** Upper edge of a latency bucket, in ms. */
 function bucketTopMs(i: number): number {
-  return 2 ** ((i + 1) / 4) / 1000;
+  return 2 ** ((i + 1) / HIST_PER_OCTAVE) / 1000;
 }
 
 /**
  * Percentiles of a latency histogram, in ms: each the upper edge of the bucket it falls in (so at
- * most 19% high); undefined for an empty one. `slowUs`: the exact latencies of the same window's
+ * most 4.4% high); undefined for an empty one. `slowUs`: the exact latencies of the same window's
  * records over the writer's `writer.slow_ms` (its `WRITER slow` lines): a percentile among them is
  * exact.
  */

@@ -60,7 +60,7 @@ describe('guest console', () => {
       'PROBE start mode=uie',
       'GUEST ready',
       'PROBE tick rtc=1764470000 off=0.4',
-      'WRITER seq=1050 n=49 max_us=2300 hist=40:30,44:18,45:1',
+      'WRITER seq=1050 n=49 max_us=2300 hist=160:30,176:18,180:1',
       'WRITER seq=1051 n=0 max_us=0 hist=',
       'WRITER slow seq=1051 us=480000',
       'PROBE stop ms=503.2 rtc=1764470003',
@@ -92,20 +92,20 @@ describe('guest console', () => {
       stops: [503.2, 17.2],
       gaps: [61],
       writerMaxMs: 480,
-      writerLatency: new Map([[40, 30], [44, 18], [45, 1]]),
+      writerLatency: new Map([[160, 30], [176, 18], [180, 1]]),
       writerSlowUs: [480_000],
       writerErrors: ['write rec-000002.log: Input/output error'],
     });
-    // Bucket 40 holds 1024 µs up to 1218 µs; 44: 2048–2435 µs; 45: 2435–2896 µs.
+    // Bucket 160 holds 1024 µs up to 1069 µs; 176: 2048–2138 µs; 180: 2435–2543 µs.
     const p = latencyPercentiles(seen.writerLatency)!;
     expect(p.n).toBe(49);
-    expect(p.p50Ms).toBeCloseTo(2 ** (41 / 4) / 1000, 6);
-    expect(p.p99Ms).toBeCloseTo(2 ** (46 / 4) / 1000, 6);
+    expect(p.p50Ms).toBeCloseTo(2 ** (161 / 16) / 1000, 6);
+    expect(p.p99Ms).toBeCloseTo(2 ** (181 / 16) / 1000, 6);
     expect(latencyPercentiles(new Map())).toBeUndefined();
     // With the exact latencies of the slowest records, a percentile among them is exact.
-    const hist = new Map([[40, 98], [47, 1], [60, 1]]); // 100 records
-    expect(latencyPercentiles(hist, [3300, 40_000])).toEqual({ n: 100, p50Ms: 2 ** (41 / 4) / 1000, p99Ms: 3.3 });
-    expect(latencyPercentiles(hist, [40_000])!.p99Ms).toBeCloseTo(2 ** (48 / 4) / 1000, 6); // rank 99 is not among them: its bucket
+    const hist = new Map([[160, 98], [188, 1], [240, 1]]); // 100 records
+    expect(latencyPercentiles(hist, [3300, 40_000])).toEqual({ n: 100, p50Ms: 2 ** (161 / 16) / 1000, p99Ms: 3.3 });
+    expect(latencyPercentiles(hist, [40_000])!.p99Ms).toBeCloseTo(2 ** (189 / 16) / 1000, 6); // rank 99 is not among them: its bucket
     expect(parseConsoleLine('INITRAMFS error: /dev/vda did not appear')).toEqual({ kind: 'boot-error', text: '/dev/vda did not appear' });
   });
 

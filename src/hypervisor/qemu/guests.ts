@@ -172,6 +172,14 @@ export class QemuGuests {
     return this.sessions.use(layout.qmpSocket, fn);
   }
 
+  /**
+   * The CPUs of a process a guest waits for (its QEMU, its managed save's stream): every online CPU
+   * when the agent may be pinned (`[DEFAULT] agent_cpus`), else what the agent has (no affinity set).
+   */
+  get guestCpus(): string | undefined {
+    return this.opts.agentCpus === undefined ? undefined : onlineCpus();
+  }
+
   /** Launches the guest's QEMU daemonized (with extra arguments, and descriptors it inherits as fds 3, 4, …); resolves with its pid. */
   async launch(layout: InstanceLayout, record: InstanceRecord, extraArgs: readonly string[], inherit: readonly number[] = []): Promise<number> {
     layout.assertSocketPathsFit();
@@ -181,7 +189,7 @@ export class QemuGuests {
     await removeFiles(layout.staleRuntimeFiles);
     const argv = [...qemuArgv(record, layout, this.opts.accel, boot), ...extraArgs];
     this.log.debug({ instance_uuid: layout.uuid, argv }, 'launching QEMU');
-    const [file, args] = onCpus(this.opts.qemuBinary, argv, this.opts.agentCpus === undefined ? undefined : onlineCpus());
+    const [file, args] = onCpus(this.opts.qemuBinary, argv, this.guestCpus);
     await launchDaemonized(file, args, layout.qemuLog, `QEMU of instance ${layout.uuid}`, this.qmpTimeoutMs, inherit);
     const pid = await findGuestProcess(layout.pidFile, layout.uuid);
     if (pid === undefined) {

@@ -120,7 +120,7 @@ async function saveState(
   // Everything that can be prepared is, before the guest stops: downtime starts at `stop`.
   await removeFiles([layout.saveSocket, layout.saveStatePartial]);
   await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNLIMITED_BANDWIDTH });
-  const receiver = await MigrationReceiver.listen(layout.saveSocket, layout.saveStatePartial, opts.beforeReadingSaveStream);
+  const receiver = await MigrationReceiver.listen(layout.saveSocket, layout.saveStatePartial, opts.beforeReadingSaveStream, g.guestCpus);
   let vcpusStoppedAt: number | undefined;
   phases.mark('prepare');
   try {

@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import { QemuProcessError } from '../../errors.js';
+import { onCpus } from '../../util/affinity.js';
 
 /**
  * QEMU 7.2 cannot migrate into a file, nor take a descriptor for one but over its monitor socket
@@ -33,6 +34,8 @@ export class MigrationReceiver {
     socketPath: string,
     destFile: string,
     beforeReading?: (socket: net.Socket) => Promise<void> | void,
+    /** The CPUs the copy runs on (QemuGuests.guestCpus); undefined: the agent's. */
+    cpus?: string,
   ): Promise<MigrationReceiver> {
     // Nothing is read from the connection here: it is handed to the copy as it is.
     const server = net.createServer({ pauseOnConnect: true });
@@ -54,7 +57,7 @@ export class MigrationReceiver {
       const ready = beforeReading === undefined ? Promise.resolve() : Promise.resolve().then(() => beforeReading(socket));
       ready.then(() => {
         if (socket.destroyed) throw new QemuProcessError(`migration stream on ${socketPath} aborted`);
-        receiving = receiveInto(socket, destFile, (c) => (copy = c));
+        receiving = receiveInto(socket, destFile, (c) => (copy = c), cpus);
         return receiving;
       }).then(resolveDone, rejectDone);
     });
@@ -104,10 +107,10 @@ const STDERR_MAX_BYTES = 4096;
  * overlaps the stream instead of all of it coming after (the final fsync has little left to do).
  * `started` gets the copy's process (to kill it when the save is given up).
  */
-async function receiveInto(socket: net.Socket, destFile: string, started: (copy: ChildProcess) => void): Promise<number> {
+async function receiveInto(socket: net.Socket, destFile: string, started: (copy: ChildProcess) => void, cpus: string | undefined): Promise<number> {
   const fh = await fs.open(destFile, 'w', 0o600);
   try {
-    const copy = spawn('cat', [], { stdio: [socket, fh.fd, 'pipe'] });
+    const copy = spawn(...onCpus('cat', [], cpus), { stdio: [socket, fh.fd, 'pipe'] });
     started(copy);
     // cat holds the connection now; ours is not needed (closing it does not end cat's).
     socket.destroy();
