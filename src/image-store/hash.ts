@@ -42,8 +42,9 @@ try {
   tid = readlinkSync('/proc/thread-self').split('/').pop();
   setPriority(Number(tid), workerData.nice);
 } catch {}
-// Background hashing on the CPUs the operator set aside for it (affinity is per thread on Linux).
-// Messages queue until this returns: no chunk is hashed before the thread is pinned.
+// On the CPUs the digest was given (affinity is per thread on Linux): [DEFAULT] agent_cpus for a
+// background export, every online CPU for one a guest waits for. Messages queue until this
+// returns: no chunk is hashed before the thread is pinned.
 if (workerData.cpus !== undefined) {
   const r = tid === undefined ? { status: -1, stderr: 'this thread has no /proc/thread-self' } : require('node:child_process').spawnSync('taskset', ['-p', '-c', workerData.cpus, tid], { timeout: 10000, encoding: 'utf8' });
   if (r.status !== 0) parentPort.postMessage({ pinFailed: (r.error ? r.error.message : '') || String(r.stderr).trim() || 'taskset exit code ' + r.status });
