@@ -76,24 +76,21 @@ parentPort.on('message', (m) => {
  */
 const idleWorkers = new Map<string, Worker[]>();
 const MAX_IDLE_WORKERS = 4;
-const pinnedTo = new WeakMap<Worker, string>();
 
 function takeWorker(cpus: string | undefined): Worker {
-  const key = cpus ?? '';
   // No inherited flags (a loader, --input-type=module): the source is plain CommonJS.
-  const w = idleWorkers.get(key)?.pop() ?? new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { nice: HASH_NICE, cpus } });
-  pinnedTo.set(w, key);
+  const w = idleWorkers.get(cpus ?? '')?.pop() ?? new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { nice: HASH_NICE, cpus } });
   w.ref();
   return w;
 }
 
-function giveBack(w: Worker): void {
+/** Back to the idle pool of the CPUs it was pinned to (`cpus`, as takeWorker had it). */
+function giveBack(w: Worker, cpus: string | undefined): void {
   w.removeAllListeners('message');
   w.removeAllListeners('error');
   w.removeAllListeners('exit');
-  const key = pinnedTo.get(w) ?? '';
-  const idle = idleWorkers.get(key) ?? [];
-  idleWorkers.set(key, idle);
+  const idle = idleWorkers.get(cpus ?? '') ?? [];
+  idleWorkers.set(cpus ?? '', idle);
   if (idle.length >= MAX_IDLE_WORKERS) {
     void w.terminate();
     return;
@@ -142,6 +139,8 @@ export class ParallelDigest {
   private fail!: (err: HashWorkerFailed) => void;
   private finished: (() => void) | undefined;
   private closed = false;
+  /** The CPU list its threads are pinned to (their idle pool's key). */
+  private readonly cpus: string | undefined;
 
   /** A digest of `bytes` bytes (when known): inline up to INLINE_HASH_MAX_BYTES, else on threads. */
   static forSize(algos: readonly string[], bytes: number | undefined, opts: { chunkBytes?: number; cpus?: string } = {}): ParallelDigest {
@@ -154,6 +153,7 @@ export class ParallelDigest {
    * pinned to; a thread that cannot be pinned fails the digest.
    */
   constructor(algos: readonly string[], opts: { chunkBytes?: number; inline?: boolean; cpus?: string } = {}) {
+    this.cpus = opts.cpus;
     this.chunkBytes = opts.chunkBytes ?? (opts.inline ? INLINE_HASH_MAX_BYTES / RING_SLOTS : HASH_CHUNK_BYTES);
     this.ring = alignedRing(this.chunkBytes * RING_SLOTS, !opts.inline);
     this.failed = new Promise<never>((_, reject) => {
@@ -248,7 +248,7 @@ export class ParallelDigest {
     if (this.closed) return;
     this.closed = true;
     const done = this.failure === undefined && this.digests.filter((d) => d !== undefined).length === this.workers.length;
-    if (done) for (const w of this.workers) giveBack(w);
+    if (done) for (const w of this.workers) giveBack(w, this.cpus);
     else await Promise.all(this.workers.map((w) => w.terminate()));
   }
 

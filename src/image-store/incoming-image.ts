@@ -4,7 +4,7 @@ import path from 'node:path';
 import type { FileDigests, ParallelDigest } from './hash.js';
 import { ImageReceiver } from './image-receiver.js';
 import { PacedReceiver } from './paced-receiver.js';
-import { onlineCpus } from '../util/affinity.js';
+import { cpusFor } from '../util/affinity.js';
 import { serveNbdExport, type NbdExport, type NbdLog, type NbdSink } from './nbd-server.js';
 import type { OsHashAlgo } from './types.js';
 
@@ -122,8 +122,8 @@ export class IncomingImage implements ImageSink {
     opts: { background?: boolean; onDigest?: (d: ParallelDigest) => void; agentCpus?: string } = {},
   ): Promise<IncomingImage> {
     const receiver = opts.background
-      ? await PacedReceiver.create(file, size, osHashAlgo, opts.onDigest, opts.agentCpus)
-      : await ImageReceiver.create(file, size, osHashAlgo, opts.onDigest, { cpus: opts.agentCpus === undefined ? undefined : onlineCpus() });
+      ? await PacedReceiver.create(file, size, osHashAlgo, opts.onDigest, cpusFor(opts.agentCpus, 'background'))
+      : await ImageReceiver.create(file, size, osHashAlgo, opts.onDigest, { cpus: cpusFor(opts.agentCpus, 'guest') });
     try {
       // No client can write before open() returns: it is given the socket's URI only then.
       let image: IncomingImage | undefined;

@@ -2,7 +2,7 @@ import { constants } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { ProgramTimeout, QemuImgError } from '../errors.js';
 import { runProgram } from '../util/exec.js';
-import { onCpus, onlineCpus } from '../util/affinity.js';
+import { cpusFor, onCpus } from '../util/affinity.js';
 
 /**
  * A thin wrapper over the qemu-img program. The format of a guest-written disk is never probed:
@@ -176,13 +176,8 @@ export class QemuImg {
           ? [this.bounds.snapshotMs, JOB_TIMEOUT_OPTION]
           : [exportMs, exportMs === this.bounds.exportMs ? EXPORT_TIMEOUT_OPTION : `${EXPORT_TIMEOUT_OPTION}, lengthened to what the copy's rate limit needs`];
     const nice = background && this.backgroundNice > 0 ? this.backgroundNice : undefined;
-    const [file, argv] = onCpus(this.binary, args, this.cpusFor(background));
+    const [file, argv] = onCpus(this.binary, args, cpusFor(this.agentCpus, background ? 'background' : 'guest'));
     return runProgram(file, argv, { onStdout, signal, timeoutMs, timeoutOption, killGraceMs: this.bounds.killGraceMs, nice });
-  }
-
-  private cpusFor(background: boolean | undefined): string | undefined {
-    if (this.agentCpus === undefined) return undefined;
-    return background ? this.agentCpus : onlineCpus();
   }
 
   private async run(kind: BoundKind, args: string[], onStdout?: (c: string) => void, signal?: AbortSignal, background?: boolean, exportMs?: number): Promise<string> {
@@ -191,7 +186,7 @@ export class QemuImg {
       res = await this.runBounded(kind, args, onStdout, signal, background, exportMs);
     } catch (err) {
       if (err instanceof ProgramTimeout) throw err;
-      const cpus = this.cpusFor(background);
+      const cpus = cpusFor(this.agentCpus, background ? 'background' : 'guest');
       const how = cpus !== undefined ? ` under taskset -c ${cpus}` : '';
       throw new QemuImgError(`cannot run ${this.binary}${how}: ${(err as Error).message}`, args, '', { cause: err });
     }

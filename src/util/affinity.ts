@@ -25,6 +25,16 @@ export function onlineCpus(): string {
   return online;
 }
 
+/**
+ * The CPUs of work `kind` under `[DEFAULT] agent_cpus` (`agentCpus`): a copy no guest waits for runs
+ * on them; what a guest waits for on every online CPU (the agent may be pinned, and its children
+ * would inherit that). Unset: undefined, no affinity is set.
+ */
+export function cpusFor(agentCpus: string | undefined, kind: 'background' | 'guest'): string | undefined {
+  if (agentCpus === undefined) return undefined;
+  return kind === 'background' ? agentCpus : onlineCpus();
+}
+
 /** `file args` run on `cpus` (`taskset -c cpus file args`: taskset executes it, same pid); as is without. */
 export function onCpus(file: string, args: readonly string[], cpus: string | undefined): [string, string[]] {
   return cpus === undefined ? [file, [...args]] : ['taskset', ['-c', cpus, file, ...args]];

@@ -11,7 +11,7 @@ import {
 import type { Logger } from '../../log.js';
 import type { QemuImg } from '../../qemu-img/qemu-img.js';
 import { pathExists } from '../../util/durable-fs.js';
-import { onCpus, onlineCpus } from '../../util/affinity.js';
+import { cpusFor, onCpus } from '../../util/affinity.js';
 import { isUuid } from '../../util/uuid.js';
 import type { PowerState } from '../types.js';
 import { launchDaemonized, qemuArgv } from './launch.js';
@@ -177,7 +177,7 @@ export class QemuGuests {
    * when the agent may be pinned (`[DEFAULT] agent_cpus`), else what the agent has (no affinity set).
    */
   get guestCpus(): string | undefined {
-    return this.opts.agentCpus === undefined ? undefined : onlineCpus();
+    return cpusFor(this.opts.agentCpus, 'guest');
   }
 
   /** Launches the guest's QEMU daemonized (with extra arguments, and descriptors it inherits as fds 3, 4, …); resolves with its pid. */
